@@ -82,8 +82,9 @@ def _lookup(spec: Any, known: dict[str, type], base: type, what: str, trusted_mo
         cls = import_trusted(spec, trusted_modules, what)
     elif isinstance(spec, str):
         if spec not in known:
-            close = difflib.get_close_matches(spec, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lowered = {name.lower(): name for name in known}
+            close = [lowered[m] for m in difflib.get_close_matches(spec.lower(), lowered, n=3)]
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
             raise ValueError(f"unknown {what} {spec!r}{hint} (known: {', '.join(sorted(known))})")
         cls = known[spec]
     else:

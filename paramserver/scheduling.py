@@ -10,6 +10,7 @@ them. The shards copy those hyperparameters before each update. The shadow's gro
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -34,10 +35,18 @@ def build_optimizer(optimizer_cls: type, groups: list[dict[str, Any]], optimizer
 
 
 def build_shadow_optimizer(optimizer_cls: type, params: ParamGroups, optimizer_kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+    accepted = inspect.signature(optimizer_cls.__init__).parameters
     groups = []
     for g, options in enumerate(params.group_options):
         members = params.group_members(g)
         metas = [torch.empty(p.shape, dtype=p.dtype, device="meta") for p in members]
+        # torch checks hyperparameter values only in the constructor: check each group's own values there too.
+        group_kwargs = {k: v for k, v in options.items() if k in accepted}
+        if group_kwargs:
+            try:
+                build_optimizer(optimizer_cls, [metas[0]], {**optimizer_kwargs, **group_kwargs})
+            except ValueError as exc:
+                raise ValueError(f"param group {g}: {exc}") from exc
         group_params = [(p.name, t) for p, t in zip(members, metas)] if params.named else metas
         groups.append({"params": group_params, **copy.deepcopy(options)})
     return build_optimizer(optimizer_cls, groups, optimizer_kwargs)

@@ -1,0 +1,1 @@
+"""Worker-side code: training loops that use the paramserver service."""
