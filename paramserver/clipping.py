@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 
 def tensor_norms(grads: Sequence[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
@@ -33,15 +34,15 @@ def combine_piece_norms(norms: Sequence[torch.Tensor], norm_type: float) -> torc
 
 
 def torch_norm_order(dtypes: Sequence[torch.dtype]) -> list[int]:
-    """The order in which clip_grad_norm_ stacks per-tensor norms: grouped by dtype, first seen first.
+    """The order in which clip_grad_norm_ stacks per-tensor norms.
 
-    All tensors of a job sit on one device per shard and torch's reference runs on one device, so the
-    grouping that matters is by dtype.
+    torch groups the tensors by (device, dtype) in a C++ hash map, so with several dtypes the groups come in
+    that map's order, not in order of appearance. Asking torch's own grouping about placeholder tensors of
+    the same dtypes, in the same order, gives the same order.
     """
-    first_seen: dict[torch.dtype, int] = {}
-    for d in dtypes:
-        first_seen.setdefault(d, len(first_seen))
-    return sorted(range(len(dtypes)), key=lambda i: (first_seen[dtypes[i]], i))
+    placeholders = [torch.empty(0, dtype=d) for d in dtypes]
+    grouped = _group_tensors_by_device_and_dtype([placeholders], with_indices=True)
+    return [i for _, (_, indices) in grouped.items() for i in indices]
 
 
 def total_norm(norms_in_param_order: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype], norm_type: float) -> torch.Tensor:

@@ -59,6 +59,7 @@ class Shard:
                 tensor.grad = grad_flat[off : off + s.numel].view(shape)
                 self.slices.append(s)
                 self.tensors.append(tensor)
+        assert self.slices == list(plan.shards[shard_id]), "per-slice lists follow the plan's slice order"
         groups = [
             {"params": [t for s, t in zip(self.slices, self.tensors) if plan.params[s.param].group == g], **options}
             for g, options in enumerate(group_options)

@@ -46,7 +46,7 @@ class BufferLayout:
 @dataclass(frozen=True)
 class ShardingPlan:
     params: tuple[ParamInfo, ...]
-    shards: tuple[tuple[Slice, ...], ...]  # per shard, its slices in parameter order
+    shards: tuple[tuple[Slice, ...], ...]  # per shard, its slices in buffer order (by dtype, then parameter)
 
     @property
     def num_shards(self) -> int:
@@ -115,7 +115,14 @@ def make_plan(
         j = min(range(num_shards), key=lambda j: (loads[j], j))
         assigned[j].append(s)
         loads[j] += nbytes(s)
-    shards = tuple(tuple(sorted(a, key=lambda s: (s.param, s.start))) for a in assigned)
+    # Within a shard, slices are ordered as they lie in its flat buffers: by dtype (first seen first), then
+    # by parameter, so every per-slice list (norms, optimizer state) follows this one order.
+    dtype_rank: dict[torch.dtype, int] = {}
+    for p in params:
+        dtype_rank.setdefault(p.dtype, len(dtype_rank))
+    shards = tuple(
+        tuple(sorted(a, key=lambda s: (dtype_rank[params[s.param].dtype], s.param, s.start))) for a in assigned
+    )
     return ShardingPlan(tuple(params), shards)
 
 
