@@ -1,0 +1,260 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ParamSpec(_message.Message):
+    __slots__ = ("name", "shape", "dtype", "group")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    group: int
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., group: _Optional[int] = ...) -> None: ...
+
+class ClipSettings(_message.Message):
+    __slots__ = ("max_norm", "norm_type", "error_if_nonfinite", "clip_value")
+    MAX_NORM_FIELD_NUMBER: _ClassVar[int]
+    NORM_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_IF_NONFINITE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_VALUE_FIELD_NUMBER: _ClassVar[int]
+    max_norm: float
+    norm_type: float
+    error_if_nonfinite: bool
+    clip_value: float
+    def __init__(self, max_norm: _Optional[float] = ..., norm_type: _Optional[float] = ..., error_if_nonfinite: _Optional[bool] = ..., clip_value: _Optional[float] = ...) -> None: ...
+
+class JobConfig(_message.Message):
+    __slots__ = ("optimizer", "optimizer_kwargs_json", "group_options_json", "params", "num_workers", "clip", "nonfinite", "deterministic", "scheduler_json", "split_threshold_bytes", "grad_dtype")
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    GROUP_OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_FIELD_NUMBER: _ClassVar[int]
+    DETERMINISTIC_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_JSON_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_THRESHOLD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GRAD_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    optimizer: str
+    optimizer_kwargs_json: str
+    group_options_json: _containers.RepeatedScalarFieldContainer[str]
+    params: _containers.RepeatedCompositeFieldContainer[ParamSpec]
+    num_workers: int
+    clip: ClipSettings
+    nonfinite: str
+    deterministic: bool
+    scheduler_json: str
+    split_threshold_bytes: int
+    grad_dtype: str
+    def __init__(self, optimizer: _Optional[str] = ..., optimizer_kwargs_json: _Optional[str] = ..., group_options_json: _Optional[_Iterable[str]] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., num_workers: _Optional[int] = ..., clip: _Optional[_Union[ClipSettings, _Mapping]] = ..., nonfinite: _Optional[str] = ..., deterministic: _Optional[bool] = ..., scheduler_json: _Optional[str] = ..., split_threshold_bytes: _Optional[int] = ..., grad_dtype: _Optional[str] = ...) -> None: ...
+
+class SliceInfo(_message.Message):
+    __slots__ = ("param", "start", "stop")
+    PARAM_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    param: int
+    start: int
+    stop: int
+    def __init__(self, param: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
+
+class ShardInfo(_message.Message):
+    __slots__ = ("shard", "address", "slices")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SLICES_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    address: str
+    slices: _containers.RepeatedCompositeFieldContainer[SliceInfo]
+    def __init__(self, shard: _Optional[int] = ..., address: _Optional[str] = ..., slices: _Optional[_Iterable[_Union[SliceInfo, _Mapping]]] = ...) -> None: ...
+
+class CreateJobRequest(_message.Message):
+    __slots__ = ("job", "config")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    config: JobConfig
+    def __init__(self, job: _Optional[str] = ..., config: _Optional[_Union[JobConfig, _Mapping]] = ...) -> None: ...
+
+class JoinJobRequest(_message.Message):
+    __slots__ = ("job", "rank")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    rank: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class JobInfo(_message.Message):
+    __slots__ = ("job", "version", "config", "shards", "ready")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    version: int
+    config: JobConfig
+    shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
+    ready: bool
+    def __init__(self, job: _Optional[str] = ..., version: _Optional[int] = ..., config: _Optional[_Union[JobConfig, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., ready: _Optional[bool] = ...) -> None: ...
+
+class ReportMetricsRequest(_message.Message):
+    __slots__ = ("job", "worker", "step", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    worker: int
+    step: int
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class ReportMetricsReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    def __init__(self, job: _Optional[str] = ...) -> None: ...
+
+class ShardStatus(_message.Message):
+    __slots__ = ("shard", "address", "version", "pushed_workers")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    address: str
+    version: int
+    pushed_workers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, shard: _Optional[int] = ..., address: _Optional[str] = ..., version: _Optional[int] = ..., pushed_workers: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("job", "version", "num_workers", "members", "shards", "lrs", "skipped_steps", "last_total_norm", "waiting_for")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    LRS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LAST_TOTAL_NORM_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    version: int
+    num_workers: int
+    members: _containers.RepeatedScalarFieldContainer[int]
+    shards: _containers.RepeatedCompositeFieldContainer[ShardStatus]
+    lrs: _containers.RepeatedScalarFieldContainer[float]
+    skipped_steps: int
+    last_total_norm: float
+    waiting_for: str
+    def __init__(self, job: _Optional[str] = ..., version: _Optional[int] = ..., num_workers: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., lrs: _Optional[_Iterable[float]] = ..., skipped_steps: _Optional[int] = ..., last_total_norm: _Optional[float] = ..., waiting_for: _Optional[str] = ...) -> None: ...
+
+class LeaveJobRequest(_message.Message):
+    __slots__ = ("job", "worker")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    worker: int
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ...) -> None: ...
+
+class LeaveJobReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ChunkHeader(_message.Message):
+    __slots__ = ("job", "worker", "step", "shard", "buffer", "dtype", "offset", "total", "metric")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    worker: int
+    step: int
+    shard: int
+    buffer: int
+    dtype: str
+    offset: int
+    total: int
+    metric: float
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., shard: _Optional[int] = ..., buffer: _Optional[int] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., total: _Optional[int] = ..., metric: _Optional[float] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: ChunkHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[ChunkHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PushReply(_message.Message):
+    __slots__ = ("already_applied", "version")
+    ALREADY_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    already_applied: bool
+    version: int
+    def __init__(self, already_applied: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("job", "shard", "min_version", "worker")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    shard: int
+    min_version: int
+    worker: int
+    def __init__(self, job: _Optional[str] = ..., shard: _Optional[int] = ..., min_version: _Optional[int] = ..., worker: _Optional[int] = ...) -> None: ...
+
+class StateRequest(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    def __init__(self, job: _Optional[str] = ...) -> None: ...
+
+class StateChunk(_message.Message):
+    __slots__ = ("job", "skeleton_json", "tensor", "dtype", "shape", "offset", "data")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    SKELETON_JSON_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    skeleton_json: str
+    tensor: int
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    data: bytes
+    def __init__(self, job: _Optional[str] = ..., skeleton_json: _Optional[str] = ..., tensor: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class LoadStateReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
