@@ -186,7 +186,7 @@ class StepEngine:
         Returns the step's result if this push completed it, else None (also for a repeated push).
         """
         with self._lock:
-            if not isinstance(worker, int) or not 0 <= worker < self.config.num_workers:
+            if not isinstance(worker, int) or isinstance(worker, bool) or not 0 <= worker < self.config.num_workers:
                 raise ValueError(f"worker must be in [0, {self.config.num_workers}), got {worker!r}")
             if step < self.version:
                 raise StaleStepError(f"step {step} has already closed (now at {self.version})", self.version)
@@ -214,7 +214,7 @@ class StepEngine:
         clip = self.config.clip
         norms = self.shards.reduce(step, clip.norm_type, clip.clip_value)  # aggregate
         total = self._total_norm(norms)  # clip
-        metric = sum(self._metrics.values()) / len(self._metrics) if self._metrics else None
+        metric = sum(self._metrics[w] for w in sorted(self._metrics)) / len(self._metrics) if self._metrics else None
         self._metrics.clear()
         if not clipping.is_finite(total):
             error = None
@@ -309,8 +309,9 @@ class StepEngine:
                 self.shards.load_weights(weights)
 
     def _check_state_shapes(self, by_index: Mapping[int, Mapping[str, Any]]) -> None:
+        elementwise = is_elementwise(self.job.optimizer_cls)
         for p in self.plan.params:
-            if not self.plan.is_split(p.index):
+            if not (elementwise or self.plan.is_split(p.index)):
                 continue
             for key, value in by_index[p.index].items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != p.shape:

@@ -89,7 +89,7 @@ def _build_scheduler(spec: Any, optimizer: torch.optim.Optimizer, trusted_module
     if "optimizer" in kwargs:
         raise ValueError(f"scheduler {cls.__name__}: do not pass 'optimizer'; the service supplies it")
     try:
-        return cls(optimizer, **kwargs)
+        return cls(optimizer=optimizer, **kwargs)
     except TypeError as exc:
         raise ValueError(f"bad arguments for scheduler {cls.__name__}: {exc}") from exc
     except (ValueError, KeyError, RuntimeError) as exc:

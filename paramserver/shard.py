@@ -93,7 +93,7 @@ class Shard:
 
         Bad input raises ``ValueError`` and changes nothing. The shard may keep ``grads`` until it folds them.
         """
-        if not isinstance(worker, int) or not 0 <= worker < self.num_workers:
+        if not isinstance(worker, int) or isinstance(worker, bool) or not 0 <= worker < self.num_workers:
             raise ValueError(f"shard {self.shard_id}: worker must be in [0, {self.num_workers}), got {worker!r}")
         self.check_step(step)
         if worker in self.accumulator.received:

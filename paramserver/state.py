@@ -39,12 +39,18 @@ def join_param_state(plan: ShardingPlan, param: ParamInfo, pieces: Sequence[tupl
 
 def cut_param_state(param: ParamInfo, piece: Slice, whole: bool, state: Mapping[str, Any]) -> dict[str, Any]:
     """The state of one piece of a parameter, from the parameter's full state."""
+    # Every piece gets its own copies: torch's loader keeps tensors of the right dtype and device as they are
+    # (and 'step' always), so a shared tensor would be stepped once per piece, or alias the caller's state.
     if whole:
-        return dict(state)
+        return {key: _copy(value) for key, value in state.items()}
     return {
-        key: value.reshape(-1)[piece.start : piece.stop] if _is_per_element(value, param.shape) else value
+        key: value.reshape(-1)[piece.start : piece.stop].clone() if _is_per_element(value, param.shape) else _copy(value)
         for key, value in state.items()
     }
+
+
+def _copy(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
 
 
 def check_model_state(params: Sequence[ParamInfo], model: Mapping[Any, Any]) -> list[torch.Tensor]:
