@@ -126,86 +126,54 @@ class ShardGroup:
             s.load_optimizer_state(st, param_groups)
 
 
-class StepEngine:
+class Coordinator:
     """Coordinates one job's synchronous steps over its shards.
 
-    Workers call ``push(worker, step, grads, metric)``; the push that completes step t runs the rest of the
-    step and returns its ``StepResult``; ``parameters()`` then holds the weights of version t+1.
+    Shards receive the pushes; each tells the coordinator when it holds all W workers' gradients for the
+    open step (``shard_ready``), and the call that completes the set runs the rest of the step.
     """
 
-    def __init__(
-        self,
-        params: Any,
-        optimizer: Any,
-        *,
-        config: EngineConfig | None = None,
-        scheduler: SchedulerSpec | None = None,
-        device: str | torch.device = "cpu",
-        **optimizer_kwargs: Any,
-    ) -> None:
-        self.job = JobSpec.build(params, optimizer, config or EngineConfig(), scheduler, optimizer_kwargs)
-        self.config = self.job.config
-        self.plan = self.job.plan
-        self.schedule = self.job.schedule
-        self.shards = ShardGroup([self.job.make_shard(j, device) for j in range(self.plan.num_shards)])
+    def __init__(self, job: JobSpec, shards: ShardGroup) -> None:
+        self.job = job
+        self.config = job.config
+        self.plan = job.plan
+        self.schedule = job.schedule
+        self.shards = shards
         self.version = 0
         self.skipped_steps = 0
         self.last_result: StepResult | None = None
-        self._metrics: dict[int, float] = {}
-        self._lock = threading.Lock()
+        self._metrics: dict[int, dict[int, float]] = {}  # step -> worker -> metric
+        self._ready: dict[int, set[int]] = {}  # step -> shards holding all gradients
+        self._lock = threading.RLock()
 
-    # -- push -------------------------------------------------------------------------------------------------
+    def check_worker(self, worker: int) -> None:
+        if not isinstance(worker, int) or isinstance(worker, bool) or not 0 <= worker < self.config.num_workers:
+            raise ValueError(f"worker must be in [0, {self.config.num_workers}), got {worker!r}")
 
-    def _grads_in_order(self, grads: Sequence[torch.Tensor] | Mapping[Any, torch.Tensor]) -> list[torch.Tensor]:
-        params = self.job.params.params
-        if isinstance(grads, Mapping):
-            missing = [p.key for p in params if p.key not in grads]
-            if missing or len(grads) != len(params):
-                raise ValueError(f"gradients must name every parameter once; missing {missing}")
-            grads = [grads[p.key] for p in params]
-        grads = list(grads)
-        if len(grads) != len(params):
-            raise ValueError(f"expected {len(params)} gradients, got {len(grads)}")
-        for p, g in zip(params, grads):
-            if not isinstance(g, torch.Tensor) or tuple(g.shape) != p.shape:
-                got = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
-                raise ValueError(f"gradient of parameter {p.key!r}: expected shape {p.shape}, got {got}")
-            if not g.is_floating_point() and not g.is_complex():
-                raise ValueError(f"gradient of parameter {p.key!r}: expected floating point, got {g.dtype}")
-        return grads
+    def check_step(self, step: int) -> None:
+        if step < self.version:
+            raise StaleStepError(f"step {step} has already closed (now at {self.version})", self.version)
+        if step > self.version:
+            raise FutureStepError(f"step {step} is not open yet (now at {self.version})", self.version)
 
-    def push(
-        self,
-        worker: int,
-        step: int,
-        grads: Sequence[torch.Tensor] | Mapping[Any, torch.Tensor],
-        metric: float | None = None,
-    ) -> StepResult | None:
-        """Push one worker's gradients for ``step``. Bad input raises ``ValueError`` and changes nothing.
-
-        Returns the step's result if this push completed it, else None (also for a repeated push).
-        """
+    def record_metric(self, worker: int, step: int, metric: float) -> None:
+        """A worker's metric for ``step`` (ReduceLROnPlateau steps on the workers' mean)."""
+        if isinstance(metric, bool) or not isinstance(metric, (int, float)):
+            raise ValueError(f"metric must be a number, got {type(metric).__name__}")
         with self._lock:
-            if not isinstance(worker, int) or isinstance(worker, bool) or not 0 <= worker < self.config.num_workers:
-                raise ValueError(f"worker must be in [0, {self.config.num_workers}), got {worker!r}")
-            if step < self.version:
-                raise StaleStepError(f"step {step} has already closed (now at {self.version})", self.version)
-            if step > self.version:
-                raise FutureStepError(f"step {step} is not open yet (now at {self.version})", self.version)
-            grads = self._grads_in_order(grads)
-            if metric is None and self.schedule.needs_metric:
-                raise ValueError("ReduceLROnPlateau needs a metric with every push (step(metric=...))")
-            if metric is not None and not isinstance(metric, (int, float)):
-                raise ValueError(f"metric must be a number, got {type(metric).__name__}")
-            if self.config.nonfinite == "error" and not all(bool(torch.isfinite(g).all()) for g in grads):
-                raise NonFiniteGradientError(f"gradients of worker {worker} for step {step} hold inf or nan")
-            applied = [self.shards.push(j, worker, step, pack(self.plan, j, grads)) for j in range(self.plan.num_shards)]
-            if not any(applied):
+            self.check_worker(worker)
+            self.check_step(step)
+            self._metrics.setdefault(step, {})[worker] = float(metric)
+
+    def shard_ready(self, shard: int, step: int) -> StepResult | None:
+        """Shard ``shard`` holds every worker's gradients for ``step``; the last shard to say so closes it."""
+        with self._lock:
+            self.check_step(step)
+            ready = self._ready.setdefault(step, set())
+            ready.add(shard)
+            if len(ready) < self.plan.num_shards:
                 return None
-            if metric is not None:
-                self._metrics[worker] = float(metric)
-            if not self.shards.all_ready():
-                return None
+            del self._ready[step]
             return self._close_step(step)
 
     # -- the order of the stages ------------------------------------------------------------------------------
@@ -214,8 +182,8 @@ class StepEngine:
         clip = self.config.clip
         norms = self.shards.reduce(step, clip.norm_type, clip.clip_value)  # aggregate
         total = self._total_norm(norms)  # clip
-        metric = sum(self._metrics[w] for w in sorted(self._metrics)) / len(self._metrics) if self._metrics else None
-        self._metrics.clear()
+        metrics = self._metrics.pop(step, {})
+        metric = sum(metrics[w] for w in sorted(metrics)) / len(metrics) if metrics else None
         if not clipping.is_finite(total):
             error = None
             if clip.error_if_nonfinite:
@@ -316,3 +284,70 @@ class StepEngine:
             for key, value in by_index[p.index].items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != p.shape:
                     raise ValueError(f"optimizer state {key!r} of parameter {p.key!r} has shape {tuple(value.shape)}, expected {p.shape}")
+
+
+class StepEngine(Coordinator):
+    """A job with its shards in this process: workers call ``push(worker, step, grads, metric)``, the push
+    that completes step t runs the rest of the step and returns its ``StepResult``, and ``parameters()``
+    then holds the weights of version t+1."""
+
+    def __init__(
+        self,
+        params: Any,
+        optimizer: Any,
+        *,
+        config: EngineConfig | None = None,
+        scheduler: SchedulerSpec | None = None,
+        device: str | torch.device = "cpu",
+        **optimizer_kwargs: Any,
+    ) -> None:
+        job = JobSpec.build(params, optimizer, config or EngineConfig(), scheduler, optimizer_kwargs)
+        super().__init__(job, ShardGroup([job.make_shard(j, device) for j in range(job.plan.num_shards)]))
+
+    def _grads_in_order(self, grads: Sequence[torch.Tensor] | Mapping[Any, torch.Tensor]) -> list[torch.Tensor]:
+        params = self.job.params.params
+        if isinstance(grads, Mapping):
+            missing = [p.key for p in params if p.key not in grads]
+            if missing or len(grads) != len(params):
+                raise ValueError(f"gradients must name every parameter once; missing {missing}")
+            grads = [grads[p.key] for p in params]
+        grads = list(grads)
+        if len(grads) != len(params):
+            raise ValueError(f"expected {len(params)} gradients, got {len(grads)}")
+        for p, g in zip(params, grads):
+            if not isinstance(g, torch.Tensor) or tuple(g.shape) != p.shape:
+                got = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+                raise ValueError(f"gradient of parameter {p.key!r}: expected shape {p.shape}, got {got}")
+            if not g.is_floating_point() and not g.is_complex():
+                raise ValueError(f"gradient of parameter {p.key!r}: expected floating point, got {g.dtype}")
+        return grads
+
+    def push(
+        self,
+        worker: int,
+        step: int,
+        grads: Sequence[torch.Tensor] | Mapping[Any, torch.Tensor],
+        metric: float | None = None,
+    ) -> StepResult | None:
+        """Push one worker's gradients for ``step`` to every shard. Bad input raises ``ValueError`` and changes
+        nothing. Returns the step's result if this push completed it, else None (also for a repeated push)."""
+        with self._lock:
+            self.check_worker(worker)
+            self.check_step(step)
+            grads = self._grads_in_order(grads)
+            if metric is None and self.schedule.needs_metric:
+                raise ValueError("ReduceLROnPlateau needs a metric with every push (step(metric=...))")
+            if metric is not None and (isinstance(metric, bool) or not isinstance(metric, (int, float))):
+                raise ValueError(f"metric must be a number, got {type(metric).__name__}")
+            if self.config.nonfinite == "error" and not all(bool(torch.isfinite(g).all()) for g in grads):
+                raise NonFiniteGradientError(f"gradients of worker {worker} for step {step} hold inf or nan")
+            applied = [self.shards.push(j, worker, step, pack(self.plan, j, grads)) for j in range(self.plan.num_shards)]
+            if not any(applied):
+                return None
+            if metric is not None:
+                self.record_metric(worker, step, metric)
+            result = None
+            for j in range(self.plan.num_shards):
+                if self.shards.shards[j].ready:
+                    result = self.shard_ready(j, step)
+            return result
