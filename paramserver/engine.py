@@ -74,10 +74,18 @@ class JobSpec:
         return cls(groups, optimizer_cls, dict(optimizer_kwargs), config, plan, schedule)
 
     def make_shard(self, shard_id: int, device: str | torch.device = "cpu") -> Shard:
+        """Shard ``shard_id`` of this job; built from a description alone (meta tensors) it waits for its
+        initial weights (``Shard.load_weights``)."""
+        described_only = any(t.is_meta for t in self.params.tensors)
+        weights = (
+            [torch.zeros(layout.numel, dtype=layout.dtype) for layout in self.plan.buffers(shard_id)]
+            if described_only
+            else pack(self.plan, shard_id, self.params.tensors)
+        )
         return Shard(
             shard_id,
             self.plan,
-            pack(self.plan, shard_id, self.params.tensors),
+            weights,
             self.optimizer_cls,
             self.params.group_options,
             self.optimizer_kwargs,
@@ -85,6 +93,7 @@ class JobSpec:
             deterministic=self.config.deterministic,
             reject_nonfinite=self.config.nonfinite == "error",
             device=device,
+            initialized=not described_only,
         )
 
 

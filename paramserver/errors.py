@@ -21,3 +21,15 @@ class FutureStepError(StepMismatchError):
 
 class NonFiniteGradientError(ValueError):
     """A pushed gradient holds inf or nan and the job's policy is 'error'."""
+
+
+class NotReadyError(ValueError):
+    """The job exists but is not ready for this call yet (its initial weights are not in place)."""
+
+
+class JobNotFoundError(LookupError):
+    """No job of that name on this server."""
+
+
+class JobExistsError(ValueError):
+    """A job of that name exists already, with another configuration."""

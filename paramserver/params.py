@@ -44,7 +44,7 @@ class ParamInfo:
 @dataclass
 class ParamGroups:
     params: list[ParamInfo]
-    tensors: list[torch.Tensor]  # the initial values, in index order
+    tensors: list[torch.Tensor]  # the parameters themselves (not copies), in index order
     group_options: list[dict[str, Any]]  # each group's own options (no "params")
     named: bool
 
@@ -112,7 +112,7 @@ def normalize_params(params: Any) -> ParamGroups:
                     raise ValueError(f"duplicate parameter name {name!r} (parameters {seen_names[name]} and {len(infos)})")
                 seen_names[name] = len(infos)
             infos.append(ParamInfo(len(infos), name, tuple(tensor.shape), tensor.dtype, g))
-            tensors.append(tensor.detach())
+            tensors.append(tensor)
 
     named = [p.name is not None for p in infos]
     if any(named) and not all(named):

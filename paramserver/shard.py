@@ -7,6 +7,7 @@ weight buffers and their ``.grad`` are views into the gradient sums, so the upda
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 
 from paramserver.aggregation import GradientAccumulator
 from paramserver.clipping import tensor_norms
-from paramserver.errors import FutureStepError, NonFiniteGradientError, StaleStepError
+from paramserver.errors import FutureStepError, NonFiniteGradientError, NotReadyError, StaleStepError
 from paramserver.scheduling import build_optimizer, set_hyperparameters
 from paramserver.sharding import ShardingPlan, Slice
 
@@ -33,6 +34,7 @@ class Shard:
         deterministic: bool = True,
         reject_nonfinite: bool = False,
         device: str | torch.device = "cpu",
+        initialized: bool = True,
     ) -> None:
         self.shard_id = shard_id
         self.plan = plan
@@ -44,6 +46,9 @@ class Shard:
             raise ValueError(f"shard {shard_id}: expected {len(self.layouts)} weight buffers, got {len(weights)}")
         self.weights = [w.detach().to(self.device, copy=True) for w in weights]
         self._check_buffers(self.weights, "initial weights", exact_dtype=True)
+        # False until the creator's initial weights are in (a shard made from a job description alone).
+        self.initialized = initialized
+        self._changed = threading.Condition()
         sums = [torch.zeros(layout.numel, dtype=layout.dtype, device=self.device) for layout in self.layouts]
         self.accumulator = GradientAccumulator(sums, num_workers, deterministic)
 
@@ -95,6 +100,8 @@ class Shard:
         """
         if not isinstance(worker, int) or isinstance(worker, bool) or not 0 <= worker < self.num_workers:
             raise ValueError(f"shard {self.shard_id}: worker must be in [0, {self.num_workers}), got {worker!r}")
+        if not self.initialized:
+            raise NotReadyError(f"shard {self.shard_id}: the job's initial weights are not in place yet")
         self.check_step(step)
         if worker in self.accumulator.received:
             return False
@@ -161,7 +168,22 @@ class Shard:
 
     def _close_step(self) -> None:
         self.accumulator.reset()
-        self.version += 1
+        with self._changed:
+            self.version += 1
+            self._changed.notify_all()
+
+    def wait_for_version(self, min_version: int, timeout: float) -> int:
+        """Wait until the shard is initialized and at ``min_version`` or later; returns the version.
+
+        Raises ``TimeoutError`` when ``timeout`` seconds pass first.
+        """
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.initialized and self.version >= min_version, timeout):
+                raise TimeoutError(
+                    f"shard {self.shard_id}: still at version {self.version}"
+                    f"{'' if self.initialized else ' (not initialized)'} after {timeout:.1f}s waiting for {min_version}"
+                )
+            return self.version
 
     # -- broadcast and state ----------------------------------------------------------------------------------
 
@@ -173,6 +195,9 @@ class Shard:
         self._check_buffers(buffers, "weights", exact_dtype=True)
         for dst, src in zip(self.weights, buffers):
             dst.copy_(src)
+        with self._changed:
+            self.initialized = True
+            self._changed.notify_all()
 
     def optimizer_state(self) -> list[dict[str, Any]]:
         """Optimizer state of each slice, in ``self.slices`` order (live tensors: callers copy)."""

@@ -132,7 +132,7 @@ def pack(plan: ShardingPlan, shard: int, tensors: Sequence[torch.Tensor]) -> lis
     for layout in plan.buffers(shard):
         flat = torch.empty(layout.numel, dtype=layout.dtype)
         for s, off in zip(layout.slices, layout.offsets):
-            flat[off : off + s.numel].copy_(tensors[s.param].reshape(-1)[s.start : s.stop])
+            flat[off : off + s.numel].copy_(tensors[s.param].detach().reshape(-1)[s.start : s.stop])
         out.append(flat)
     return out
 

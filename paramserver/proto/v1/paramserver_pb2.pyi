@@ -182,7 +182,7 @@ class LeaveJobReply(_message.Message):
     def __init__(self) -> None: ...
 
 class ChunkHeader(_message.Message):
-    __slots__ = ("job", "worker", "step", "shard", "buffer", "dtype", "offset", "total", "metric")
+    __slots__ = ("job", "worker", "step", "shard", "buffer", "dtype", "offset", "total")
     JOB_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -191,7 +191,6 @@ class ChunkHeader(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
-    METRIC_FIELD_NUMBER: _ClassVar[int]
     job: str
     worker: int
     step: int
@@ -200,8 +199,7 @@ class ChunkHeader(_message.Message):
     dtype: str
     offset: int
     total: int
-    metric: float
-    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., shard: _Optional[int] = ..., buffer: _Optional[int] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., total: _Optional[int] = ..., metric: _Optional[float] = ...) -> None: ...
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., shard: _Optional[int] = ..., buffer: _Optional[int] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("header", "data")

@@ -1,0 +1,191 @@
+"""The lower-level client: a job's flat per-shard buffers over gRPC, for trainers that manage them.
+
+Every call has a deadline. Wire errors come back as Python errors: INVALID_ARGUMENT as ``ValueError``,
+a stale or future step as ``StaleStepError`` / ``FutureStepError`` carrying the server's version,
+NOT_FOUND as ``LookupError``, UNAUTHENTICATED as ``PermissionError``, DEADLINE_EXCEEDED as ``TimeoutError``,
+anything else as ``ConnectionError``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+import torch
+
+from paramserver import codec, wire_values
+from paramserver.errors import FutureStepError, StaleStepError
+from paramserver.params import ParamInfo
+from paramserver.proto.v1 import paramserver_pb2 as pb
+from paramserver.proto.v1 import paramserver_pb2_grpc as pb_grpc
+from paramserver.server import DEFAULT_MAX_MESSAGE_BYTES
+from paramserver.services import VERSION_METADATA_KEY
+from paramserver.sharding import ShardingPlan, Slice
+
+T = TypeVar("T")
+
+
+def error_from_rpc(exc: grpc.RpcError) -> Exception:
+    code, details = exc.code(), exc.details()
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        version = dict(exc.trailing_metadata() or ()).get(VERSION_METADATA_KEY)
+        if version is not None:
+            kind = StaleStepError if "already closed" in details else FutureStepError
+            return kind(details, int(version))
+        return ValueError(details)
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
+        return ValueError(details)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return LookupError(details)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return PermissionError(details)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return TimeoutError(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ValueError(f"message too large: {details}")
+    return ConnectionError(f"{code.name}: {details}")
+
+
+def plan_from_info(info: pb.JobInfo) -> ShardingPlan:
+    params = tuple(
+        ParamInfo(i, p.name or None, tuple(p.shape), codec.parse_dtype(p.dtype), p.group) for i, p in enumerate(info.config.params)
+    )
+    shards = tuple(tuple(Slice(s.param, s.start, s.stop) for s in shard.slices) for shard in info.shards)
+    return ShardingPlan(params, shards)
+
+
+class ServiceClient:
+    def __init__(
+        self,
+        address: str,
+        job: str = "default",
+        *,
+        auth_token: str | None = None,
+        root_certificates: bytes | None = None,
+        client_certificate: tuple[bytes, bytes] | None = None,  # (certificate chain, private key) for mTLS
+        timeout: float = 60.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        self.job = job
+        self.timeout = timeout
+        self.chunk_bytes = chunk_bytes
+        self._metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
+        self._root_certificates = root_certificates
+        self._client_certificate = client_certificate
+        self._options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+        ]
+        self._channels: list[grpc.Channel] = []
+        self.coordinator = pb_grpc.CoordinatorStub(self._channel(address))
+        self.shards: list[pb_grpc.ShardStub] = []
+        self.info: pb.JobInfo | None = None
+        self.plan: ShardingPlan | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _channel(self, address: str) -> grpc.Channel:
+        if self._root_certificates is not None or self._client_certificate is not None:
+            key, chain = (self._client_certificate[1], self._client_certificate[0]) if self._client_certificate else (None, None)
+            creds = grpc.ssl_channel_credentials(self._root_certificates, private_key=key, certificate_chain=chain)
+            channel = grpc.secure_channel(address, creds, options=self._options)
+        else:
+            channel = grpc.insecure_channel(address, options=self._options)
+        self._channels.append(channel)
+        return channel
+
+    def _call(self, fn: Callable[..., T], request: Any, timeout: float | None = None) -> T:
+        try:
+            return fn(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    def _on_shards(self, fn: Callable[[int], T]) -> list[T]:
+        """Run ``fn(shard)`` for every shard in parallel, one stream each."""
+        assert self._pool is not None
+        return list(self._pool.map(fn, range(len(self.shards))))
+
+    def _attach(self, info: pb.JobInfo) -> pb.JobInfo:
+        self.info = info
+        self.plan = plan_from_info(info)
+        self.shards = [pb_grpc.ShardStub(self._channel(s.address)) for s in info.shards]
+        self._pool = ThreadPoolExecutor(max(1, len(self.shards)), thread_name_prefix="paramserver-client")
+        return info
+
+    # -- the job ---------------------------------------------------------------------------------------------
+
+    def create_job(self, config: pb.JobConfig) -> pb.JobInfo:
+        return self._attach(self._call(self.coordinator.CreateJob, pb.CreateJobRequest(job=self.job, config=config)))
+
+    def join_job(self, rank: int, timeout: float | None = None) -> pb.JobInfo:
+        return self._attach(self._call(self.coordinator.JoinJob, pb.JoinJobRequest(job=self.job, rank=rank), timeout))
+
+    def status(self) -> pb.StatusReply:
+        return self._call(self.coordinator.GetStatus, pb.StatusRequest(job=self.job))
+
+    def report_metric(self, worker: int, step: int, metric: float) -> None:
+        self._call(self.coordinator.ReportMetrics, pb.ReportMetricsRequest(job=self.job, worker=worker, step=step, metrics={"metric": metric}))
+
+    def leave(self, worker: int) -> None:
+        self._call(self.coordinator.LeaveJob, pb.LeaveJobRequest(job=self.job, worker=worker))
+
+    # -- data ------------------------------------------------------------------------------------------------
+
+    def _stream(self, buffers: Sequence[torch.Tensor], worker: int, step: int, shard: int) -> Any:
+        return codec.encode(buffers, self.chunk_bytes, job=self.job, worker=worker, step=step, shard=shard)
+
+    def push_initial_weights(self, weights: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Rank 0's initial weights, one list of flat buffers per shard."""
+        self._on_shards(lambda j: self._call(self.shards[j].PushParameters, self._stream(weights[j], 0, 0, j)))
+
+    def push(self, worker: int, step: int, grads: Sequence[Sequence[torch.Tensor]]) -> list[pb.PushReply]:
+        """``worker``'s gradients for ``step``, one list of flat buffers per shard, to all shards in parallel."""
+        return self._on_shards(lambda j: self._call(self.shards[j].PushGradients, self._stream(grads[j], worker, step, j)))
+
+    def pull(self, worker: int, min_version: int, timeout: float | None = None) -> list[tuple[int, list[torch.Tensor]]]:
+        """Every shard's weights once it reaches ``min_version``: (version, flat buffers) per shard."""
+        assert self.plan is not None
+
+        def one(j: int) -> tuple[int, list[torch.Tensor]]:
+            layouts = self.plan.buffers(j)
+            assembler = codec.Assembler([layout.numel for layout in layouts], [layout.dtype for layout in layouts])
+            version = min_version
+            try:
+                for chunk in self.shards[j].PullParameters(
+                    pb.PullRequest(job=self.job, shard=j, min_version=min_version, worker=worker),
+                    timeout=timeout or self.timeout,
+                    metadata=self._metadata,
+                ):
+                    assembler.add(chunk)
+                    version = chunk.header.step
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc) from None
+            return version, assembler.result()
+
+        return self._on_shards(one)
+
+    # -- state -----------------------------------------------------------------------------------------------
+
+    def get_state(self) -> dict[str, Any]:
+        try:
+            chunks = self.coordinator.GetState(pb.StateRequest(job=self.job), timeout=self.timeout, metadata=self._metadata)
+            _, skeleton, tensors = codec.decode_state(iter(chunks))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return wire_values.from_wire(json.loads(skeleton), tensors)
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        tensors: list[torch.Tensor] = []
+        skeleton = json.dumps(wire_values.to_wire(state, "state", tensors))
+        self._call(self.coordinator.LoadState, codec.encode_state(skeleton, tensors, self.chunk_bytes, job=self.job))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+        for channel in self._channels:
+            channel.close()

@@ -1,0 +1,166 @@
+"""``RemoteOptimizer``: a drop-in for a ``torch.optim`` optimizer whose state lives in the service.
+
+    opt = RemoteOptimizer(model.named_parameters(), torch.optim.Adam, lr=1e-3, address=server.address,
+                          job="demo", num_workers=2, rank=rank, clip_grad_norm=1.0)
+    for x, y in loader:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()          # push the gradients, wait for the step, write the new weights into the model
+
+Rank 0 creates the job with the model's initial weights; other ranks join it and start from the server's
+weights, as DDP starts from rank 0's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from paramserver.config import ClipConfig, SchedulerSpec
+from paramserver.jobconfig import describe_job
+from paramserver.params import normalize_params
+from paramserver.sharding import pack, unpack
+from workers.client import ServiceClient
+
+
+class RemoteOptimizer:
+    def __init__(
+        self,
+        params: Any,
+        optimizer: Any,
+        *,
+        address: str,
+        job: str = "default",
+        num_workers: int = 1,
+        rank: int = 0,
+        clip_grad_norm: float | None = None,
+        norm_type: float = 2.0,
+        clip_grad_value: float | None = None,
+        scheduler: Any = None,
+        scheduler_kwargs: dict[str, Any] | None = None,
+        scheduler_interval: int = 1,
+        nonfinite: str = "skip",
+        deterministic: bool = True,
+        split_threshold_bytes: int | None = None,
+        auth_token: str | None = None,
+        root_certificates: bytes | None = None,
+        client_certificate: tuple[bytes, bytes] | None = None,
+        timeout: float = 60.0,
+        join_timeout: float = 120.0,
+        **optimizer_kwargs: Any,
+    ) -> None:
+        if not isinstance(rank, int) or not 0 <= rank < num_workers:
+            raise ValueError(f"rank must be in [0, num_workers={num_workers}), got {rank!r}")
+        self._groups = normalize_params(params)
+        self._params = self._groups.params
+        self._tensors = self._groups.tensors  # the model's parameters: new weights are written into them
+        self.rank = rank
+        self.timeout = timeout
+        self.client = ServiceClient(
+            address, job, auth_token=auth_token, root_certificates=root_certificates, client_certificate=client_certificate, timeout=timeout
+        )
+        try:
+            if rank == 0:
+                spec = SchedulerSpec(scheduler, dict(scheduler_kwargs or {}), scheduler_interval) if scheduler is not None else None
+                config = describe_job(
+                    self._groups,
+                    optimizer,
+                    optimizer_kwargs,
+                    num_workers=num_workers,
+                    clip=ClipConfig(max_norm=clip_grad_norm, norm_type=norm_type, clip_value=clip_grad_value),
+                    nonfinite=nonfinite,
+                    deterministic=deterministic,
+                    scheduler=spec,
+                    split_threshold_bytes=split_threshold_bytes,
+                )
+                info = self.client.create_job(config)
+                if not info.ready:
+                    self.client.push_initial_weights([pack(self.plan, j, self._tensors) for j in range(self.plan.num_shards)])
+            else:
+                info = self.client.join_job(rank, timeout=join_timeout)
+                self._check_same_params()
+            self.step_count = info.version
+            if rank != 0 or info.version > 0:
+                self._pull(info.version)
+        except BaseException:
+            self.client.close()
+            raise
+
+    @property
+    def plan(self):  # noqa: ANN201 - the job's ShardingPlan
+        assert self.client.plan is not None
+        return self.client.plan
+
+    def _check_same_params(self) -> None:
+        theirs = [(p.name, p.shape, p.dtype) for p in self.plan.params]
+        mine = [(p.name, p.shape, p.dtype) for p in self._params]
+        if theirs != mine:
+            raise ValueError(f"this worker's parameters do not match job {self.client.job!r}: {mine} vs the server's {theirs}")
+
+    # -- the torch.optim surface -----------------------------------------------------------------------------
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The groups as torch shows them: this worker's parameters and each group's current hyperparameters."""
+        lrs = list(self.client.status().lrs)
+        groups = []
+        for g, options in enumerate(self._groups.group_options):
+            members = [self._tensors[p.index] for p in self._params if p.group == g]
+            groups.append({**options, "params": members, "lr": lrs[g]})
+        return groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for t in self._tensors:
+            if t.grad is None:
+                continue
+            if set_to_none:
+                t.grad = None
+            else:
+                t.grad.detach_().zero_()
+
+    def step(self, closure: Callable[[], Any] | None = None, *, metric: float | None = None) -> Any:
+        """Push this worker's gradients, wait for the step to close, write the new weights in place."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # A parameter without a gradient contributes zeros (torch would skip it; a shard updates its slice whole).
+        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in self._tensors]
+        step = self.step_count
+        if metric is not None:
+            self.client.report_metric(self.rank, step, float(metric))
+        self.client.push(self.rank, step, [pack(self.plan, j, grads) for j in range(self.plan.num_shards)])
+        self._pull(step + 1)
+        self.step_count = step + 1
+        return loss
+
+    def _pull(self, min_version: int) -> None:
+        for j, (_, buffers) in enumerate(self.client.pull(self.rank, min_version)):
+            unpack(self.plan, j, buffers, self._tensors)
+
+    def get_last_lr(self) -> list[float]:
+        return list(self.client.status().lrs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.client.get_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.client.load_state(state_dict)
+        if "model" in state_dict:
+            self._pull(self.step_count)
+
+    def close(self) -> None:
+        try:
+            self.client.leave(self.rank)
+        except (ConnectionError, LookupError, TimeoutError, ValueError):
+            pass  # the server may be gone already; closing must not fail
+        finally:
+            self.client.close()
+
+    def __enter__(self) -> RemoteOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
