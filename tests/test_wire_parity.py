@@ -1,0 +1,177 @@
+"""The parity suite through real gRPC on 127.0.0.1: workers as threads and as processes, equal to local torch.optim."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import paramserver as ps
+from paramserver.server import serve
+from tests import wire_worker
+from tests.reference import Reference, assert_state_equal, make_model, worker_grads
+from workers.remote_optimizer import RemoteOptimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 12
+
+
+@pytest.fixture(scope="module", params=[1, 3], ids=["1shard", "3shards"])
+def service(request):
+    svc = serve(request.param, trusted_modules=("tests",))
+    yield svc
+    svc.shutdown()
+
+
+def run_threads(num_workers, fn):
+    errors = []
+
+    def guarded(rank):
+        try:
+            fn(rank)
+        except BaseException as exc:  # surface a worker's failure in the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(r,)) for r in range(num_workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a worker hung"
+    if errors:
+        raise errors[0]
+
+
+CASES = [
+    # (id, optimizer, kwargs, groups?, clip, norm_type, scheduler, scheduler kwargs, plateau, workers)
+    ("adam-clip2-steplr", torch.optim.Adam, {"lr": 0.01}, False, 0.5, 2.0, torch.optim.lr_scheduler.StepLR, {"step_size": 4, "gamma": 0.5}, 3),
+    ("sgd-nesterov-clipinf-plateau", torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True}, False, 0.3, float("inf"), torch.optim.lr_scheduler.ReduceLROnPlateau, {"patience": 1, "factor": 0.5}, 2),
+    ("adamw-groups-onecycle", torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1}, True, None, 2.0, torch.optim.lr_scheduler.OneCycleLR, {"max_lr": [0.05, 0.02], "total_steps": STEPS + 1}, 2),
+    ("rmsprop-centered-tensor-lr", torch.optim.RMSprop, {"lr": torch.tensor(0.01), "centered": True, "momentum": 0.5}, False, 1.0, 2.0, None, {}, 2),
+    ("adafactor-one-worker", torch.optim.Adafactor, {"lr": 0.01}, False, None, 2.0, None, {}, 1),
+    ("custom-optimizer", "tests.custom_optimizers:InPlaceMomentum", {"lr": 0.05}, False, 0.5, 2.0, None, {}, 2),
+]
+
+
+def groups_of(model, use_groups):
+    if not use_groups:
+        return model.named_parameters()
+    return [{"params": [(n, p) for n, p in model.named_parameters() if n.startswith(("0.", "2."))]},
+            {"params": [(n, p) for n, p in model.named_parameters() if not n.startswith(("0.", "2."))], "lr": 0.002}]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_parity_over_grpc_with_worker_threads(service, case):
+    name, optimizer, kwargs, use_groups, clip, norm_type, scheduler, sched_kwargs, num_workers = case
+    job = f"{name}-{id(service)}"
+    base = make_model()
+    models = [copy.deepcopy(base) for _ in range(num_workers)]
+    for m in models[1:]:  # joiners start from the server's weights, not their own
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(1.0)
+    ref_model = copy.deepcopy(base)
+    ref_cls = optimizer if isinstance(optimizer, type) else __import__("tests.custom_optimizers", fromlist=["x"]).InPlaceMomentum
+    ref = Reference(
+        groups_of(ref_model, use_groups), ref_cls, kwargs, clip=ps.ClipConfig(max_norm=clip, norm_type=norm_type),
+        scheduler=(lambda o: scheduler(o, **copy.deepcopy(sched_kwargs))) if scheduler else None,
+    )
+    opts: list[RemoteOptimizer | None] = [None] * num_workers
+
+    def create(rank):
+        opts[rank] = RemoteOptimizer(
+            groups_of(models[rank], use_groups), optimizer, address=service.address, job=job, num_workers=num_workers, rank=rank,
+            clip_grad_norm=clip, norm_type=norm_type, scheduler=scheduler, scheduler_kwargs=sched_kwargs, timeout=30.0, **kwargs,
+        )
+
+    run_threads(num_workers, create)
+    plateau = scheduler is torch.optim.lr_scheduler.ReduceLROnPlateau
+    try:
+        for t in range(STEPS):
+            grads = worker_grads(ref.params, t, num_workers)
+            metrics = [1.0 + ((t * 7 + r) % 5) * 0.1 for r in range(num_workers)] if plateau else None
+
+            def step(rank):
+                opts[rank].zero_grad()
+                for p, g in zip(models[rank].parameters(), grads[rank]):
+                    p.grad = g.clone()
+                opts[rank].step(metric=None if metrics is None else metrics[rank])
+
+            run_threads(num_workers, step)
+            ref.step(grads, metric=None if metrics is None else sum(metrics) / len(metrics))
+            assert opts[0].get_last_lr() == [float(g["lr"]) for g in ref.optimizer.param_groups]
+        for m in models:
+            for got, want in zip(m.parameters(), ref.params):
+                assert torch.equal(got, want.detach())
+        state = opts[num_workers - 1].state_dict()
+        assert_state_equal(state["optimizer"], ref.optimizer.state_dict())
+        if scheduler is not None:
+            assert_state_equal(state["scheduler"], ref.scheduler.state_dict())
+    finally:
+        for o in opts:
+            if o is not None:
+                o.close()
+
+
+def test_parity_over_grpc_with_worker_processes(service, tmp_path):
+    num_workers = 2
+    job = f"processes-{id(service)}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.wire_worker", service.address, job, str(r), str(num_workers), str(STEPS), str(tmp_path / f"w{r}.pt")],
+            cwd=ROOT,
+        )
+        for r in range(num_workers)
+    ]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    ref_model = make_model()
+    ref = Reference(
+        ref_model.named_parameters(), getattr(torch.optim, wire_worker.OPTIMIZER), wire_worker.KWARGS,
+        clip=ps.ClipConfig(max_norm=wire_worker.CLIP),
+        scheduler=lambda o: getattr(torch.optim.lr_scheduler, wire_worker.SCHEDULER[0])(o, **wire_worker.SCHEDULER[1]),
+    )
+    for t in range(STEPS):
+        ref.step(worker_grads(ref.params, t, num_workers))
+    for r in range(num_workers):
+        weights = torch.load(tmp_path / f"w{r}.pt")
+        for (n, p) in ref_model.named_parameters():
+            assert torch.equal(weights[n], p.detach()), f"worker {r}: {n} differs"
+
+
+def test_state_dict_round_trip_over_grpc(service):
+    """Export over the wire -> load into local torch -> continue equals the service continuing, and back."""
+    model = make_model()
+    job = f"state-{id(service)}"
+    with RemoteOptimizer(model.named_parameters(), "Adam", address=service.address, job=job, lr=0.01, timeout=30.0,
+                         scheduler="StepLR", scheduler_kwargs={"step_size": 2}) as opt:
+        params = list(model.parameters())
+        for t in range(3):
+            for p, g in zip(params, worker_grads(params, t, 1)[0]):
+                p.grad = g
+            opt.step()
+        state = opt.state_dict()
+        local = make_model()
+        local.load_state_dict(state["model"])
+        local_opt = torch.optim.Adam(local.named_parameters(), lr=0.01)
+        local_sched = torch.optim.lr_scheduler.StepLR(local_opt, step_size=2)
+        local_opt.load_state_dict(state["optimizer"])
+        local_sched.load_state_dict(state["scheduler"])
+        for t in range(3, 6):
+            for p, g in zip(params, worker_grads(params, t, 1)[0]):
+                p.grad = g.clone()
+            opt.step()
+            for p, g in zip(local.parameters(), worker_grads(params, t, 1)[0]):
+                p.grad = g.clone()
+            local_opt.step()
+            local_sched.step()
+        for a, b in zip(model.parameters(), local.parameters()):
+            assert torch.equal(a, b)
+        # and back: local state into the service, then both continue
+        opt.load_state_dict({"model": dict(local.named_parameters()), "optimizer": local_opt.state_dict(), "scheduler": local_sched.state_dict()})
+        assert_state_equal(opt.state_dict()["optimizer"], local_opt.state_dict())
