@@ -9,12 +9,13 @@ pytest.importorskip("sklearn")
 from workers import train  # noqa: E402
 
 
-def test_main_job_trains_digits_through_the_engine(tmp_path):
+def test_main_job_trains_digits_through_the_service(tmp_path):
     out = train.train(num_workers=2, num_shards=2, epochs=4, progress=False)
     assert out["steps"] == 4 * (1438 // 64)
     assert len(out["history"]["loss"]) == out["steps"]
     assert out["history"]["loss"][-1] < out["history"]["loss"][0] / 4
     assert out["test_accuracy"] > 0.85
+    assert out["replicas_equal"], "every worker ends with the server's weights"
     # the cosine schedule reached the workers' view of the lr
     assert out["history"]["lr"][-1] < out["history"]["lr"][0]
     train.plot(out["history"], tmp_path / "plot.png")

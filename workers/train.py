@@ -1,9 +1,10 @@
-"""The main job: data-parallel training of a digit classifier through the step engine.
+"""The main job: data-parallel training of a digit classifier through the service.
 
-W workers, each with its own replica of the model and its own part of every batch, compute gradients in
-parallel threads and push them to the engine; the engine averages them, clips them, runs Adam on its S
-shards and a cosine schedule, and every worker copies the new weights into its replica. The dataset is
-scikit-learn's 8x8 handwritten digits, which ships inside the package (no download).
+The service (a coordinator and S shard gRPC servers) starts in this process on 127.0.0.1. W workers, each
+with its own replica of the model, its own part of every batch and a ``RemoteOptimizer``, push gradients
+over gRPC; the service averages them, clips them, runs Adam on its S shards and a cosine schedule, and
+every worker receives the new weights into its replica. The dataset is scikit-learn's 8x8 handwritten
+digits, which ships inside the package (no download).
 
     python -m workers.train --workers 2 --shards 2
 """
@@ -20,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import paramserver as ps
+from paramserver.server import serve
+from workers.remote_optimizer import RemoteOptimizer
 
 
 def load_digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,65 +60,55 @@ def train(
     steps_per_epoch = len(x_train) // batch_size
     total_steps = epochs * steps_per_epoch
     model = make_model()
-    engine = ps.StepEngine(
-        model.named_parameters(),
-        "Adam",
-        config=ps.EngineConfig(num_shards=num_shards, num_workers=num_workers, clip=ps.ClipConfig(max_norm=1.0)),
-        scheduler=ps.SchedulerSpec("CosineAnnealingLR", {"T_max": total_steps}),
-        lr=lr,
-        weight_decay=1e-4,
-    )
-    replicas = [copy.deepcopy(model) for _ in range(num_workers)]
     loss_fn = nn.CrossEntropyLoss()
-    history: dict[str, list[float]] = {"loss": [], "lr": [], "grad_norm": []}
-
-    def worker_step(rank: int, step: int, xb: torch.Tensor, yb: torch.Tensor) -> tuple[float, ps.StepResult | None]:
-        replica = replicas[rank]
-        part = slice(rank, None, num_workers)  # this worker's part of the batch
-        replica.zero_grad(set_to_none=True)
-        loss = loss_fn(replica(xb[part]), yb[part])
-        loss.backward()
-        result = engine.push(rank, step, [p.grad for p in replica.parameters()], metric=loss.item())
-        return loss.item(), result
-
+    losses = torch.zeros(num_workers, total_steps)
+    lrs: list[float] = []
+    replicas = [copy.deepcopy(model) for _ in range(num_workers)]
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, desc=f"train {num_workers} workers x {num_shards} shards", unit="step")
+
+    def worker(rank: int, address: str) -> None:
+        replica = replicas[rank]
+        with RemoteOptimizer(
+            replica.named_parameters(), "Adam", lr=lr, weight_decay=1e-4, address=address, job="digits",
+            num_workers=num_workers, rank=rank, clip_grad_norm=1.0,
+            scheduler="CosineAnnealingLR", scheduler_kwargs={"T_max": total_steps},
+        ) as opt:
+            step = 0
+            for epoch in range(epochs):
+                order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed + epoch))
+                for b in range(steps_per_epoch):
+                    idx = order[b * batch_size : (b + 1) * batch_size][rank::num_workers]  # this worker's part
+                    opt.zero_grad()
+                    loss = loss_fn(replica(x_train[idx]), y_train[idx])
+                    loss.backward()
+                    if rank == 0:
+                        lrs.append(opt.get_last_lr()[0])
+                    opt.step()
+                    losses[rank, step] = loss.item()
+                    step += 1
+                    if bar is not None and rank == 0:
+                        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lrs[-1]:.2e}")
+                        bar.update(1)
+
     started = time.perf_counter()
-    step = 0
-    with ThreadPoolExecutor(num_workers) as pool:
-        for epoch in range(epochs):
-            order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed + epoch))
-            for b in range(steps_per_epoch):
-                idx = order[b * batch_size : (b + 1) * batch_size]
-                xb, yb = x_train[idx], y_train[idx]
-                lr_now = engine.get_last_lr()[0]
-                outcomes = list(pool.map(lambda r: worker_step(r, step, xb, yb), range(num_workers)))
-                result = next(r for _, r in outcomes if r is not None)
-                weights = engine.parameters()  # broadcast: every worker takes version step+1
-                for replica in replicas:
-                    with torch.no_grad():
-                        for p, w in zip(replica.parameters(), weights):
-                            p.copy_(w)
-                history["loss"].append(sum(loss for loss, _ in outcomes) / num_workers)
-                history["lr"].append(lr_now)
-                history["grad_norm"].append(result.total_norm)
-                step += 1
-                if bar is not None:
-                    bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", lr=f"{lr_now:.2e}")
-                    bar.update(1)
+    with serve(num_shards) as service:
+        with ThreadPoolExecutor(num_workers) as pool:
+            for f in [pool.submit(worker, r, service.address) for r in range(num_workers)]:
+                f.result(timeout=3600)
+        plan = service.coordinator.job("digits").coordinator.plan.describe()
     if bar is not None:
         bar.close()
-    elapsed = time.perf_counter() - started
     return {
-        "steps": step,
-        "seconds": elapsed,
+        "steps": total_steps,
+        "seconds": time.perf_counter() - started,
         "test_accuracy": accuracy(replicas[0], x_test, y_test),
-        "skipped_steps": engine.skipped_steps,
-        "plan": engine.plan.describe(),
-        "history": history,
+        "replicas_equal": all(torch.equal(a, b) for r in replicas[1:] for a, b in zip(replicas[0].parameters(), r.parameters())),
+        "plan": plan,
+        "history": {"loss": losses.mean(0).tolist(), "lr": lrs},
     }
 
 
@@ -153,7 +145,7 @@ def main() -> None:
     plot(out["history"], args.out / "training.png")
     (args.out / "metrics.json").write_text(json.dumps({k: v for k, v in out.items()}, indent=1))
     print(out["plan"])
-    print(f"{out['steps']} steps in {out['seconds']:.1f}s, {out['skipped_steps']} skipped")
+    print(f"{out['steps']} steps in {out['seconds']:.1f}s; worker replicas identical: {out['replicas_equal']}")
     print(f"test accuracy: {out['test_accuracy']:.4f}")
     print(f"plot: {args.out / 'training.png'}")
 
