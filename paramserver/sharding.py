@@ -129,8 +129,10 @@ def make_plan(
 def pack(plan: ShardingPlan, shard: int, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Gather ``shard``'s slices of the per-parameter ``tensors`` into its flat buffers (one per dtype)."""
     out = []
+    # Copies from a GPU land in pinned host memory, which the device copies into directly.
+    pin = any(t.is_cuda for t in tensors)
     for layout in plan.buffers(shard):
-        flat = torch.empty(layout.numel, dtype=layout.dtype)
+        flat = torch.empty(layout.numel, dtype=layout.dtype, pin_memory=pin)
         for s, off in zip(layout.slices, layout.offsets):
             flat[off : off + s.numel].copy_(tensors[s.param].detach().reshape(-1)[s.start : s.stop])
         out.append(flat)

@@ -175,3 +175,38 @@ def test_state_dict_round_trip_over_grpc(service):
         # and back: local state into the service, then both continue
         opt.load_state_dict({"model": dict(local.named_parameters()), "optimizer": local_opt.state_dict(), "scheduler": local_sched.state_dict()})
         assert_state_equal(opt.state_dict()["optimizer"], local_opt.state_dict())
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16])
+def test_parity_low_precision_gradients_on_the_wire(service, grad_dtype):
+    """bf16/fp16 gradients travel as such and are accumulated in fp32: equal to local training on the
+    rounded gradients."""
+    num_workers = 2
+    base = make_model()
+    models = [copy.deepcopy(base) for _ in range(num_workers)]
+    ref_model = copy.deepcopy(base)
+    ref = Reference(ref_model.named_parameters(), torch.optim.Adam, {"lr": 0.01}, clip=ps.ClipConfig(max_norm=0.5))
+    opts: list[RemoteOptimizer | None] = [None] * num_workers
+    job = f"lowp-{grad_dtype}-{id(service)}"
+
+    def create(rank):
+        opts[rank] = RemoteOptimizer(models[rank].named_parameters(), "Adam", lr=0.01, address=service.address, job=job,
+                                     num_workers=num_workers, rank=rank, clip_grad_norm=0.5, grad_dtype=grad_dtype, timeout=30.0)
+
+    run_threads(num_workers, create)
+    try:
+        for t in range(6):
+            grads = worker_grads(ref.params, t, num_workers)
+
+            def step(rank):
+                for p, g in zip(models[rank].parameters(), grads[rank]):
+                    p.grad = g.clone()
+                opts[rank].step()
+
+            run_threads(num_workers, step)
+            ref.step([[g.to(grad_dtype).float() for g in gs] for gs in grads])
+        for got, want in zip(models[0].parameters(), ref.params):
+            assert torch.equal(got, want.detach())
+    finally:
+        for o in opts:
+            o.close()

@@ -44,6 +44,7 @@ class RemoteOptimizer:
         nonfinite: str = "skip",
         deterministic: bool = True,
         split_threshold_bytes: int | None = None,
+        grad_dtype: torch.dtype | None = None,
         auth_token: str | None = None,
         root_certificates: bytes | None = None,
         client_certificate: tuple[bytes, bytes] | None = None,
@@ -56,8 +57,11 @@ class RemoteOptimizer:
         self._groups = normalize_params(params)
         self._params = self._groups.params
         self._tensors = self._groups.tensors  # the model's parameters: new weights are written into them
+        if grad_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"grad_dtype must be None (the parameters' dtype), float32, bfloat16 or float16, got {grad_dtype}")
         self.rank = rank
         self.timeout = timeout
+        self.grad_dtype = grad_dtype
         self.client = ServiceClient(
             address, job, auth_token=auth_token, root_certificates=root_certificates, client_certificate=client_certificate, timeout=timeout
         )
@@ -74,6 +78,7 @@ class RemoteOptimizer:
                     deterministic=deterministic,
                     scheduler=spec,
                     split_threshold_bytes=split_threshold_bytes,
+                    grad_dtype=grad_dtype,
                 )
                 info = self.client.create_job(config)
                 if not info.ready:
@@ -131,10 +136,16 @@ class RemoteOptimizer:
         step = self.step_count
         if metric is not None:
             self.client.report_metric(self.rank, step, float(metric))
-        self.client.push(self.rank, step, [pack(self.plan, j, grads) for j in range(self.plan.num_shards)])
+        self.client.push(self.rank, step, [self._wire(pack(self.plan, j, grads)) for j in range(self.plan.num_shards)])
         self._pull(step + 1)
         self.step_count = step + 1
         return loss
+
+    def _wire(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Gradients in the dtype they travel in (the shard accumulates them in the parameters' dtype)."""
+        if self.grad_dtype is None:
+            return buffers
+        return [b.to(self.grad_dtype) if b.is_floating_point() else b for b in buffers]
 
     def _pull(self, min_version: int) -> None:
         for j, (_, buffers) in enumerate(self.client.pull(self.rank, min_version)):
