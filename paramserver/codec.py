@@ -92,6 +92,9 @@ class Assembler:
         if len(chunk.data) % itemsize:
             raise ValueError(f"buffer {h.buffer}: chunk of {len(chunk.data)} bytes is not a whole number of {h.dtype}")
         count = len(chunk.data) // itemsize
+        if h.offset != self.received[h.buffer]:
+            # chunks of a buffer come in order, back to back: so a complete count means every element came
+            raise ValueError(f"buffer {h.buffer}: chunk at element {h.offset}, expected the next at {self.received[h.buffer]}")
         if h.offset + count > expected:
             raise ValueError(f"buffer {h.buffer}: chunk at element {h.offset} of {count} elements overruns its {expected}")
         buf = self.buffers[h.buffer]

@@ -168,6 +168,7 @@ class CoordinatorHost:
             "members": sorted(job.members),
             "shards": shards,
             "lrs": coordinator.get_last_lr(),
+            "hyperparameters": coordinator.schedule.hyperparameters(),
             "skipped_steps": coordinator.skipped_steps,
             "last_total_norm": last.total_norm if last is not None else 0.0,
             "waiting_for": f"step {version}: " + "; ".join(waiting) if waiting else "",

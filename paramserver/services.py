@@ -175,6 +175,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             skipped_steps=st["skipped_steps"],
             last_total_norm=st["last_total_norm"],
             waiting_for=st["waiting_for"],
+            param_groups_json=[wire_values.dumps(g, "param group") for g in st["hyperparameters"]],
         )
 
     @translate_errors

@@ -108,6 +108,12 @@ def test_parity_over_grpc_with_worker_threads(service, case):
         for m in models:
             for got, want in zip(m.parameters(), ref.params):
                 assert torch.equal(got, want.detach())
+        groups = opts[0].param_groups
+        assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in models[0].parameters())
+        for got, want in zip(groups, ref.optimizer.param_groups, strict=True):
+            assert len(got["params"]) == len(want["params"])
+            assert_state_equal({k: v for k, v in got.items() if k != "params"},
+                               {k: v for k, v in want.items() if k not in ("params", "param_names")})
         state = opts[num_workers - 1].state_dict()
         assert_state_equal(state["optimizer"], ref.optimizer.state_dict())
         if scheduler is not None:

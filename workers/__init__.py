@@ -1,1 +1,6 @@
-"""Worker-side code: training loops that use the paramserver service."""
+"""Worker-side code: the client of the service, ``RemoteOptimizer``, and training loops that use them."""
+
+from workers.client import ServiceClient
+from workers.remote_optimizer import RemoteOptimizer
+
+__all__ = ["RemoteOptimizer", "ServiceClient"]

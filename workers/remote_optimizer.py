@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from paramserver import wire_values
 from paramserver.config import ClipConfig, SchedulerSpec
 from paramserver.jobconfig import describe_job
 from paramserver.params import normalize_params
@@ -108,12 +109,12 @@ class RemoteOptimizer:
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
-        """The groups as torch shows them: this worker's parameters and each group's current hyperparameters."""
-        lrs = list(self.client.status().lrs)
+        """The groups as torch shows them: this worker's parameters with each group's hyperparameters for
+        the next step, as the service's scheduler has set them."""
+        hyperparameters = [wire_values.loads(text) for text in self.client.status().param_groups_json]
         groups = []
-        for g, options in enumerate(self._groups.group_options):
-            members = [self._tensors[p.index] for p in self._params if p.group == g]
-            groups.append({**options, "params": members, "lr": lrs[g]})
+        for g, values in enumerate(hyperparameters):
+            groups.append({**values, "params": [self._tensors[p.index] for p in self._params if p.group == g]})
         return groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -148,7 +148,7 @@ class ShardStatus(_message.Message):
     def __init__(self, shard: _Optional[int] = ..., address: _Optional[str] = ..., version: _Optional[int] = ..., pushed_workers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("job", "version", "num_workers", "members", "shards", "lrs", "skipped_steps", "last_total_norm", "waiting_for")
+    __slots__ = ("job", "version", "num_workers", "members", "shards", "lrs", "skipped_steps", "last_total_norm", "waiting_for", "param_groups_json")
     JOB_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,7 @@ class StatusReply(_message.Message):
     SKIPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
     LAST_TOTAL_NORM_FIELD_NUMBER: _ClassVar[int]
     WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
+    PARAM_GROUPS_JSON_FIELD_NUMBER: _ClassVar[int]
     job: str
     version: int
     num_workers: int
@@ -167,7 +168,8 @@ class StatusReply(_message.Message):
     skipped_steps: int
     last_total_norm: float
     waiting_for: str
-    def __init__(self, job: _Optional[str] = ..., version: _Optional[int] = ..., num_workers: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., lrs: _Optional[_Iterable[float]] = ..., skipped_steps: _Optional[int] = ..., last_total_norm: _Optional[float] = ..., waiting_for: _Optional[str] = ...) -> None: ...
+    param_groups_json: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job: _Optional[str] = ..., version: _Optional[int] = ..., num_workers: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., lrs: _Optional[_Iterable[float]] = ..., skipped_steps: _Optional[int] = ..., last_total_norm: _Optional[float] = ..., waiting_for: _Optional[str] = ..., param_groups_json: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LeaveJobRequest(_message.Message):
     __slots__ = ("job", "worker")
