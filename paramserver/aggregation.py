@@ -30,10 +30,11 @@ class GradientAccumulator:
     def add(self, worker: int, buffers: Sequence[torch.Tensor]) -> None:
         """Add one worker's flat gradients; the accumulator may keep ``buffers`` until it can fold them."""
         assert worker not in self.received and 0 <= worker < self.num_workers
-        self.received.add(worker)
         if not self.deterministic:
             self._fold(buffers)
+            self.received.add(worker)
             return
+        self.received.add(worker)
         self._early[worker] = buffers
         while self._next_rank in self._early:
             self._fold(self._early.pop(self._next_rank))

@@ -56,6 +56,10 @@ def encode(
     buffers: Sequence[torch.Tensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES, **header: object
 ) -> Iterator[pb.TensorChunk]:
     """Chunks of ``buffers`` (1-D tensors), each with a header made of ``header`` plus its place."""
+    if not buffers:
+        # A shard may hold no tensor (more shards than tensors): one empty chunk still carries the header.
+        yield pb.TensorChunk(header=pb.ChunkHeader(**header))
+        return
     for index, buf in enumerate(buffers):
         raw = _raw_bytes(buf)
         itemsize = buf.element_size()
@@ -80,6 +84,8 @@ class Assembler:
 
     def add(self, chunk: pb.TensorChunk) -> None:
         h = chunk.header
+        if not self.numels and not chunk.data and (h.buffer, h.offset, h.total, h.dtype) == (0, 0, 0, ""):
+            return  # the header-only chunk of a stream for a shard without buffers
         if h.buffer >= len(self.numels):
             raise ValueError(f"chunk for buffer {h.buffer}, but there are only {len(self.numels)} buffers")
         expected = self.numels[h.buffer]

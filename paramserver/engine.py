@@ -98,7 +98,10 @@ class JobSpec:
 
 
 class ShardGroup:
-    """The engine's view of its shards, here plain ``Shard`` objects in this process."""
+    """The coordinator's view of a job's shards, here plain ``Shard`` objects in this process.
+
+    ``paramserver.hosting.RayShardGroup`` offers the same calls over shard actors.
+    """
 
     def __init__(self, shards: Sequence[Shard]) -> None:
         self.shards = list(shards)
@@ -133,6 +136,13 @@ class ShardGroup:
     def load_optimizer_states(self, states: Sequence[Sequence[dict[str, Any]]], param_groups: list[dict[str, Any]]) -> None:
         for s, st in zip(self.shards, states, strict=True):
             s.load_optimizer_state(st, param_groups)
+
+    def statuses(self) -> list[dict[str, Any]]:
+        return [s.status() for s in self.shards]
+
+    def wait_initialized(self, timeout: float) -> None:
+        for s in self.shards:
+            s.wait_for_version(0, timeout)
 
 
 class Coordinator:

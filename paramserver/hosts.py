@@ -62,8 +62,8 @@ class ShardHost:
     def initial_weights(self, job: str, buffers: Sequence[torch.Tensor]) -> None:
         shard = self.shard(job)
         with self._locks[job]:
-            if shard.version != 0:
-                raise ValueError(f"shard {self.shard_id}: job {job!r} is past step 0; initial weights come before training")
+            if shard.version != 0 or shard.accumulator.received:
+                raise ValueError(f"shard {self.shard_id}: job {job!r} has begun training; initial weights come before any gradient")
             shard.load_weights(buffers)
 
     def pull(self, job: str, min_version: int, timeout: float | None) -> tuple[int, list[torch.Tensor]]:
@@ -74,23 +74,46 @@ class ShardHost:
         return version, shard.weight_buffers()
 
 
+class LocalFleet:
+    """Shard hosts in this process: a job's shards are plain objects the coordinator calls directly."""
+
+    def __init__(self, hosts: Sequence[ShardHost]) -> None:
+        self.hosts = list(hosts)
+
+    def __len__(self) -> int:
+        return len(self.hosts)
+
+    def create_job(self, name: str, config: pb.JobConfig, spec: JobSpec) -> ShardGroup:
+        return ShardGroup([spec.make_shard(j) for j in range(len(self.hosts))])
+
+    def connect(self, name: str, group: ShardGroup, coordinator: Coordinator) -> None:
+        for host, shard in zip(self.hosts, group.shards):
+            host.add_job(name, shard, coordinator)
+
+    def delete_job(self, name: str) -> None:
+        for host in self.hosts:
+            host.remove_job(name)
+
+
 @dataclass
 class Job:
     name: str
     config: pb.JobConfig
     coordinator: Coordinator
-    shards: list[Shard]
     members: set[int]
 
     @property
     def ready(self) -> bool:
-        return all(s.initialized for s in self.shards)
+        return all(s["initialized"] for s in self.coordinator.shards.statuses())
 
 
 class CoordinatorHost:
-    def __init__(self, shard_hosts: Sequence[ShardHost], shard_addresses: Sequence[str], trusted_modules: Sequence[str] = ()) -> None:
-        assert len(shard_hosts) == len(shard_addresses)
-        self.shard_hosts = list(shard_hosts)
+    """Every job's coordinator; ``fleet`` makes and reaches the jobs' shards (``LocalFleet`` or, on Ray,
+    ``paramserver.hosting.RayFleet``)."""
+
+    def __init__(self, fleet: Any, shard_addresses: Sequence[str], trusted_modules: Sequence[str] = ()) -> None:
+        assert len(fleet) == len(shard_addresses)
+        self.fleet = fleet
         self.shard_addresses = list(shard_addresses)
         self.trusted_modules = tuple(trusted_modules)
         self._jobs: dict[str, Job] = {}
@@ -112,12 +135,11 @@ class CoordinatorHost:
                 if existing.config != config:
                     raise JobExistsError(f"job {name!r} exists already with another configuration")
                 return existing
-            spec: JobSpec = build_job(config, len(self.shard_hosts), self.trusted_modules)
-            shards = [spec.make_shard(j) for j in range(len(self.shard_hosts))]
-            coordinator = Coordinator(spec, ShardGroup(shards))
-            for host, shard in zip(self.shard_hosts, shards):
-                host.add_job(name, shard, coordinator)
-            job = self._jobs[name] = Job(name, config, coordinator, shards, {0})
+            spec: JobSpec = build_job(config, len(self.fleet), self.trusted_modules)
+            group = self.fleet.create_job(name, config, spec)
+            coordinator = Coordinator(spec, group)
+            self.fleet.connect(name, group, coordinator)
+            job = self._jobs[name] = Job(name, config, coordinator, {0})
             self._changed.notify_all()
             return job
 
@@ -129,8 +151,7 @@ class CoordinatorHost:
                 raise TimeoutError(f"job {name!r} was not created within {wait:.1f}s")
             job = self._jobs[name]
         job.coordinator.check_worker(rank)
-        for shard in job.shards:
-            shard.wait_for_version(0, wait)
+        job.coordinator.shards.wait_initialized(wait)
         job.members.add(rank)
         return job
 
@@ -142,8 +163,7 @@ class CoordinatorHost:
     def delete_job(self, name: str) -> None:
         with self._changed:
             self._jobs.pop(name, None)
-            for host in self.shard_hosts:
-                host.remove_job(name)
+            self.fleet.delete_job(name)
 
     def record_metric(self, name: str, worker: int, step: int, metric: float) -> None:
         self.job(name).coordinator.record_metric(worker, step, metric)
@@ -151,10 +171,7 @@ class CoordinatorHost:
     def status(self, name: str) -> dict[str, Any]:
         job = self.job(name)
         coordinator = job.coordinator
-        shards = [
-            {"shard": j, "address": self.shard_addresses[j], "version": s.version, "pushed": sorted(s.accumulator.received)}
-            for j, s in enumerate(job.shards)
-        ]
+        shards = [{"shard": j, "address": self.shard_addresses[j], **s} for j, s in enumerate(coordinator.shards.statuses())]
         version = coordinator.version
         waiting = []
         for s in shards:

@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from paramserver import codec
-from paramserver.hosts import CoordinatorHost, ShardHost
+from paramserver.hosts import CoordinatorHost, LocalFleet, ShardHost
 from paramserver.proto.v1 import paramserver_pb2 as pb
 from paramserver.proto.v1 import paramserver_pb2_grpc as pb_grpc
 from paramserver.services import BearerTokenInterceptor, CoordinatorServicer, ShardServicer
@@ -132,7 +132,7 @@ def serve(
             server, shard_port = create_shard_server(shard_host, f"{host}:0", options)
             servers.append(server)
             addresses.append(f"{host}:{shard_port}")
-        coordinator = CoordinatorHost(shard_hosts, addresses, trusted_modules)
+        coordinator = CoordinatorHost(LocalFleet(shard_hosts), addresses, trusted_modules)
         server, front_port = create_coordinator_server(coordinator, f"{host}:{port}", options)
         servers.append(server)
     except BaseException:

@@ -64,7 +64,7 @@ def translate_errors(method: Callable[..., Any]) -> Callable[..., Any]:
         def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
                 yield from method(self, request, context)
-            except (ValueError, LookupError, TimeoutError) as exc:
+            except Exception as exc:  # every error leaves with a status; unexpected ones as INTERNAL, logged
                 abort(context, exc)
 
         return stream
@@ -73,7 +73,7 @@ def translate_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
-        except (ValueError, LookupError, TimeoutError) as exc:
+        except Exception as exc:  # every error leaves with a status; unexpected ones as INTERNAL, logged
             abort(context, exc)
 
     return unary

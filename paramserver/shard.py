@@ -86,6 +86,8 @@ class Shard:
                 raise ValueError(f"shard {self.shard_id}: {what}: buffer {i} must be {layout.dtype}, got {buf.dtype}")
             if not buf.is_floating_point() and not buf.is_complex():
                 raise ValueError(f"shard {self.shard_id}: {what}: buffer {i} must be floating point, got {buf.dtype}")
+            if buf.is_complex() and not layout.dtype.is_complex:
+                raise ValueError(f"shard {self.shard_id}: {what}: buffer {i} is complex ({buf.dtype}) but its parameters are {layout.dtype}")
 
     def check_step(self, step: int) -> None:
         if step < self.version:
@@ -186,6 +188,9 @@ class Shard:
             return self.version
 
     # -- broadcast and state ----------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {"version": self.version, "pushed": sorted(self.accumulator.received), "initialized": self.initialized, "device": str(self.device)}
 
     def weight_buffers(self) -> list[torch.Tensor]:
         """The shard's flat weights (live buffers: callers copy what they keep)."""
