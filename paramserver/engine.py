@@ -100,12 +100,20 @@ class JobSpec:
 class ShardGroup:
     """The coordinator's view of a job's shards, here plain ``Shard`` objects in this process.
 
-    ``paramserver.hosting.RayShardGroup`` offers the same calls over shard actors.
+    Every call goes through ``_all`` (the same call on every shard) or ``_each`` (one argument list per
+    shard); ``paramserver.hosting.RayShardGroup`` sends the same calls to shard actors in parallel.
     """
 
     def __init__(self, shards: Sequence[Shard]) -> None:
         self.shards = list(shards)
 
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        return [getattr(s, method)(*args) for s in self.shards]
+
+    def _each(self, method: str, args_per_shard: Sequence[tuple[Any, ...]]) -> list[Any]:
+        return [getattr(s, method)(*args) for s, args in zip(self.shards, args_per_shard, strict=True)]
+
+    # used by the in-process StepEngine only
     def push(self, shard: int, worker: int, step: int, grads: Sequence[torch.Tensor]) -> bool:
         return self.shards[shard].push(worker, step, grads)
 
@@ -113,36 +121,31 @@ class ShardGroup:
         return all(s.ready for s in self.shards)
 
     def reduce(self, step: int, norm_type: float, clip_value: float | None) -> list[list[torch.Tensor]]:
-        return [s.reduce(step, norm_type, clip_value) for s in self.shards]
+        return self._all("reduce", step, norm_type, clip_value)
 
     def apply(self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]]) -> None:
-        for s in self.shards:
-            s.apply(step, clip_coef, hyperparameters)
+        self._all("apply", step, clip_coef, hyperparameters)
 
     def skip(self, step: int) -> None:
-        for s in self.shards:
-            s.skip(step)
+        self._all("skip", step)
 
     def weights(self) -> list[list[torch.Tensor]]:
-        return [[w.clone() for w in s.weight_buffers()] for s in self.shards]
+        return self._all("weight_copies")
 
     def load_weights(self, buffers: Sequence[Sequence[torch.Tensor]]) -> None:
-        for s, b in zip(self.shards, buffers, strict=True):
-            s.load_weights(b)
+        self._each("load_weights", [(b,) for b in buffers])
 
     def optimizer_states(self) -> list[list[dict[str, Any]]]:
-        return [s.optimizer_state() for s in self.shards]
+        return self._all("optimizer_state")  # live state: the caller copies (state.join_param_state)
 
     def load_optimizer_states(self, states: Sequence[Sequence[dict[str, Any]]], param_groups: list[dict[str, Any]]) -> None:
-        for s, st in zip(self.shards, states, strict=True):
-            s.load_optimizer_state(st, param_groups)
+        self._each("load_optimizer_state", [(st, param_groups) for st in states])
 
     def statuses(self) -> list[dict[str, Any]]:
-        return [s.status() for s in self.shards]
+        return self._all("status")
 
     def wait_initialized(self, timeout: float) -> None:
-        for s in self.shards:
-            s.wait_for_version(0, timeout)
+        self._all("wait_for_version", 0, timeout)
 
 
 class Coordinator:

@@ -196,6 +196,9 @@ class Shard:
         """The shard's flat weights (live buffers: callers copy what they keep)."""
         return self.weights
 
+    def weight_copies(self) -> list[torch.Tensor]:
+        return [w.clone() for w in self.weights]
+
     def load_weights(self, buffers: Sequence[torch.Tensor]) -> None:
         self._check_buffers(buffers, "weights", exact_dtype=True)
         for dst, src in zip(self.weights, buffers):
