@@ -31,11 +31,17 @@ class ShardHost:
         self._coordinators: dict[str, Coordinator] = {}
         self._locks: dict[str, threading.Lock] = {}
 
-    def add_job(self, job: str, shard: Shard, coordinator: Coordinator) -> None:
+    def add_job(self, job: str, shard: Shard, coordinator: Any) -> None:
+        """Host ``shard`` of ``job``; ``coordinator`` (anything with ``shard_ready(shard, step)``) may come
+        later through ``set_coordinator`` when it lives elsewhere."""
         assert shard.shard_id == self.shard_id
         self._locks[job] = threading.Lock()
         self._coordinators[job] = coordinator
         self._shards[job] = shard
+
+    def set_coordinator(self, job: str, coordinator: Any) -> None:
+        self.shard(job)
+        self._coordinators[job] = coordinator
 
     def remove_job(self, job: str) -> None:
         self._shards.pop(job, None)
@@ -118,6 +124,7 @@ class CoordinatorHost:
         self.trusted_modules = tuple(trusted_modules)
         self._jobs: dict[str, Job] = {}
         self._changed = threading.Condition()
+        self.stop_requested = threading.Event()  # set by a Stop call; whoever runs the service ends it
 
     def job(self, name: str) -> Job:
         try:

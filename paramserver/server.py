@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,6 +20,9 @@ from paramserver.hosts import CoordinatorHost, LocalFleet, ShardHost
 from paramserver.proto.v1 import paramserver_pb2 as pb
 from paramserver.proto.v1 import paramserver_pb2_grpc as pb_grpc
 from paramserver.services import BearerTokenInterceptor, CoordinatorServicer, ShardServicer
+
+if TYPE_CHECKING:
+    from paramserver.hosting import RayService
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
 
@@ -99,6 +103,9 @@ class Service:
         self._servers = servers
         self.address = address
 
+    def stop_requested(self) -> bool:
+        return self.coordinator.stop_requested.is_set()
+
     def shutdown(self, grace: float = 1.0) -> None:
         for server in self._servers:
             server.stop(grace).wait(timeout=grace + 5)
@@ -120,10 +127,46 @@ def serve(
     tls: TLSConfig | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
-) -> Service:
-    """Start the coordinator and ``num_shards`` shard servers in this process."""
-    if not isinstance(num_shards, int) or num_shards < 1:
+    gpus_per_shard: float = 0.0,
+    cpus_per_shard: float = 0.5,
+    ray_address: str | None = None,
+    placement: str = "SPREAD",
+    placement_timeout: float = 60.0,
+) -> "RayService":
+    """Start the service on Ray: ``num_shards`` shard actors (``gpus_per_shard`` GPUs each, spread by a
+    placement group) and the coordinator actor, whose gRPC front door is ``.address``.
+
+    With ``ray_address=None`` it uses the Ray this process is connected to, else starts an embedded local
+    Ray; ``"auto"`` or an address joins that cluster.
+    """
+    from paramserver.hosting import start_on_ray
+
+    _check_num_shards(num_shards)
+    options = ServerOptions(auth_token=auth_token, tls=tls, max_message_bytes=max_message_bytes, chunk_bytes=chunk_bytes)
+    return start_on_ray(
+        num_shards, host=host, port=port, trusted_modules=trusted_modules, options=options, gpus_per_shard=gpus_per_shard,
+        cpus_per_shard=cpus_per_shard, ray_address=ray_address, placement=placement, placement_timeout=placement_timeout,
+    )
+
+
+def _check_num_shards(num_shards: int) -> None:
+    if not isinstance(num_shards, int) or isinstance(num_shards, bool) or num_shards < 1:
         raise ValueError(f"num_shards must be an integer >= 1, got {num_shards!r}")
+
+
+def serve_local(
+    num_shards: int = 1,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    trusted_modules: Sequence[str] = (),
+    auth_token: str | None = None,
+    tls: TLSConfig | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
+) -> Service:
+    """Start the coordinator and ``num_shards`` shard servers in this process, without Ray."""
+    _check_num_shards(num_shards)
     options = ServerOptions(auth_token=auth_token, tls=tls, max_message_bytes=max_message_bytes, chunk_bytes=chunk_bytes)
     shard_hosts = [ShardHost(j) for j in range(num_shards)]
     servers, addresses = [], []

@@ -203,6 +203,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.LoadStateReply()
 
 
+    @translate_errors
+    def Stop(self, request: pb.StopRequest, context: grpc.ServicerContext) -> pb.StopReply:
+        log.info("stop requested")
+        self.host.stop_requested.set()
+        return pb.StopReply()
+
+
 class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Refuses every call that lacks ``authorization: Bearer <token>`` (health checks included)."""
 

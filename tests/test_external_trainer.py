@@ -24,7 +24,7 @@ assert acc > 0.8, acc
 
 def test_external_trainers_against_a_server_process():
     server = subprocess.Popen(
-        [sys.executable, "-m", "paramserver", "serve", "--shards", "2", "--host", "127.0.0.1", "--port", "0"],
+        [sys.executable, "-m", "paramserver", "serve", "--local", "--shards", "2", "--host", "127.0.0.1", "--port", "0"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     try:
@@ -42,8 +42,16 @@ def test_external_trainers_against_a_server_process():
             out, _ = t.communicate(timeout=180)
             assert t.returncode == 0, out
             assert "test accuracy" in out
-    finally:
-        server.send_signal(signal.SIGTERM)
+        status = subprocess.run([sys.executable, "-m", "paramserver", "status", "--address", address, "--job", "ext"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        assert "job ext: step 66" in status.stdout and "members [] of 2 workers" in status.stdout, status.stdout
+        stop = subprocess.run([sys.executable, "-m", "paramserver", "stop", "--address", address], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert stop.returncode == 0, stop.stderr
         out, _ = server.communicate(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            out, _ = server.communicate(timeout=30)
     assert server.returncode == 0
     assert "stopped" in out

@@ -26,7 +26,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from paramserver.proto.v1 import paramserver_pb2 as pb
 from paramserver.proto.v1 import paramserver_pb2_grpc as pb_grpc
-from paramserver.server import TLSConfig, serve
+from paramserver.server import TLSConfig
+from paramserver.server import serve_local as serve
 from tests.reference import Reference, make_model, worker_grads
 from tests.tls_certs import make_other_client, make_tls_material
 from workers.client import ServiceClient

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import paramserver as ps
-from paramserver.server import serve
+from paramserver.server import serve_local as serve
 from tests import wire_worker
 from tests.reference import Reference, assert_state_equal, make_model, worker_grads
 from workers.remote_optimizer import RemoteOptimizer

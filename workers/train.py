@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from paramserver.server import serve
+from paramserver.server import serve_local as serve
 from workers.remote_optimizer import RemoteOptimizer
 
 

@@ -258,3 +258,11 @@ class StateChunk(_message.Message):
 class LoadStateReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class StopRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StopReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -69,6 +69,11 @@ class CoordinatorStub:
                 request_serializer=paramserver_dot_proto_dot_v1_dot_paramserver__pb2.StateChunk.SerializeToString,
                 response_deserializer=paramserver_dot_proto_dot_v1_dot_paramserver__pb2.LoadStateReply.FromString,
                 _registered_method=True)
+        self.Stop = channel.unary_unary(
+                '/paramserver.v1.Coordinator/Stop',
+                request_serializer=paramserver_dot_proto_dot_v1_dot_paramserver__pb2.StopRequest.SerializeToString,
+                response_deserializer=paramserver_dot_proto_dot_v1_dot_paramserver__pb2.StopReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -120,6 +125,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stop(self, request, context):
+        """Ask the process running the service to stop it (`paramserver stop`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +169,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.LoadState,
                     request_deserializer=paramserver_dot_proto_dot_v1_dot_paramserver__pb2.StateChunk.FromString,
                     response_serializer=paramserver_dot_proto_dot_v1_dot_paramserver__pb2.LoadStateReply.SerializeToString,
+            ),
+            'Stop': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stop,
+                    request_deserializer=paramserver_dot_proto_dot_v1_dot_paramserver__pb2.StopRequest.FromString,
+                    response_serializer=paramserver_dot_proto_dot_v1_dot_paramserver__pb2.StopReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -348,6 +365,33 @@ class Coordinator:
             '/paramserver.v1.Coordinator/LoadState',
             paramserver_dot_proto_dot_v1_dot_paramserver__pb2.StateChunk.SerializeToString,
             paramserver_dot_proto_dot_v1_dot_paramserver__pb2.LoadStateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.Coordinator/Stop',
+            paramserver_dot_proto_dot_v1_dot_paramserver__pb2.StopRequest.SerializeToString,
+            paramserver_dot_proto_dot_v1_dot_paramserver__pb2.StopReply.FromString,
             options,
             channel_credentials,
             insecure,
