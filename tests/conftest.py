@@ -1,0 +1,28 @@
+"""Shared fixtures. Ray tests share one two-node Ray cluster on 127.0.0.1 for the whole session."""
+
+from __future__ import annotations
+
+import os
+
+# Every Ray process stays on 127.0.0.1; this must be set before Ray starts.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A head node and a second node, each with 2 CPUs and a custom resource naming it."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "resources": {"node_head": 1}, "include_dashboard": False},
+    )
+    cluster.add_node(num_cpus=2, resources={"node_second": 1})
+    cluster.wait_for_nodes(timeout=60)
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
