@@ -9,8 +9,9 @@ pytest.importorskip("sklearn")
 from workers import train  # noqa: E402
 
 
-def test_main_job_trains_digits_through_the_service(tmp_path):
+def test_main_job_trains_digits_through_the_service(ray_cluster, tmp_path):
     out = train.train(num_workers=2, num_shards=2, epochs=4, progress=False)
+    assert len(out["placements"]) == 2
     assert out["steps"] == 4 * (1438 // 64)
     assert len(out["history"]["loss"]) == out["steps"]
     assert out["history"]["loss"][-1] < out["history"]["loss"][0] / 4

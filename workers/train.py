@@ -1,9 +1,9 @@
-"""The main job: data-parallel training of a digit classifier through the service.
+"""The main job: data-parallel training of a digit classifier through the service, on an embedded local Ray.
 
-The service (a coordinator and S shard gRPC servers) starts in this process on 127.0.0.1. W workers, each
-with its own replica of the model, its own part of every batch and a ``RemoteOptimizer``, push gradients
-over gRPC; the service averages them, clips them, runs Adam on its S shards and a cosine schedule, and
-every worker receives the new weights into its replica. The dataset is scikit-learn's 8x8 handwritten
+The service starts on Ray (S shard actors and the coordinator actor, gRPC on 127.0.0.1). W worker actors,
+each with its own replica of the model, its own part of every batch and a ``RemoteOptimizer``, push
+gradients over gRPC; the service averages them, clips them, runs Adam on its shards and a cosine schedule,
+and every worker receives the new weights into its replica. The dataset is scikit-learn's 8x8 handwritten
 digits, which ships inside the package (no download).
 
     python -m workers.train --workers 2 --shards 2
@@ -12,16 +12,13 @@ digits, which ships inside the package (no download).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from paramserver.server import serve_local as serve
 from workers.remote_optimizer import RemoteOptimizer
 
 
@@ -46,6 +43,46 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return (model(x).argmax(dim=1) == y).float().mean().item()
 
 
+def digits_worker(
+    rank: int,
+    num_workers: int,
+    address: str,
+    job: str = "digits",
+    epochs: int = 15,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    auth_token: str | None = None,
+) -> dict:
+    """One data-parallel worker: its part of every batch, a RemoteOptimizer, the test accuracy at the end."""
+    torch.manual_seed(seed)  # every rank builds the same model; rank 0's weights are the job's initial weights
+    x_train, y_train, x_test, y_test = load_digits_split(seed)
+    steps_per_epoch = len(x_train) // batch_size
+    total_steps = epochs * steps_per_epoch
+    model = make_model()
+    loss_fn = nn.CrossEntropyLoss()
+    losses: list[float] = []
+    lrs: list[float] = []
+    with RemoteOptimizer(
+        model.named_parameters(), "Adam", lr=lr, weight_decay=1e-4, address=address, job=job,
+        num_workers=num_workers, rank=rank, clip_grad_norm=1.0, auth_token=auth_token,
+        scheduler="CosineAnnealingLR", scheduler_kwargs={"T_max": total_steps},
+    ) as opt:
+        for epoch in range(epochs):
+            order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed + epoch))
+            for b in range(steps_per_epoch):
+                idx = order[b * batch_size : (b + 1) * batch_size][rank::num_workers]  # this worker's part
+                opt.zero_grad()
+                loss = loss_fn(model(x_train[idx]), y_train[idx])
+                loss.backward()
+                if rank == 0:
+                    lrs.append(opt.get_last_lr()[0])
+                opt.step()
+                losses.append(loss.item())
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return {"rank": rank, "losses": losses, "lrs": lrs, "test_accuracy": accuracy(model, x_test, y_test), "weights": flat}
+
+
 def train(
     num_workers: int = 2,
     num_shards: int = 2,
@@ -55,60 +92,46 @@ def train(
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    torch.manual_seed(seed)
-    x_train, y_train, x_test, y_test = load_digits_split(seed)
-    steps_per_epoch = len(x_train) // batch_size
-    total_steps = epochs * steps_per_epoch
-    model = make_model()
-    loss_fn = nn.CrossEntropyLoss()
-    losses = torch.zeros(num_workers, total_steps)
-    lrs: list[float] = []
-    replicas = [copy.deepcopy(model) for _ in range(num_workers)]
+    """Start the service on (embedded) Ray, launch the workers on Ray, gather what they report."""
+    import paramserver
+    from workers.client import ServiceClient
+    from workers.launcher import run_workers
+
+    total_steps = epochs * (len(load_digits_split(seed)[0]) // batch_size)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, desc=f"train {num_workers} workers x {num_shards} shards", unit="step")
-
-    def worker(rank: int, address: str) -> None:
-        replica = replicas[rank]
-        with RemoteOptimizer(
-            replica.named_parameters(), "Adam", lr=lr, weight_decay=1e-4, address=address, job="digits",
-            num_workers=num_workers, rank=rank, clip_grad_norm=1.0,
-            scheduler="CosineAnnealingLR", scheduler_kwargs={"T_max": total_steps},
-        ) as opt:
-            step = 0
-            for epoch in range(epochs):
-                order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed + epoch))
-                for b in range(steps_per_epoch):
-                    idx = order[b * batch_size : (b + 1) * batch_size][rank::num_workers]  # this worker's part
-                    opt.zero_grad()
-                    loss = loss_fn(replica(x_train[idx]), y_train[idx])
-                    loss.backward()
-                    if rank == 0:
-                        lrs.append(opt.get_last_lr()[0])
-                    opt.step()
-                    losses[rank, step] = loss.item()
-                    step += 1
-                    if bar is not None and rank == 0:
-                        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lrs[-1]:.2e}")
-                        bar.update(1)
-
     started = time.perf_counter()
-    with serve(num_shards) as service:
-        with ThreadPoolExecutor(num_workers) as pool:
-            for f in [pool.submit(worker, r, service.address) for r in range(num_workers)]:
-                f.result(timeout=3600)
-        plan = service.coordinator.job("digits").coordinator.plan.describe()
+    with paramserver.serve(num_shards) as service:
+        watcher = ServiceClient(service.address, "digits", timeout=10.0)
+
+        def show_progress() -> None:
+            if bar is None:
+                return
+            try:
+                status = watcher.status()
+            except (LookupError, ConnectionError, TimeoutError):
+                return  # the job is not created yet
+            bar.update(status.version - bar.n)
+            bar.set_postfix(lr=f"{status.lrs[0]:.2e}", grad_norm=f"{status.last_total_norm:.3f}")
+
+        config = {"address": service.address, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
+        results = run_workers(digits_worker, num_workers, config=config, on_wait=show_progress)
+        show_progress()
+        placements = service.placements()
+        watcher.close()
     if bar is not None:
         bar.close()
+    losses = torch.tensor([r["losses"] for r in results]).mean(0).tolist()
     return {
         "steps": total_steps,
         "seconds": time.perf_counter() - started,
-        "test_accuracy": accuracy(replicas[0], x_test, y_test),
-        "replicas_equal": all(torch.equal(a, b) for r in replicas[1:] for a, b in zip(replicas[0].parameters(), r.parameters())),
-        "plan": plan,
-        "history": {"loss": losses.mean(0).tolist(), "lr": lrs},
+        "test_accuracy": results[0]["test_accuracy"],
+        "replicas_equal": all(torch.equal(results[0]["weights"], r["weights"]) for r in results[1:]),
+        "placements": placements,
+        "history": {"loss": losses, "lr": results[0]["lrs"]},
     }
 
 
@@ -144,7 +167,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     plot(out["history"], args.out / "training.png")
     (args.out / "metrics.json").write_text(json.dumps({k: v for k, v in out.items()}, indent=1))
-    print(out["plan"])
+    for p in out["placements"]:
+        print(f"shard {p['shard']}: {p['address']} on node {p['node_id'][:12]} ({p['device']})")
     print(f"{out['steps']} steps in {out['seconds']:.1f}s; worker replicas identical: {out['replicas_equal']}")
     print(f"test accuracy: {out['test_accuracy']:.4f}")
     print(f"plot: {args.out / 'training.png'}")
