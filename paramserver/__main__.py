@@ -45,7 +45,8 @@ def _tls(args: argparse.Namespace) -> TLSConfig | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    common = dict(host=args.host, port=args.port, trusted_modules=tuple(args.trusted_module), auth_token=_token(args.auth_token_env), tls=_tls(args))
+    common = dict(host=args.host, port=args.port, trusted_modules=tuple(args.trusted_module), auth_token=_token(args.auth_token_env), tls=_tls(args),
+                  metrics_port=args.metrics_port)
     if args.local:
         service = serve_local(args.shards, **common)
     else:
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--trusted-module", action="append", default=[], help="a module whose optimizers/schedulers may be named by path")
     s.add_argument("--auth-token-env", help="name of an environment variable holding the bearer token")
+    s.add_argument("--metrics-port", type=int, help="expose Prometheus metrics on this port (shard actors: any free port)")
     s.add_argument("--tls-cert")
     s.add_argument("--tls-key")
     s.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mTLS)")

@@ -9,10 +9,12 @@ objects in this process; the Ray hosting layer supplies the same calls over acto
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
+import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,22 @@ class StepResult:
     skipped: bool
     lrs: list[float]
     error: str | None = None  # set when the step was refused (non-finite norm with error_if_nonfinite)
+    seconds: dict[str, float] = field(default_factory=dict)  # time spent in each stage the coordinator runs
+
+
+class StageTimer:
+    """Adds up the wall time of named stages: ``with timer("clip"): ...``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 @dataclass
@@ -166,6 +184,7 @@ class Coordinator:
         self.last_result: StepResult | None = None
         self._metrics: dict[int, dict[int, float]] = {}  # step -> worker -> metric
         self._ready: dict[int, set[int]] = {}  # step -> shards holding all gradients
+        self.on_step: Callable[[StepResult], None] | None = None  # told of every closed step (metrics, logs)
         self._lock = threading.RLock()
 
     def check_worker(self, worker: int) -> None:
@@ -202,8 +221,11 @@ class Coordinator:
 
     def _close_step(self, step: int) -> StepResult:
         clip = self.config.clip
-        norms = self.shards.reduce(step, clip.norm_type, clip.clip_value)  # aggregate
-        total = self._total_norm(norms)  # clip
+        timer = StageTimer()
+        with timer("aggregate"):
+            norms = self.shards.reduce(step, clip.norm_type, clip.clip_value)
+        with timer("clip"):
+            total = self._total_norm(norms)
         metrics = self._metrics.pop(step, {})
         metric = sum(metrics[w] for w in sorted(metrics)) / len(metrics) if metrics else None
         if not clipping.is_finite(total):
@@ -213,17 +235,25 @@ class Coordinator:
                     f"The total norm of order {clip.norm_type} for gradients is non-finite, so it cannot be clipped; "
                     "the step was skipped"
                 )
-            self.shards.skip(step)
+            with timer("update"):
+                self.shards.skip(step)
             self.skipped_steps += 1
-            return self._closed(StepResult(step, float(total), None, True, self.schedule.lrs(), error))
-        coef = clipping.clip_coefficient(total, clip.max_norm) if clip.max_norm is not None else None
-        self.shards.apply(step, coef, self.schedule.hyperparameters())  # update
-        self.schedule.after_update(metric)  # schedule
-        return self._closed(StepResult(step, float(total), None if coef is None else float(coef), False, self.schedule.lrs()))
+            return self._closed(StepResult(step, float(total), None, True, self.schedule.lrs(), error, timer.seconds))
+        with timer("clip"):
+            coef = clipping.clip_coefficient(total, clip.max_norm) if clip.max_norm is not None else None
+        with timer("update"):
+            self.shards.apply(step, coef, self.schedule.hyperparameters())
+        with timer("schedule"):
+            self.schedule.after_update(metric)
+        return self._closed(
+            StepResult(step, float(total), None if coef is None else float(coef), False, self.schedule.lrs(), None, timer.seconds)
+        )
 
     def _closed(self, result: StepResult) -> StepResult:
         self.version += 1  # broadcast: pulls for version t+1 may now be served
         self.last_result = result
+        if self.on_step is not None:
+            self.on_step(result)
         return result
 
     def _total_norm(self, norms_per_shard: list[list[torch.Tensor]]) -> torch.Tensor:

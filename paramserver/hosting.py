@@ -15,6 +15,7 @@ from typing import Any
 from paramserver.engine import Coordinator, JobSpec, ShardGroup
 from paramserver.hosts import CoordinatorHost, ShardHost
 from paramserver.jobconfig import build_job
+from paramserver.metrics import start_metrics_server
 from paramserver.proto.v1 import paramserver_pb2 as pb
 from paramserver.server import ServerOptions, create_coordinator_server, create_shard_server
 
@@ -42,6 +43,9 @@ class ShardProcess:
         self.host = ShardHost(shard_id)
         self.server, port = create_shard_server(self.host, f"{bind_host}:0", options)
         self._address = f"{_advertised(bind_host)}:{port}"
+        self.metrics_address = None
+        if options.metrics_port is not None:
+            self.metrics_address = f"{_advertised(bind_host)}:{start_metrics_server(0, bind_host)}"
 
     def address(self) -> str:
         return self._address
@@ -50,7 +54,10 @@ class ShardProcess:
         import ray
 
         ctx = ray.get_runtime_context()
-        return {"shard": self.shard_id, "node_id": ctx.get_node_id(), "address": self._address, "device": self.device, "pid": os.getpid()}
+        return {
+            "shard": self.shard_id, "node_id": ctx.get_node_id(), "address": self._address, "device": self.device,
+            "pid": os.getpid(), "metrics": self.metrics_address,
+        }
 
     def create_job(self, name: str, config: bytes) -> None:
         spec: JobSpec = build_job(pb.JobConfig.FromString(config), self.num_shards, self.trusted_modules)
@@ -140,6 +147,8 @@ class CoordinatorProcess:
         self.host = CoordinatorHost(RayFleet(shard_actors), addresses, trusted_modules)
         self.server, bound = create_coordinator_server(self.host, f"{bind_host}:{port}", options)
         self._address = f"{_advertised(bind_host)}:{bound}"
+        if options.metrics_port is not None:
+            start_metrics_server(options.metrics_port, bind_host)
 
     def address(self) -> str:
         return self._address

@@ -7,6 +7,7 @@ Ray hosting layer puts them in actors. Nothing here knows about gRPC or Ray.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from paramserver import metrics
 from paramserver.engine import Coordinator, JobSpec, ShardGroup, StepResult
 from paramserver.errors import JobExistsError, JobNotFoundError
 from paramserver.jobconfig import build_job
@@ -145,6 +147,7 @@ class CoordinatorHost:
             spec: JobSpec = build_job(config, len(self.fleet), self.trusted_modules)
             group = self.fleet.create_job(name, config, spec)
             coordinator = Coordinator(spec, group)
+            coordinator.on_step = functools.partial(metrics.record_step, name)
             self.fleet.connect(name, group, coordinator)
             job = self._jobs[name] = Job(name, config, coordinator, {0})
             self._changed.notify_all()

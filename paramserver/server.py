@@ -43,6 +43,8 @@ class ServerOptions:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES
     max_workers: int = 32
+    # Expose Prometheus metrics over HTTP on this port (None: do not); shard actors use any free port.
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_bytes + 4096 > self.max_message_bytes:
@@ -132,6 +134,7 @@ def serve(
     ray_address: str | None = None,
     placement: str = "SPREAD",
     placement_timeout: float = 60.0,
+    metrics_port: int | None = None,
 ) -> "RayService":
     """Start the service on Ray: ``num_shards`` shard actors (``gpus_per_shard`` GPUs each, spread by a
     placement group) and the coordinator actor, whose gRPC front door is ``.address``.
@@ -142,7 +145,7 @@ def serve(
     from paramserver.hosting import start_on_ray
 
     _check_num_shards(num_shards)
-    options = ServerOptions(auth_token=auth_token, tls=tls, max_message_bytes=max_message_bytes, chunk_bytes=chunk_bytes)
+    options = ServerOptions(auth_token=auth_token, tls=tls, max_message_bytes=max_message_bytes, chunk_bytes=chunk_bytes, metrics_port=metrics_port)
     return start_on_ray(
         num_shards, host=host, port=port, trusted_modules=trusted_modules, options=options, gpus_per_shard=gpus_per_shard,
         cpus_per_shard=cpus_per_shard, ray_address=ray_address, placement=placement, placement_timeout=placement_timeout,
@@ -164,10 +167,15 @@ def serve_local(
     tls: TLSConfig | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
+    metrics_port: int | None = None,
 ) -> Service:
     """Start the coordinator and ``num_shards`` shard servers in this process, without Ray."""
     _check_num_shards(num_shards)
-    options = ServerOptions(auth_token=auth_token, tls=tls, max_message_bytes=max_message_bytes, chunk_bytes=chunk_bytes)
+    options = ServerOptions(auth_token=auth_token, tls=tls, max_message_bytes=max_message_bytes, chunk_bytes=chunk_bytes, metrics_port=metrics_port)
+    if metrics_port is not None:
+        from paramserver.metrics import start_metrics_server
+
+        start_metrics_server(metrics_port, host)
     shard_hosts = [ShardHost(j) for j in range(num_shards)]
     servers, addresses = [], []
     try:

@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from paramserver import codec, wire_values
+from paramserver import codec, metrics, wire_values
 from paramserver.errors import JobExistsError, JobNotFoundError, NotReadyError, StepMismatchError
 from paramserver.hosts import CoordinatorHost, Job, ShardHost
 from paramserver.proto.v1 import paramserver_pb2 as pb
@@ -121,6 +121,9 @@ class ShardServicer(pb_grpc.ShardServicer):
     def PushGradients(self, request_iterator: Iterator[pb.TensorChunk], context: grpc.ServicerContext) -> pb.PushReply:
         head, grads = self._receive(request_iterator, context, check_step=True)
         applied, version = self.host.push(head.job, head.worker, head.step, grads)
+        metrics.BYTES_IN.labels(head.job, str(head.shard)).inc(sum(g.numel() * g.element_size() for g in grads))
+        log.debug("job %s step %d: worker %d pushed to shard %d%s", head.job, head.step, head.worker, head.shard,
+                  "" if applied else " (already applied)")
         return pb.PushReply(already_applied=not applied, version=version)
 
     @translate_errors
@@ -129,6 +132,8 @@ class ShardServicer(pb_grpc.ShardServicer):
         if head.worker != 0:
             raise ValueError(f"initial weights come from rank 0, not rank {head.worker}")
         self.host.initial_weights(head.job, weights)
+        metrics.BYTES_IN.labels(head.job, str(head.shard)).inc(sum(w.numel() * w.element_size() for w in weights))
+        log.info("job %s: shard %d has its initial weights", head.job, head.shard)
         return pb.PushReply(version=0)
 
     @translate_errors
@@ -137,6 +142,7 @@ class ShardServicer(pb_grpc.ShardServicer):
             raise ValueError(f"this is shard {self.host.shard_id}, the pull is for shard {request.shard}")
         version, weights = self.host.pull(request.job, request.min_version, context.time_remaining())
         yield from codec.encode(weights, self.chunk_bytes, job=request.job, worker=request.worker, step=version, shard=self.host.shard_id)
+        metrics.BYTES_OUT.labels(request.job, str(self.host.shard_id)).inc(sum(w.numel() * w.element_size() for w in weights))
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
