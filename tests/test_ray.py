@@ -131,3 +131,15 @@ def test_cli_serves_on_the_cluster_and_exits_cleanly_on_sigterm(ray_cluster):
             server.communicate(timeout=30)
     assert server.returncode == 0
     assert "stopped" in out
+
+
+def test_training_job_through_a_running_service_on_the_cluster(ray_service):
+    """What `ray job submit -- python -m workers.train --service HOST:PORT` runs: workers on the cluster,
+    the service already up."""
+    pytest.importorskip("sklearn")
+    from workers import train
+
+    out = train.train(num_workers=2, epochs=2, progress=False, service_address=ray_service.address, job="submitted")
+    assert out["replicas_equal"]
+    assert out["test_accuracy"] > 0.6
+    assert len(out["history"]["loss"]) == out["steps"]

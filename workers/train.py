@@ -91,8 +91,16 @@ def train(
     lr: float = 3e-3,
     seed: int = 0,
     progress: bool = True,
+    service_address: str | None = None,
+    ray_address: str | None = None,
+    job: str = "digits",
 ) -> dict:
-    """Start the service on (embedded) Ray, launch the workers on Ray, gather what they report."""
+    """Launch the workers on Ray and gather what they report. Without ``service_address`` the service starts
+    here on Ray too (embedded local Ray unless ``ray_address`` names a cluster)."""
+    import contextlib
+
+    import ray
+
     import paramserver
     from workers.client import ServiceClient
     from workers.launcher import run_workers
@@ -104,8 +112,12 @@ def train(
 
         bar = tqdm(total=total_steps, desc=f"train {num_workers} workers x {num_shards} shards", unit="step")
     started = time.perf_counter()
-    with paramserver.serve(num_shards) as service:
-        watcher = ServiceClient(service.address, "digits", timeout=10.0)
+    if service_address is not None and not ray.is_initialized():
+        ray.init(address=ray_address, log_to_driver=False)
+    with contextlib.ExitStack() as stack:
+        service = None if service_address else stack.enter_context(paramserver.serve(num_shards, ray_address=ray_address))
+        address = service_address or service.address
+        watcher = ServiceClient(address, job, timeout=10.0)
 
         def show_progress() -> None:
             if bar is None:
@@ -117,10 +129,10 @@ def train(
             bar.update(status.version - bar.n)
             bar.set_postfix(lr=f"{status.lrs[0]:.2e}", grad_norm=f"{status.last_total_norm:.3f}")
 
-        config = {"address": service.address, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
+        config = {"address": address, "job": job, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
         results = run_workers(digits_worker, num_workers, config=config, on_wait=show_progress)
         show_progress()
-        placements = service.placements()
+        placements = service.placements() if service is not None else []
         watcher.close()
     if bar is not None:
         bar.close()
@@ -162,8 +174,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--out", type=Path, default=Path("runs/digits"))
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--service", help="train through a running service at HOST:PORT instead of starting one")
+    parser.add_argument("--ray-address", help="the Ray cluster to run on ('auto' inside `ray job submit`); default: embedded")
+    parser.add_argument("--job", default="digits")
     args = parser.parse_args()
-    out = train(args.workers, args.shards, args.epochs, args.batch_size, args.lr, progress=not args.no_progress)
+    out = train(args.workers, args.shards, args.epochs, args.batch_size, args.lr, progress=not args.no_progress,
+                service_address=args.service, ray_address=args.ray_address, job=args.job)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(out["history"], args.out / "training.png")
     (args.out / "metrics.json").write_text(json.dumps({k: v for k, v in out.items()}, indent=1))
