@@ -51,7 +51,8 @@ def _serve(args: argparse.Namespace) -> int:
         service = serve_local(args.shards, **common)
     else:
         service = serve(
-            args.shards, gpus_per_shard=args.gpus_per_shard, ray_address=args.ray_address, placement=args.placement, **common
+            args.shards, gpus_per_shard=args.gpus_per_shard, ray_address=args.ray_address, placement=args.placement,
+            placement_timeout=args.placement_timeout, **common
         )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--gpus-per-shard", type=float, default=0.0)
     s.add_argument("--ray-address", help="join this Ray cluster ('auto' for the local node's); default: embedded local Ray")
     s.add_argument("--placement", default="SPREAD", choices=["SPREAD", "STRICT_SPREAD", "PACK", "STRICT_PACK"])
+    s.add_argument("--placement-timeout", type=float, default=60.0, help="seconds to wait for the shards' placement")
     s.add_argument("--local", action="store_true", help="run the shards in this process, without Ray")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051)

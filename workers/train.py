@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -94,6 +95,7 @@ def train(
     service_address: str | None = None,
     ray_address: str | None = None,
     job: str = "digits",
+    auth_token: str | None = None,
 ) -> dict:
     """Launch the workers on Ray and gather what they report. Without ``service_address`` the service starts
     here on Ray too (embedded local Ray unless ``ray_address`` names a cluster)."""
@@ -117,7 +119,7 @@ def train(
     with contextlib.ExitStack() as stack:
         service = None if service_address else stack.enter_context(paramserver.serve(num_shards, ray_address=ray_address))
         address = service_address or service.address
-        watcher = ServiceClient(address, job, timeout=10.0)
+        watcher = ServiceClient(address, job, auth_token=auth_token, timeout=10.0)
 
         def show_progress() -> None:
             if bar is None:
@@ -129,7 +131,7 @@ def train(
             bar.update(status.version - bar.n)
             bar.set_postfix(lr=f"{status.lrs[0]:.2e}", grad_norm=f"{status.last_total_norm:.3f}")
 
-        config = {"address": address, "job": job, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
+        config = {"address": address, "job": job, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "auth_token": auth_token}
         results = run_workers(digits_worker, num_workers, config=config, on_wait=show_progress)
         show_progress()
         placements = service.placements() if service is not None else []
@@ -177,9 +179,11 @@ def main() -> None:
     parser.add_argument("--service", help="train through a running service at HOST:PORT instead of starting one")
     parser.add_argument("--ray-address", help="the Ray cluster to run on ('auto' inside `ray job submit`); default: embedded")
     parser.add_argument("--job", default="digits")
+    parser.add_argument("--auth-token-env", help="environment variable holding the service's bearer token")
     args = parser.parse_args()
+    token = os.environ.get(args.auth_token_env) if args.auth_token_env else None
     out = train(args.workers, args.shards, args.epochs, args.batch_size, args.lr, progress=not args.no_progress,
-                service_address=args.service, ray_address=args.ray_address, job=args.job)
+                service_address=args.service, ray_address=args.ray_address, job=args.job, auth_token=token)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(out["history"], args.out / "training.png")
     (args.out / "metrics.json").write_text(json.dumps({k: v for k, v in out.items()}, indent=1))
