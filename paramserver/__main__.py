@@ -81,7 +81,7 @@ def _status(args: argparse.Namespace) -> int:
     print(f"job {st.job}: step {st.version}, members {list(st.members)} of {st.num_workers} workers, "
           f"{st.skipped_steps} skipped, last total norm {st.last_total_norm:.4g}, lrs {[round(x, 8) for x in st.lrs]}")
     for s in st.shards:
-        print(f"  shard {s.shard} at {s.address}: version {s.version}, pushed by workers {list(s.pushed_workers)}")
+        print(f"  shard {s.shard} at {s.address} on {s.placement}: version {s.version}, pushed by workers {list(s.pushed_workers)}")
     print(f"  waiting for: {st.waiting_for or 'nothing'}")
     return 0
 

@@ -40,7 +40,9 @@ class ShardProcess:
         self.num_shards = num_shards
         self.trusted_modules = tuple(trusted_modules)
         self.device = device
-        self.host = ShardHost(shard_id)
+        import ray
+
+        self.host = ShardHost(shard_id, placement=f"node {ray.get_runtime_context().get_node_id()[:12]} ({_advertised('0.0.0.0')})")
         self.server, port = create_shard_server(self.host, f"{bind_host}:0", options)
         self._address = f"{_advertised(bind_host)}:{port}"
         self.metrics_address = None

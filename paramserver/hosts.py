@@ -27,8 +27,9 @@ MAX_WAIT_S = 300.0
 
 
 class ShardHost:
-    def __init__(self, shard_id: int) -> None:
+    def __init__(self, shard_id: int, placement: str = "this process") -> None:
         self.shard_id = shard_id
+        self.placement = placement
         self._shards: dict[str, Shard] = {}
         self._coordinators: dict[str, Coordinator] = {}
         self._locks: dict[str, threading.Lock] = {}
@@ -37,6 +38,7 @@ class ShardHost:
         """Host ``shard`` of ``job``; ``coordinator`` (anything with ``shard_ready(shard, step)``) may come
         later through ``set_coordinator`` when it lives elsewhere."""
         assert shard.shard_id == self.shard_id
+        shard.placement = self.placement
         self._locks[job] = threading.Lock()
         self._coordinators[job] = coordinator
         self._shards[job] = shard

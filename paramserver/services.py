@@ -176,7 +176,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             version=st["version"],
             num_workers=st["num_workers"],
             members=st["members"],
-            shards=[pb.ShardStatus(shard=s["shard"], address=s["address"], version=s["version"], pushed_workers=s["pushed"]) for s in st["shards"]],
+            shards=[pb.ShardStatus(shard=s["shard"], address=s["address"], version=s["version"], pushed_workers=s["pushed"], placement=s["placement"]) for s in st["shards"]],
             lrs=st["lrs"],
             skipped_steps=st["skipped_steps"],
             last_total_norm=st["last_total_norm"],

@@ -190,7 +190,13 @@ class Shard:
     # -- broadcast and state ----------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        return {"version": self.version, "pushed": sorted(self.accumulator.received), "initialized": self.initialized, "device": str(self.device)}
+        return {
+            "version": self.version, "pushed": sorted(self.accumulator.received), "initialized": self.initialized,
+            "placement": f"{self.placement}, {self.device}",
+        }
+
+    # Where this shard runs, in words; its host fills it in.
+    placement: str = "this process"
 
     def weight_buffers(self) -> list[torch.Tensor]:
         """The shard's flat weights (live buffers: callers copy what they keep)."""

@@ -123,6 +123,7 @@ def test_cli_serves_on_the_cluster_and_exits_cleanly_on_sigterm(ray_cluster):
             status = subprocess.run([sys.executable, "-m", "paramserver", "status", "--address", address, "--job", "cli"],
                                     cwd=ROOT, capture_output=True, text=True, timeout=60)
             assert status.returncode == 0 and "job cli: step 1" in status.stdout, status.stdout + status.stderr
+            assert status.stdout.count("on node ") == 2 and "cpu" in status.stdout, status.stdout
         server.send_signal(signal.SIGTERM)
         out, _ = server.communicate(timeout=60)
     finally:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&paramserver/proto/v1/paramserver.proto\x12\x0eparamserver.v1\"F\n\tParamSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05group\x18\x04 \x01(\r\"\x89\x01\n\x0c\x43lipSettings\x12\x15\n\x08max_norm\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tnorm_type\x18\x02 \x01(\x01\x12\x1a\n\x12\x65rror_if_nonfinite\x18\x03 \x01(\x08\x12\x17\n\nclip_value\x18\x04 \x01(\x01H\x01\x88\x01\x01\x42\x0b\n\t_max_normB\r\n\x0b_clip_value\"\xd9\x02\n\tJobConfig\x12\x11\n\toptimizer\x18\x01 \x01(\t\x12\x1d\n\x15optimizer_kwargs_json\x18\x02 \x01(\t\x12\x1a\n\x12group_options_json\x18\x03 \x03(\t\x12)\n\x06params\x18\x04 \x03(\x0b\x32\x19.paramserver.v1.ParamSpec\x12\x13\n\x0bnum_workers\x18\x05 \x01(\r\x12*\n\x04\x63lip\x18\x06 \x01(\x0b\x32\x1c.paramserver.v1.ClipSettings\x12\x11\n\tnonfinite\x18\x07 \x01(\t\x12\x15\n\rdeterministic\x18\x08 \x01(\x08\x12\x16\n\x0escheduler_json\x18\t \x01(\t\x12\"\n\x15split_threshold_bytes\x18\n \x01(\x03H\x00\x88\x01\x01\x12\x12\n\ngrad_dtype\x18\x0b \x01(\tB\x18\n\x16_split_threshold_bytes\"7\n\tSliceInfo\x12\r\n\x05param\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0c\n\x04stop\x18\x03 \x01(\x04\"V\n\tShardInfo\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12)\n\x06slices\x18\x03 \x03(\x0b\x32\x19.paramserver.v1.SliceInfo\"J\n\x10\x43reateJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12)\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x19.paramserver.v1.JobConfig\"+\n\x0eJoinJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\"\x8c\x01\n\x07JobInfo\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12)\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x19.paramserver.v1.JobConfig\x12)\n\x06shards\x18\x04 \x03(\x0b\x32\x19.paramserver.v1.ShardInfo\x12\r\n\x05ready\x18\x05 \x01(\x08\"\xb5\x01\n\x14ReportMetricsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x42\n\x07metrics\x18\x04 \x03(\x0b\x32\x31.paramserver.v1.ReportMetricsRequest.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x14\n\x12ReportMetricsReply\"\x1c\n\rStatusRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"V\n\x0bShardStatus\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x16\n\x0epushed_workers\x18\x04 \x03(\r\"\xeb\x01\n\x0bStatusReply\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x13\n\x0bnum_workers\x18\x03 \x01(\r\x12\x0f\n\x07members\x18\x04 \x03(\r\x12+\n\x06shards\x18\x05 \x03(\x0b\x32\x1b.paramserver.v1.ShardStatus\x12\x0b\n\x03lrs\x18\x06 \x03(\x01\x12\x15\n\rskipped_steps\x18\x07 \x01(\x04\x12\x17\n\x0flast_total_norm\x18\x08 \x01(\x01\x12\x13\n\x0bwaiting_for\x18\t \x01(\t\x12\x19\n\x11param_groups_json\x18\n \x03(\t\".\n\x0fLeaveJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\r\"\x0f\n\rLeaveJobReply\"\x85\x01\n\x0b\x43hunkHeader\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\r\n\x05shard\x18\x04 \x01(\r\x12\x0e\n\x06\x62uffer\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06offset\x18\x07 \x01(\x04\x12\r\n\x05total\x18\x08 \x01(\x04\"H\n\x0bTensorChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x1b.paramserver.v1.ChunkHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"5\n\tPushReply\x12\x17\n\x0f\x61lready_applied\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x04\"N\n\x0bPullRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\r\x12\x13\n\x0bmin_version\x18\x03 \x01(\x04\x12\x0e\n\x06worker\x18\x04 \x01(\r\"\x1b\n\x0cStateRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"|\n\nStateChunk\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x15\n\rskeleton_json\x18\x02 \x01(\t\x12\x0e\n\x06tensor\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"\x10\n\x0eLoadStateReply\"\r\n\x0bStopRequest\"\x0b\n\tStopReply2\xdc\x04\n\x0b\x43oordinator\x12\x46\n\tCreateJob\x12 .paramserver.v1.CreateJobRequest\x1a\x17.paramserver.v1.JobInfo\x12\x42\n\x07JoinJob\x12\x1e.paramserver.v1.JoinJobRequest\x1a\x17.paramserver.v1.JobInfo\x12Y\n\rReportMetrics\x12$.paramserver.v1.ReportMetricsRequest\x1a\".paramserver.v1.ReportMetricsReply\x12G\n\tGetStatus\x12\x1d.paramserver.v1.StatusRequest\x1a\x1b.paramserver.v1.StatusReply\x12J\n\x08LeaveJob\x12\x1f.paramserver.v1.LeaveJobRequest\x1a\x1d.paramserver.v1.LeaveJobReply\x12\x46\n\x08GetState\x12\x1c.paramserver.v1.StateRequest\x1a\x1a.paramserver.v1.StateChunk0\x01\x12I\n\tLoadState\x12\x1a.paramserver.v1.StateChunk\x1a\x1e.paramserver.v1.LoadStateReply(\x01\x12>\n\x04Stop\x12\x1b.paramserver.v1.StopRequest\x1a\x19.paramserver.v1.StopReply2\xec\x01\n\x05Shard\x12I\n\rPushGradients\x12\x1b.paramserver.v1.TensorChunk\x1a\x19.paramserver.v1.PushReply(\x01\x12L\n\x0ePullParameters\x12\x1b.paramserver.v1.PullRequest\x1a\x1b.paramserver.v1.TensorChunk0\x01\x12J\n\x0ePushParameters\x12\x1b.paramserver.v1.TensorChunk\x1a\x19.paramserver.v1.PushReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&paramserver/proto/v1/paramserver.proto\x12\x0eparamserver.v1\"F\n\tParamSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05group\x18\x04 \x01(\r\"\x89\x01\n\x0c\x43lipSettings\x12\x15\n\x08max_norm\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tnorm_type\x18\x02 \x01(\x01\x12\x1a\n\x12\x65rror_if_nonfinite\x18\x03 \x01(\x08\x12\x17\n\nclip_value\x18\x04 \x01(\x01H\x01\x88\x01\x01\x42\x0b\n\t_max_normB\r\n\x0b_clip_value\"\xd9\x02\n\tJobConfig\x12\x11\n\toptimizer\x18\x01 \x01(\t\x12\x1d\n\x15optimizer_kwargs_json\x18\x02 \x01(\t\x12\x1a\n\x12group_options_json\x18\x03 \x03(\t\x12)\n\x06params\x18\x04 \x03(\x0b\x32\x19.paramserver.v1.ParamSpec\x12\x13\n\x0bnum_workers\x18\x05 \x01(\r\x12*\n\x04\x63lip\x18\x06 \x01(\x0b\x32\x1c.paramserver.v1.ClipSettings\x12\x11\n\tnonfinite\x18\x07 \x01(\t\x12\x15\n\rdeterministic\x18\x08 \x01(\x08\x12\x16\n\x0escheduler_json\x18\t \x01(\t\x12\"\n\x15split_threshold_bytes\x18\n \x01(\x03H\x00\x88\x01\x01\x12\x12\n\ngrad_dtype\x18\x0b \x01(\tB\x18\n\x16_split_threshold_bytes\"7\n\tSliceInfo\x12\r\n\x05param\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0c\n\x04stop\x18\x03 \x01(\x04\"V\n\tShardInfo\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12)\n\x06slices\x18\x03 \x03(\x0b\x32\x19.paramserver.v1.SliceInfo\"J\n\x10\x43reateJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12)\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x19.paramserver.v1.JobConfig\"+\n\x0eJoinJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\"\x8c\x01\n\x07JobInfo\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12)\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x19.paramserver.v1.JobConfig\x12)\n\x06shards\x18\x04 \x03(\x0b\x32\x19.paramserver.v1.ShardInfo\x12\r\n\x05ready\x18\x05 \x01(\x08\"\xb5\x01\n\x14ReportMetricsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x42\n\x07metrics\x18\x04 \x03(\x0b\x32\x31.paramserver.v1.ReportMetricsRequest.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x14\n\x12ReportMetricsReply\"\x1c\n\rStatusRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"i\n\x0bShardStatus\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x16\n\x0epushed_workers\x18\x04 \x03(\r\x12\x11\n\tplacement\x18\x05 \x01(\t\"\xeb\x01\n\x0bStatusReply\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x13\n\x0bnum_workers\x18\x03 \x01(\r\x12\x0f\n\x07members\x18\x04 \x03(\r\x12+\n\x06shards\x18\x05 \x03(\x0b\x32\x1b.paramserver.v1.ShardStatus\x12\x0b\n\x03lrs\x18\x06 \x03(\x01\x12\x15\n\rskipped_steps\x18\x07 \x01(\x04\x12\x17\n\x0flast_total_norm\x18\x08 \x01(\x01\x12\x13\n\x0bwaiting_for\x18\t \x01(\t\x12\x19\n\x11param_groups_json\x18\n \x03(\t\".\n\x0fLeaveJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\r\"\x0f\n\rLeaveJobReply\"\x85\x01\n\x0b\x43hunkHeader\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\r\n\x05shard\x18\x04 \x01(\r\x12\x0e\n\x06\x62uffer\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06offset\x18\x07 \x01(\x04\x12\r\n\x05total\x18\x08 \x01(\x04\"H\n\x0bTensorChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x1b.paramserver.v1.ChunkHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"5\n\tPushReply\x12\x17\n\x0f\x61lready_applied\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x04\"N\n\x0bPullRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\r\x12\x13\n\x0bmin_version\x18\x03 \x01(\x04\x12\x0e\n\x06worker\x18\x04 \x01(\r\"\x1b\n\x0cStateRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"|\n\nStateChunk\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x15\n\rskeleton_json\x18\x02 \x01(\t\x12\x0e\n\x06tensor\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"\x10\n\x0eLoadStateReply\"\r\n\x0bStopRequest\"\x0b\n\tStopReply2\xdc\x04\n\x0b\x43oordinator\x12\x46\n\tCreateJob\x12 .paramserver.v1.CreateJobRequest\x1a\x17.paramserver.v1.JobInfo\x12\x42\n\x07JoinJob\x12\x1e.paramserver.v1.JoinJobRequest\x1a\x17.paramserver.v1.JobInfo\x12Y\n\rReportMetrics\x12$.paramserver.v1.ReportMetricsRequest\x1a\".paramserver.v1.ReportMetricsReply\x12G\n\tGetStatus\x12\x1d.paramserver.v1.StatusRequest\x1a\x1b.paramserver.v1.StatusReply\x12J\n\x08LeaveJob\x12\x1f.paramserver.v1.LeaveJobRequest\x1a\x1d.paramserver.v1.LeaveJobReply\x12\x46\n\x08GetState\x12\x1c.paramserver.v1.StateRequest\x1a\x1a.paramserver.v1.StateChunk0\x01\x12I\n\tLoadState\x12\x1a.paramserver.v1.StateChunk\x1a\x1e.paramserver.v1.LoadStateReply(\x01\x12>\n\x04Stop\x12\x1b.paramserver.v1.StopRequest\x1a\x19.paramserver.v1.StopReply2\xec\x01\n\x05Shard\x12I\n\rPushGradients\x12\x1b.paramserver.v1.TensorChunk\x1a\x19.paramserver.v1.PushReply(\x01\x12L\n\x0ePullParameters\x12\x1b.paramserver.v1.PullRequest\x1a\x1b.paramserver.v1.TensorChunk0\x01\x12J\n\x0ePushParameters\x12\x1b.paramserver.v1.TensorChunk\x1a\x19.paramserver.v1.PushReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -58,33 +58,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_start=1233
   _globals['_STATUSREQUEST']._serialized_end=1261
   _globals['_SHARDSTATUS']._serialized_start=1263
-  _globals['_SHARDSTATUS']._serialized_end=1349
-  _globals['_STATUSREPLY']._serialized_start=1352
-  _globals['_STATUSREPLY']._serialized_end=1587
-  _globals['_LEAVEJOBREQUEST']._serialized_start=1589
-  _globals['_LEAVEJOBREQUEST']._serialized_end=1635
-  _globals['_LEAVEJOBREPLY']._serialized_start=1637
-  _globals['_LEAVEJOBREPLY']._serialized_end=1652
-  _globals['_CHUNKHEADER']._serialized_start=1655
-  _globals['_CHUNKHEADER']._serialized_end=1788
-  _globals['_TENSORCHUNK']._serialized_start=1790
-  _globals['_TENSORCHUNK']._serialized_end=1862
-  _globals['_PUSHREPLY']._serialized_start=1864
-  _globals['_PUSHREPLY']._serialized_end=1917
-  _globals['_PULLREQUEST']._serialized_start=1919
-  _globals['_PULLREQUEST']._serialized_end=1997
-  _globals['_STATEREQUEST']._serialized_start=1999
-  _globals['_STATEREQUEST']._serialized_end=2026
-  _globals['_STATECHUNK']._serialized_start=2028
-  _globals['_STATECHUNK']._serialized_end=2152
-  _globals['_LOADSTATEREPLY']._serialized_start=2154
-  _globals['_LOADSTATEREPLY']._serialized_end=2170
-  _globals['_STOPREQUEST']._serialized_start=2172
-  _globals['_STOPREQUEST']._serialized_end=2185
-  _globals['_STOPREPLY']._serialized_start=2187
-  _globals['_STOPREPLY']._serialized_end=2198
-  _globals['_COORDINATOR']._serialized_start=2201
-  _globals['_COORDINATOR']._serialized_end=2805
-  _globals['_SHARD']._serialized_start=2808
-  _globals['_SHARD']._serialized_end=3044
+  _globals['_SHARDSTATUS']._serialized_end=1368
+  _globals['_STATUSREPLY']._serialized_start=1371
+  _globals['_STATUSREPLY']._serialized_end=1606
+  _globals['_LEAVEJOBREQUEST']._serialized_start=1608
+  _globals['_LEAVEJOBREQUEST']._serialized_end=1654
+  _globals['_LEAVEJOBREPLY']._serialized_start=1656
+  _globals['_LEAVEJOBREPLY']._serialized_end=1671
+  _globals['_CHUNKHEADER']._serialized_start=1674
+  _globals['_CHUNKHEADER']._serialized_end=1807
+  _globals['_TENSORCHUNK']._serialized_start=1809
+  _globals['_TENSORCHUNK']._serialized_end=1881
+  _globals['_PUSHREPLY']._serialized_start=1883
+  _globals['_PUSHREPLY']._serialized_end=1936
+  _globals['_PULLREQUEST']._serialized_start=1938
+  _globals['_PULLREQUEST']._serialized_end=2016
+  _globals['_STATEREQUEST']._serialized_start=2018
+  _globals['_STATEREQUEST']._serialized_end=2045
+  _globals['_STATECHUNK']._serialized_start=2047
+  _globals['_STATECHUNK']._serialized_end=2171
+  _globals['_LOADSTATEREPLY']._serialized_start=2173
+  _globals['_LOADSTATEREPLY']._serialized_end=2189
+  _globals['_STOPREQUEST']._serialized_start=2191
+  _globals['_STOPREQUEST']._serialized_end=2204
+  _globals['_STOPREPLY']._serialized_start=2206
+  _globals['_STOPREPLY']._serialized_end=2217
+  _globals['_COORDINATOR']._serialized_start=2220
+  _globals['_COORDINATOR']._serialized_end=2824
+  _globals['_SHARD']._serialized_start=2827
+  _globals['_SHARD']._serialized_end=3063
 # @@protoc_insertion_point(module_scope)

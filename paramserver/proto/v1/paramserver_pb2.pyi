@@ -136,16 +136,18 @@ class StatusRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ...) -> None: ...
 
 class ShardStatus(_message.Message):
-    __slots__ = ("shard", "address", "version", "pushed_workers")
+    __slots__ = ("shard", "address", "version", "pushed_workers", "placement")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PUSHED_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     shard: int
     address: str
     version: int
     pushed_workers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, shard: _Optional[int] = ..., address: _Optional[str] = ..., version: _Optional[int] = ..., pushed_workers: _Optional[_Iterable[int]] = ...) -> None: ...
+    placement: str
+    def __init__(self, shard: _Optional[int] = ..., address: _Optional[str] = ..., version: _Optional[int] = ..., pushed_workers: _Optional[_Iterable[int]] = ..., placement: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("job", "version", "num_workers", "members", "shards", "lrs", "skipped_steps", "last_total_norm", "waiting_for", "param_groups_json")
