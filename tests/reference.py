@@ -8,6 +8,7 @@ the engine's deterministic mode does), then ``clip_grad_value_`` / ``clip_grad_n
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -122,3 +123,23 @@ def assert_state_equal(actual: Any, expected: Any, rtol: float = 0.0, atol: floa
         assert abs(actual - expected) <= atol + rtol * abs(expected), f"{path}: {actual} != {expected}"
     else:
         assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+
+
+def run_threads(num_workers: int, fn: Callable[[int], Any], timeout: float = 120.0) -> None:
+    """Run ``fn(rank)`` for every rank in its own thread; re-raise the first failure; fail on a hang."""
+    errors: list[BaseException] = []
+
+    def guarded(rank: int) -> None:
+        try:
+            fn(rank)
+        except BaseException as exc:  # surface a worker's failure in the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(r,)) for r in range(num_workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), "a worker hung"
+    if errors:
+        raise errors[0]

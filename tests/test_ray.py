@@ -7,36 +7,16 @@ import copy
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 import paramserver as ps
-from tests.reference import Reference, assert_state_equal, make_model, worker_grads
+from tests.reference import Reference, assert_state_equal, make_model, run_threads, worker_grads
 from workers.remote_optimizer import RemoteOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_threads(n, fn):
-    errors = []
-
-    def guarded(r):
-        try:
-            fn(r)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=guarded, args=(r,)) for r in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "a worker hung"
-    if errors:
-        raise errors[0]
 
 
 @pytest.fixture(scope="module")

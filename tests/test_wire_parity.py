@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,8 @@ import torch
 import paramserver as ps
 from paramserver.server import serve_local as serve
 from tests import wire_worker
-from tests.reference import Reference, assert_state_equal, make_model, worker_grads
+from tests.custom_optimizers import InPlaceMomentum
+from tests.reference import Reference, assert_state_equal, make_model, run_threads, worker_grads
 from workers.remote_optimizer import RemoteOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,25 +26,6 @@ def service(request):
     svc = serve(request.param, trusted_modules=("tests",))
     yield svc
     svc.shutdown()
-
-
-def run_threads(num_workers, fn):
-    errors = []
-
-    def guarded(rank):
-        try:
-            fn(rank)
-        except BaseException as exc:  # surface a worker's failure in the test
-            errors.append(exc)
-
-    threads = [threading.Thread(target=guarded, args=(r,)) for r in range(num_workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "a worker hung"
-    if errors:
-        raise errors[0]
 
 
 CASES = [
@@ -76,7 +57,7 @@ def test_parity_over_grpc_with_worker_threads(service, case):
             for p in m.parameters():
                 p.add_(1.0)
     ref_model = copy.deepcopy(base)
-    ref_cls = optimizer if isinstance(optimizer, type) else __import__("tests.custom_optimizers", fromlist=["x"]).InPlaceMomentum
+    ref_cls = optimizer if isinstance(optimizer, type) else InPlaceMomentum
     ref = Reference(
         groups_of(ref_model, use_groups), ref_cls, kwargs, clip=ps.ClipConfig(max_norm=clip, norm_type=norm_type),
         scheduler=(lambda o: scheduler(o, **copy.deepcopy(sched_kwargs))) if scheduler else None,
