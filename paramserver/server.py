@@ -19,7 +19,7 @@ from paramserver import codec
 from paramserver.hosts import CoordinatorHost, LocalFleet, ShardHost
 from paramserver.proto.v1 import paramserver_pb2 as pb
 from paramserver.proto.v1 import paramserver_pb2_grpc as pb_grpc
-from paramserver.services import BearerTokenInterceptor, CoordinatorServicer, ShardServicer
+from paramserver.services import SHARD_SERVICE, BearerTokenInterceptor, CoordinatorServicer, ShardServicer, shard_handler
 
 if TYPE_CHECKING:
     from paramserver.hosting import RayService
@@ -87,8 +87,7 @@ def _start(address: str, options: ServerOptions, add: "callable", service_names:
 
 def create_shard_server(host: ShardHost, address: str, options: ServerOptions = ServerOptions()) -> tuple[grpc.Server, int]:
     servicer = ShardServicer(host, options.chunk_bytes)
-    name = pb.DESCRIPTOR.services_by_name["Shard"].full_name
-    return _start(address, options, lambda s: pb_grpc.add_ShardServicer_to_server(servicer, s), [name])
+    return _start(address, options, lambda s: s.add_generic_rpc_handlers((shard_handler(servicer),)), [SHARD_SERVICE])
 
 
 def create_coordinator_server(host: CoordinatorHost, address: str, options: ServerOptions = ServerOptions()) -> tuple[grpc.Server, int]:

@@ -98,7 +98,7 @@ class ShardServicer(pb_grpc.ShardServicer):
         self.host = host
         self.chunk_bytes = chunk_bytes
 
-    def _receive(self, request_iterator: Iterator[pb.TensorChunk], context: grpc.ServicerContext, check_step: bool) -> tuple[pb.ChunkHeader, list]:
+    def _receive(self, request_iterator: Iterator[codec.Chunk], context: grpc.ServicerContext, check_step: bool) -> tuple[pb.ChunkHeader, list]:
         first = next(request_iterator, None)
         if first is None:
             raise ValueError("empty stream: no chunks")
@@ -118,7 +118,7 @@ class ShardServicer(pb_grpc.ShardServicer):
         return head, assembler.result()
 
     @translate_errors
-    def PushGradients(self, request_iterator: Iterator[pb.TensorChunk], context: grpc.ServicerContext) -> pb.PushReply:
+    def PushGradients(self, request_iterator: Iterator[codec.Chunk], context: grpc.ServicerContext) -> pb.PushReply:
         head, grads = self._receive(request_iterator, context, check_step=True)
         applied, version = self.host.push(head.job, head.worker, head.step, grads)
         metrics.BYTES_IN.labels(head.job, str(head.shard)).inc(sum(g.numel() * g.element_size() for g in grads))
@@ -127,7 +127,7 @@ class ShardServicer(pb_grpc.ShardServicer):
         return pb.PushReply(already_applied=not applied, version=version)
 
     @translate_errors
-    def PushParameters(self, request_iterator: Iterator[pb.TensorChunk], context: grpc.ServicerContext) -> pb.PushReply:
+    def PushParameters(self, request_iterator: Iterator[codec.Chunk], context: grpc.ServicerContext) -> pb.PushReply:
         head, weights = self._receive(request_iterator, context, check_step=False)
         if head.worker != 0:
             raise ValueError(f"initial weights come from rank 0, not rank {head.worker}")
@@ -137,12 +137,33 @@ class ShardServicer(pb_grpc.ShardServicer):
         return pb.PushReply(version=0)
 
     @translate_errors
-    def PullParameters(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.TensorChunk]:
+    def PullParameters(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[codec.Chunk]:
         if request.shard != self.host.shard_id:
             raise ValueError(f"this is shard {self.host.shard_id}, the pull is for shard {request.shard}")
         version, weights = self.host.pull(request.job, request.min_version, context.time_remaining())
         yield from codec.encode(weights, self.chunk_bytes, job=request.job, worker=request.worker, step=version, shard=self.host.shard_id)
         metrics.BYTES_OUT.labels(request.job, str(self.host.shard_id)).inc(sum(w.numel() * w.element_size() for w in weights))
+
+
+SHARD_SERVICE = pb.DESCRIPTOR.services_by_name["Shard"].full_name
+
+
+def shard_handler(servicer: ShardServicer) -> grpc.GenericRpcHandler:
+    """The Shard service with the data path's own chunk codec (wire-compatible with the generated code)."""
+    return grpc.method_handlers_generic_handler(
+        SHARD_SERVICE,
+        {
+            "PushGradients": grpc.stream_unary_rpc_method_handler(
+                servicer.PushGradients, request_deserializer=codec.decode_chunk, response_serializer=pb.PushReply.SerializeToString
+            ),
+            "PushParameters": grpc.stream_unary_rpc_method_handler(
+                servicer.PushParameters, request_deserializer=codec.decode_chunk, response_serializer=pb.PushReply.SerializeToString
+            ),
+            "PullParameters": grpc.unary_stream_rpc_method_handler(
+                servicer.PullParameters, request_deserializer=pb.PullRequest.FromString, response_serializer=codec.encode_chunk
+            ),
+        },
+    )
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):

@@ -22,7 +22,7 @@ from paramserver.params import ParamInfo
 from paramserver.proto.v1 import paramserver_pb2 as pb
 from paramserver.proto.v1 import paramserver_pb2_grpc as pb_grpc
 from paramserver.server import DEFAULT_MAX_MESSAGE_BYTES
-from paramserver.services import VERSION_METADATA_KEY
+from paramserver.services import SHARD_SERVICE, VERSION_METADATA_KEY
 from paramserver.sharding import ShardingPlan, Slice
 
 T = TypeVar("T")
@@ -55,6 +55,22 @@ def plan_from_info(info: pb.JobInfo) -> ShardingPlan:
     )
     shards = tuple(tuple(Slice(s.param, s.start, s.stop) for s in shard.slices) for shard in info.shards)
     return ShardingPlan(params, shards)
+
+
+class ShardCalls:
+    """The Shard service's methods on one channel, with the data path's own chunk codec."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        prefix = f"/{SHARD_SERVICE}/"
+        self.PushGradients = channel.stream_unary(
+            prefix + "PushGradients", request_serializer=codec.encode_chunk, response_deserializer=pb.PushReply.FromString
+        )
+        self.PushParameters = channel.stream_unary(
+            prefix + "PushParameters", request_serializer=codec.encode_chunk, response_deserializer=pb.PushReply.FromString
+        )
+        self.PullParameters = channel.unary_stream(
+            prefix + "PullParameters", request_serializer=pb.PullRequest.SerializeToString, response_deserializer=codec.decode_chunk
+        )
 
 
 class ServiceClient:
@@ -113,7 +129,7 @@ class ServiceClient:
     def _attach(self, info: pb.JobInfo) -> pb.JobInfo:
         self.info = info
         self.plan = plan_from_info(info)
-        self.shards = [pb_grpc.ShardStub(self._channel(s.address)) for s in info.shards]
+        self.shards = [ShardCalls(self._channel(s.address)) for s in info.shards]
         self._pool = ThreadPoolExecutor(max(1, len(self.shards)), thread_name_prefix="paramserver-client")
         return info
 
