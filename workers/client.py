@@ -163,13 +163,18 @@ class ServiceClient:
         """``worker``'s gradients for ``step``, one list of flat buffers per shard, to all shards in parallel."""
         return self._on_shards(lambda j: self._call(self.shards[j].PushGradients, self._stream(grads[j], worker, step, j)))
 
-    def pull(self, worker: int, min_version: int, timeout: float | None = None) -> list[tuple[int, list[torch.Tensor]]]:
-        """Every shard's weights once it reaches ``min_version``: (version, flat buffers) per shard."""
+    def pull(
+        self, worker: int, min_version: int, timeout: float | None = None, destinations: Sequence[Sequence[torch.Tensor]] | None = None
+    ) -> list[tuple[int, list[torch.Tensor]]]:
+        """Every shard's weights once it reaches ``min_version``: (version, flat buffers) per shard, written
+        into ``destinations`` (one list of flat buffers per shard) when given."""
         assert self.plan is not None
 
         def one(j: int) -> tuple[int, list[torch.Tensor]]:
             layouts = self.plan.buffers(j)
-            assembler = codec.Assembler([layout.numel for layout in layouts], [layout.dtype for layout in layouts])
+            assembler = codec.Assembler(
+                [layout.numel for layout in layouts], [layout.dtype for layout in layouts], None if destinations is None else destinations[j]
+            )
             version = min_version
             try:
                 for chunk in self.shards[j].PullParameters(

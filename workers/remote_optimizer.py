@@ -22,7 +22,7 @@ from paramserver import wire_values
 from paramserver.config import ClipConfig, SchedulerSpec
 from paramserver.jobconfig import describe_job
 from paramserver.params import normalize_params
-from paramserver.sharding import pack, unpack
+from workers.buffers import ShardBuffers
 from workers.client import ServiceClient
 
 
@@ -82,11 +82,13 @@ class RemoteOptimizer:
                     grad_dtype=grad_dtype,
                 )
                 info = self.client.create_job(config)
+                self.buffers = ShardBuffers(self.plan, self._tensors)
                 if not info.ready:
-                    self.client.push_initial_weights([pack(self.plan, j, self._tensors) for j in range(self.plan.num_shards)])
+                    self.client.push_initial_weights(self.buffers.weights)
             else:
                 info = self.client.join_job(rank, timeout=join_timeout)
                 self._check_same_params()
+                self.buffers = ShardBuffers(self.plan, self._tensors)
             self.step_count = info.version
             if rank != 0 or info.version > 0:
                 self._pull(info.version)
@@ -118,13 +120,9 @@ class RemoteOptimizer:
         return groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for t in self._tensors:
-            if t.grad is None:
-                continue
-            if set_to_none:
-                t.grad = None
-            else:
-                t.grad.detach_().zero_()
+        """Zero the gradients. They stay views into the buffers the push sends from (whatever
+        ``set_to_none`` says), so the next backward writes where the push reads."""
+        self.buffers.zero_grads()
 
     def step(self, closure: Callable[[], Any] | None = None, *, metric: float | None = None) -> Any:
         """Push this worker's gradients, wait for the step to close, write the new weights in place."""
@@ -133,11 +131,11 @@ class RemoteOptimizer:
             with torch.enable_grad():
                 loss = closure()
         # A parameter without a gradient contributes zeros (torch would skip it; a shard updates its slice whole).
-        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in self._tensors]
+        grads = self.buffers.gather_grads()
         step = self.step_count
         if metric is not None:
             self.client.report_metric(self.rank, step, float(metric))
-        self.client.push(self.rank, step, [self._wire(pack(self.plan, j, grads)) for j in range(self.plan.num_shards)])
+        self.client.push(self.rank, step, [self._wire(buffers) for buffers in grads])
         self._pull(step + 1)
         self.step_count = step + 1
         return loss
@@ -149,8 +147,10 @@ class RemoteOptimizer:
         return [b.to(self.grad_dtype) if b.is_floating_point() else b for b in buffers]
 
     def _pull(self, min_version: int) -> None:
-        for j, (_, buffers) in enumerate(self.client.pull(self.rank, min_version)):
-            unpack(self.plan, j, buffers, self._tensors)
+        """Each shard's weights straight into the model (the buffers its parameters are views of), all
+        shards in parallel."""
+        self.client.pull(self.rank, min_version, destinations=self.buffers.weights)
+        self.buffers.scatter_weights()
 
     def get_last_lr(self) -> list[float]:
         return list(self.client.status().lrs)
