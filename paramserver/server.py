@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from paramserver import codec
+from paramserver.malloc import fix_mmap_threshold
 from paramserver.hosts import CoordinatorHost, LocalFleet, ShardHost
 from paramserver.proto.v1 import paramserver_pb2 as pb
 from paramserver.proto.v1 import paramserver_pb2_grpc as pb_grpc
@@ -62,6 +63,7 @@ class ServerOptions:
 
 
 def _start(address: str, options: ServerOptions, add: "callable", service_names: Sequence[str]) -> tuple[grpc.Server, int]:
+    fix_mmap_threshold()
     interceptors = [BearerTokenInterceptor(options.auth_token)] if options.auth_token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.max_workers), interceptors=interceptors, options=options.grpc_options())
     add(server)

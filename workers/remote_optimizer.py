@@ -21,6 +21,7 @@ import torch
 from paramserver import wire_values
 from paramserver.config import ClipConfig, SchedulerSpec
 from paramserver.jobconfig import describe_job
+from paramserver.malloc import fix_mmap_threshold
 from paramserver.params import normalize_params
 from workers.buffers import ShardBuffers
 from workers.client import ServiceClient
@@ -55,6 +56,7 @@ class RemoteOptimizer:
     ) -> None:
         if not isinstance(rank, int) or not 0 <= rank < num_workers:
             raise ValueError(f"rank must be in [0, num_workers={num_workers}), got {rank!r}")
+        fix_mmap_threshold()  # the wire's megabyte buffers go back to the OS when freed (see paramserver.malloc)
         self._groups = normalize_params(params)
         self._params = self._groups.params
         self._tensors = self._groups.tensors  # the model's parameters: new weights are written into them

@@ -1,0 +1,122 @@
+"""Run the benchmarks, print a table, write JSON.
+
+    python -m benchmarks [--quick] [--json PATH]
+
+Every figure is measured in this one run, next to the baseline it is compared with, on this machine;
+the ratio is the figure over its baseline (for memory: over what the state alone needs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks import peers, service
+from benchmarks.common import make_mlp, param_count
+
+
+@dataclass
+class Row:
+    name: str
+    value: float
+    unit: str
+    baseline: str | None = None
+    baseline_value: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        return None if not self.baseline_value else self.value / self.baseline_value
+
+
+def machine() -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def run(quick: bool) -> list[Row]:
+    mib = 2**20
+    nbytes = (16 if quick else 64) * mib
+    chunk = 2 * mib
+    repeats = 3 if quick else 5
+    steps = 5 if quick else 20
+    batch_size = 32
+    rows: list[Row] = []
+
+    def timed(label: str):
+        print(f"... {label}", file=sys.stderr, flush=True)
+
+    timed("transfer")
+    socket_gbps = peers.raw_socket_gbps(nbytes, chunk, repeats)
+    grpc_push = peers.raw_grpc_gbps(nbytes, chunk, repeats, "push")
+    grpc_pull = peers.raw_grpc_gbps(nbytes, chunk, repeats, "pull")
+    push, pull = service.push_pull_gbps(nbytes, chunk, repeats)
+    rows += [
+        Row("raw_socket_GBps", socket_gbps, "GB/s"),
+        Row("raw_grpc_GBps", grpc_push, "GB/s", "raw_socket_GBps", socket_gbps),
+        Row("push_GBps", push, "GB/s", "raw_grpc_GBps", grpc_push),
+        Row("pull_GBps", pull, "GB/s", "raw_grpc_GBps", grpc_pull),
+    ]
+
+    timed("update")
+    in_service, standalone = service.update_mparams_per_s(2_000_000 if quick else 10_000_000, repeats)
+    rows.append(Row("update_Mparams_per_s", in_service, "Mparams/s", "torch_adam_Mparams_per_s", standalone))
+
+    timed("end to end: local, DDP gloo, Ray PS, the service")
+    local = peers.local_steps_per_s(steps, batch_size)
+    ddp = peers.ddp_gloo_steps_per_s(2, steps, batch_size)
+    ray_ps = peers.ray_ps_steps_per_s(2, steps, batch_size)
+    e2e = service.e2e(2, 2, steps, batch_size)
+    rows += [
+        Row("e2e_steps_per_s", e2e["steps_per_s"], "steps/s", "ray_ps_steps_per_s", ray_ps),
+        Row("e2e_steps_per_s", e2e["steps_per_s"], "steps/s", "ddp_gloo_steps_per_s", ddp),
+        Row("e2e_steps_per_s", e2e["steps_per_s"], "steps/s", "local_steps_per_s", local),
+    ]
+
+    num_params = param_count(make_mlp())
+    shard_state_mb = num_params * 4 * 3 / 2 / mib  # fp32 weights + Adam's two moments, over 2 shards
+    model_and_grads_mb = num_params * 4 * 2 / mib
+    rows += [
+        Row("shard_peak_rss_MB", e2e["shard_peak_rss_mb"], "MB", "shard_state_MB", shard_state_mb),
+        Row("shard_peak_rss_over_idle_MB", e2e["shard_peak_rss_mb"] - e2e["shard_idle_rss_mb"], "MB", "shard_state_MB", shard_state_mb),
+        Row("worker_peak_rss_MB", e2e["worker_peak_rss_mb"], "MB", "model_and_grads_MB", model_and_grads_mb),
+    ]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, ends within minutes on 2 cores")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    rows = run(args.quick)
+    print(f"{'name':32} {'value':>12} {'unit':10} {'baseline':28} {'baseline value':>15} {'ratio':>7}")
+    for r in rows:
+        base = f"{r.baseline_value:15.3f}" if r.baseline_value is not None else " " * 15
+        ratio = f"{r.ratio:7.3f}" if r.ratio is not None else " " * 7
+        print(f"{r.name:32} {r.value:12.3f} {r.unit:10} {r.baseline or '':28} {base} {ratio}")
+    print(f"({time.perf_counter() - started:.0f}s)")
+    if args.json:
+        results = [{**asdict(r), "ratio": r.ratio} for r in rows]
+        args.json.write_text(json.dumps({"machine": machine(), "quick": args.quick, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
