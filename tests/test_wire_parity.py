@@ -197,3 +197,64 @@ def test_parity_low_precision_gradients_on_the_wire(service, grad_dtype):
     finally:
         for o in opts:
             o.close()
+
+
+def test_parity_pushing_during_backward(service):
+    """Each shard's gradients leave as soon as backward has produced them; the result is unchanged."""
+    num_workers = 2
+    base = make_model()
+    models = [copy.deepcopy(base) for _ in range(num_workers)]
+    ref_model = copy.deepcopy(base)
+    ref = Reference(ref_model.named_parameters(), torch.optim.Adam, {"lr": 0.01}, clip=ps.ClipConfig(max_norm=0.5))
+    job = f"overlap-{id(service)}"
+    opts: list[RemoteOptimizer | None] = [None] * num_workers
+
+    def create(rank):
+        opts[rank] = RemoteOptimizer(models[rank].named_parameters(), "Adam", lr=0.01, address=service.address, job=job,
+                                     num_workers=num_workers, rank=rank, clip_grad_norm=0.5, push_during_backward=True, timeout=30.0)
+
+    def data(t, rank):
+        gen = torch.Generator().manual_seed(t * 10 + rank)
+        return torch.randn(8, 6, generator=gen), torch.randn(8, 1, generator=gen)
+
+    run_threads(num_workers, create)
+    try:
+        for t in range(6):
+            grads = []
+            for rank in range(num_workers):
+                probe = copy.deepcopy(ref_model)
+                x, y = data(t, rank)
+                torch.nn.functional.mse_loss(probe(x), y).backward()
+                grads.append([p.grad for p in probe.parameters()])
+
+            def step(rank):
+                x, y = data(t, rank)
+                if rank == 0:
+                    models[rank].zero_grad()  # set_to_none: the gradients are copied into the buffers
+                else:
+                    opts[rank].zero_grad()  # the gradients stay views: backward writes into the buffers
+                torch.nn.functional.mse_loss(models[rank](x), y).backward()
+                opts[rank].step()
+
+            run_threads(num_workers, step)
+            ref.step(grads)
+        for m in models:
+            for a, b in zip(m.parameters(), ref.params):
+                assert torch.equal(a, b.detach())
+        with pytest.raises(ValueError, match="push_during_backward"):
+            opts[0].step(metric=1.0)
+    finally:
+        for o in opts:
+            o.close()
+
+
+def test_pushing_during_backward_refuses_a_second_backward_in_one_step(service):
+    model = make_model()
+    with RemoteOptimizer(model.named_parameters(), "SGD", lr=0.1, address=service.address, job=f"accum-{id(service)}",
+                         push_during_backward=True, timeout=30.0) as opt:
+        x = torch.randn(4, 6)
+        model(x).sum().backward()
+        with pytest.raises(RuntimeError, match="second backward"):
+            model(x).sum().backward()
+        opt.step()  # the first backward's gradients make the step
+        assert opt.step_count == 1

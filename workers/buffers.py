@@ -42,9 +42,14 @@ class ShardBuffers:
             self._copy_pieces(to_buffers=True, grads=False)
             self.zero_grads()
 
-    def _copy_pieces(self, to_buffers: bool, grads: bool) -> None:
+        # which parameters each shard needs before its gradients are complete
+        self.members = [sorted({s.param for s in slices}) for slices in plan.shards]
+
+    def _copy_pieces(self, to_buffers: bool, grads: bool, shard: int | None = None) -> None:
         buffers = self.grads if grads else self.weights
         for index, j, b, off, k in self.copied:
+            if shard is not None and j != shard:
+                continue
             s = self.plan.shards[j][k]
             p = self.params[index]
             source = p.grad if grads else p
@@ -65,18 +70,20 @@ class ShardBuffers:
         for index, view in self.grad_views.items():
             self.params[index].grad = view
 
-    def gather_grads(self) -> list[list[torch.Tensor]]:
-        """The gradients to push, per shard. A ``.grad`` the caller replaced (or set to None) is copied in
-        (or zeroed) and re-pointed at the buffer."""
+    def gather_grads(self, shard: int | None = None) -> list[list[torch.Tensor]]:
+        """The gradients to push, per shard (of ``shard`` only, if given). A ``.grad`` the caller replaced
+        (or set to None) is copied in (or zeroed) and re-pointed at the buffer."""
+        indices = self.grad_views if shard is None else [i for i in self.members[shard] if i in self.grad_views]
         with torch.no_grad():
-            for index, view in self.grad_views.items():
+            for index in indices:
+                view = self.grad_views[index]
                 p = self.params[index]
                 if p.grad is None:
                     view.zero_()
                 elif p.grad.data_ptr() != view.data_ptr():
                     view.copy_(p.grad)
                 p.grad = view
-            self._copy_pieces(to_buffers=True, grads=True)
+            self._copy_pieces(to_buffers=True, grads=True, shard=shard)
         return self.grads
 
     def scatter_weights(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
@@ -130,7 +130,8 @@ class ServiceClient:
         self.info = info
         self.plan = plan_from_info(info)
         self.shards = [ShardCalls(self._channel(s.address)) for s in info.shards]
-        self._pool = ThreadPoolExecutor(max(1, len(self.shards)), thread_name_prefix="paramserver-client")
+        # a push and a pull per shard may be in flight at once
+        self._pool = ThreadPoolExecutor(max(1, 2 * len(self.shards)), thread_name_prefix="paramserver-client")
         return info
 
     # -- the job ---------------------------------------------------------------------------------------------
@@ -162,6 +163,11 @@ class ServiceClient:
     def push(self, worker: int, step: int, grads: Sequence[Sequence[torch.Tensor]]) -> list[pb.PushReply]:
         """``worker``'s gradients for ``step``, one list of flat buffers per shard, to all shards in parallel."""
         return self._on_shards(lambda j: self._call(self.shards[j].PushGradients, self._stream(grads[j], worker, step, j)))
+
+    def push_shard(self, worker: int, step: int, shard: int, grads: Sequence[torch.Tensor]) -> Future:
+        """Start pushing one shard's gradients; the future holds its reply (or the error)."""
+        assert self._pool is not None
+        return self._pool.submit(self._call, self.shards[shard].PushGradients, self._stream(grads, worker, step, shard))
 
     def pull(
         self, worker: int, min_version: int, timeout: float | None = None, destinations: Sequence[Sequence[torch.Tensor]] | None = None

@@ -13,7 +13,9 @@ weights, as DDP starts from rank 0's.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -47,6 +49,7 @@ class RemoteOptimizer:
         deterministic: bool = True,
         split_threshold_bytes: int | None = None,
         grad_dtype: torch.dtype | None = None,
+        push_during_backward: bool = False,
         auth_token: str | None = None,
         root_certificates: bytes | None = None,
         client_certificate: tuple[bytes, bytes] | None = None,
@@ -94,6 +97,10 @@ class RemoteOptimizer:
             self.step_count = info.version
             if rank != 0 or info.version > 0:
                 self._pull(info.version)
+            self.push_during_backward = push_during_backward
+            self._in_flight: dict[int, Future] = {}
+            if push_during_backward:
+                self._arm_hooks()
         except BaseException:
             self.client.close()
             raise
@@ -132,15 +139,49 @@ class RemoteOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # A parameter without a gradient contributes zeros (torch would skip it; a shard updates its slice whole).
-        grads = self.buffers.gather_grads()
         step = self.step_count
         if metric is not None:
+            if self.push_during_backward:
+                raise ValueError("step(metric=...) needs push_during_backward=False: the step may close before the metric arrives")
             self.client.report_metric(self.rank, step, float(metric))
-        self.client.push(self.rank, step, [self._wire(buffers) for buffers in grads])
+        # Shards whose gradients were not pushed during backward go now; a parameter without a gradient
+        # contributes zeros (torch would skip it; a shard updates its slice whole).
+        for j in range(self.plan.num_shards):
+            if j not in self._in_flight:
+                self._in_flight[j] = self.client.push_shard(self.rank, step, j, self._wire(self.buffers.gather_grads(j)[j]))
+        try:
+            for future in self._in_flight.values():
+                future.result(timeout=self.timeout + 5)
+        finally:
+            self._in_flight = {}
+            self._waiting = [len(m) for m in self.buffers.members]
         self._pull(step + 1)
         self.step_count = step + 1
         return loss
+
+    # -- pushing during backward -------------------------------------------------------------------------------
+
+    def _arm_hooks(self) -> None:
+        """Push shard j's gradients as soon as backward has accumulated every parameter it holds."""
+        self._waiting = [len(m) for m in self.buffers.members]
+        shards_of: dict[int, list[int]] = {}
+        for j, members in enumerate(self.buffers.members):
+            for index in members:
+                shards_of.setdefault(index, []).append(j)
+        for index, param in enumerate(self._tensors):
+            param.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, shards_of.get(index, [])))
+
+    def _grad_ready(self, shards: list[int], param: torch.Tensor) -> None:
+        for j in shards:
+            if j in self._in_flight:
+                raise RuntimeError(
+                    "push_during_backward sends each shard's gradients once per step, at the end of backward; "
+                    "a second backward before step() (gradient accumulation) needs push_during_backward=False"
+                )
+            self._waiting[j] -= 1
+            if self._waiting[j] == 0:
+                grads = self._wire(self.buffers.gather_grads(j)[j])
+                self._in_flight[j] = self.client.push_shard(self.rank, self.step_count, j, grads)
 
     def _wire(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
         """Gradients in the dtype they travel in (the shard accumulates them in the parameters' dtype)."""
