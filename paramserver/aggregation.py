@@ -40,6 +40,10 @@ class GradientAccumulator:
             self._fold(self._early.pop(self._next_rank))
             self._next_rank += 1
 
+    def holds(self, buffers: Sequence[torch.Tensor]) -> bool:
+        """Whether ``buffers`` wait here to be folded in (an early contribution in deterministic mode)."""
+        return any(held is buffers for held in self._early.values())
+
     def _fold(self, buffers: Sequence[torch.Tensor]) -> None:
         first = self._folded == 0
         for total, g in zip(self.sums, buffers, strict=True):

@@ -8,7 +8,8 @@ receiver checks every chunk against what it expects before a byte lands in its p
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -151,13 +152,20 @@ def encode(buffers: Sequence[torch.Tensor], chunk_bytes: int = DEFAULT_CHUNK_BYT
 
 class Assembler:
     """Receives the chunks of a set of flat buffers, checking each chunk, into ``destinations`` (the
-    receiver's own buffers: their dtype is then the only one accepted) or into buffers it allocates."""
+    receiver's own buffers: their dtype is then the only one accepted) or into buffers from ``allocate``."""
 
-    def __init__(self, numels: Sequence[int], dtypes: Sequence[torch.dtype], destinations: Sequence[torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        numels: Sequence[int],
+        dtypes: Sequence[torch.dtype],
+        destinations: Sequence[torch.Tensor] | None = None,
+        allocate: Callable[[int, torch.dtype], torch.Tensor] | None = None,
+    ) -> None:
         self.numels = list(numels)
         self.dtypes = list(dtypes)
         self.buffers: list[torch.Tensor | None] = list(destinations) if destinations is not None else [None] * len(numels)
         self.received = [0] * len(numels)
+        self._allocate = allocate or (lambda numel, dtype: torch.empty(numel, dtype=dtype))
 
     def add(self, chunk: Chunk | pb.TensorChunk) -> None:
         if getattr(chunk, "malformed", None):
@@ -185,7 +193,7 @@ class Assembler:
             raise ValueError(f"buffer {h.buffer}: chunk at element {h.offset} of {count} elements overruns its {expected}")
         buf = self.buffers[h.buffer]
         if buf is None:
-            buf = self.buffers[h.buffer] = torch.empty(expected, dtype=dtype)
+            buf = self.buffers[h.buffer] = self._allocate(expected, dtype)
         elif buf.dtype != dtype:
             raise ValueError(f"buffer {h.buffer}: chunks disagree on dtype ({buf.dtype} then {h.dtype})")
         if count:
@@ -238,3 +246,23 @@ def decode_state(chunks: Iterator[pb.StateChunk]) -> tuple[str, str, list[torch.
             raise ValueError(f"state tensor {index}: {len(data)} bytes for shape {shape} of {name}")
         tensors.append(torch.frombuffer(data, dtype=dtype).reshape(shape).clone() if numel else torch.empty(shape, dtype=dtype))
     return first.job, first.skeleton_json, tensors
+
+
+class BufferPool:
+    """Receive buffers kept for reuse: a fresh buffer of tens of MiB costs its page faults on every push."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get((numel, dtype))
+            if free:
+                return free.pop()
+        return torch.empty(numel, dtype=dtype)
+
+    def give_back(self, buffers: Sequence[torch.Tensor]) -> None:
+        with self._lock:
+            for buf in buffers:
+                self._free.setdefault((buf.numel(), buf.dtype), []).append(buf)

@@ -97,6 +97,7 @@ class ShardServicer(pb_grpc.ShardServicer):
     def __init__(self, host: ShardHost, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES) -> None:
         self.host = host
         self.chunk_bytes = chunk_bytes
+        self.pool = codec.BufferPool()
 
     def _receive(self, request_iterator: Iterator[codec.Chunk], context: grpc.ServicerContext, check_step: bool) -> tuple[pb.ChunkHeader, list]:
         first = next(request_iterator, None)
@@ -109,18 +110,27 @@ class ShardServicer(pb_grpc.ShardServicer):
         if check_step:
             shard.check_step(head.step)  # fail a stale or future push before its bytes stream in
         layouts = shard.layouts
-        assembler = codec.Assembler([layout.numel for layout in layouts], [layout.dtype for layout in layouts])
-        for chunk in itertools.chain([first], request_iterator):
-            h = chunk.header
-            if (h.job, h.worker, h.step, h.shard) != (head.job, head.worker, head.step, head.shard):
-                raise ValueError("chunks of one stream disagree on job, worker, step or shard")
-            assembler.add(chunk)
-        return head, assembler.result()
+        assembler = codec.Assembler([layout.numel for layout in layouts], [layout.dtype for layout in layouts], allocate=self.pool.take)
+        try:
+            for chunk in itertools.chain([first], request_iterator):
+                h = chunk.header
+                if (h.job, h.worker, h.step, h.shard) != (head.job, head.worker, head.step, head.shard):
+                    raise ValueError("chunks of one stream disagree on job, worker, step or shard")
+                assembler.add(chunk)
+            return head, assembler.result()
+        except BaseException:
+            self.pool.give_back([b for b in assembler.buffers if b is not None])
+            raise
 
     @translate_errors
     def PushGradients(self, request_iterator: Iterator[codec.Chunk], context: grpc.ServicerContext) -> pb.PushReply:
         head, grads = self._receive(request_iterator, context, check_step=True)
-        applied, version = self.host.push(head.job, head.worker, head.step, grads)
+        try:
+            applied, version = self.host.push(head.job, head.worker, head.step, grads)
+        finally:
+            # folded into the sum (or refused): the receive buffers can take the next push
+            if not self.host.shard(head.job).accumulator.holds(grads):
+                self.pool.give_back(grads)
         metrics.BYTES_IN.labels(head.job, str(head.shard)).inc(sum(g.numel() * g.element_size() for g in grads))
         log.debug("job %s step %d: worker %d pushed to shard %d%s", head.job, head.step, head.worker, head.shard,
                   "" if applied else " (already applied)")
@@ -131,7 +141,10 @@ class ShardServicer(pb_grpc.ShardServicer):
         head, weights = self._receive(request_iterator, context, check_step=False)
         if head.worker != 0:
             raise ValueError(f"initial weights come from rank 0, not rank {head.worker}")
-        self.host.initial_weights(head.job, weights)
+        try:
+            self.host.initial_weights(head.job, weights)  # copied into the shard's weights
+        finally:
+            self.pool.give_back(weights)
         metrics.BYTES_IN.labels(head.job, str(head.shard)).inc(sum(w.numel() * w.element_size() for w in weights))
         log.info("job %s: shard %d has its initial weights", head.job, head.shard)
         return pb.PushReply(version=0)

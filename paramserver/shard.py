@@ -114,7 +114,7 @@ class Shard:
                     raise NonFiniteGradientError(
                         f"shard {self.shard_id}: gradients of worker {worker} for step {step} hold inf or nan"
                     )
-        self.accumulator.add(worker, [g.to(self.device) for g in grads])
+        self.accumulator.add(worker, grads if self.device.type == "cpu" else [g.to(self.device) for g in grads])
         return True
 
     @property
