@@ -85,7 +85,7 @@ def _bench_worker(rank: int, num_workers: int, address: str, steps: int, warmup:
     model = make_mlp()
     loss_fn = torch.nn.CrossEntropyLoss()
     with RemoteOptimizer(model.named_parameters(), "Adam", lr=1e-3, address=address, job="e2e", num_workers=num_workers,
-                         rank=rank, clip_grad_norm=1.0, timeout=300) as opt:
+                         rank=rank, clip_grad_norm=1.0, push_during_backward=True, timeout=300) as opt:
         start = 0.0
         for step in range(warmup + steps):
             if step == warmup:
@@ -114,7 +114,7 @@ def e2e(num_workers: int, num_shards: int, steps: int, batch_size: int) -> dict[
     threads = max(1, (os.cpu_count() or 1) // num_workers)
     started = not ray.is_initialized()
     if started:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         with paramserver.serve(num_shards, cpus_per_shard=0.01) as service:
             pids = [p["pid"] for p in service.placements()]

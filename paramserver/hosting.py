@@ -232,7 +232,8 @@ def start_on_ray(
         if ray_address is None:
             # An embedded local Ray: keep every Ray process on loopback.
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+        # "local" starts a new Ray even when another one runs on this machine (None would join that one)
+        ray.init(address=ray_address or "local", include_dashboard=False, log_to_driver=False)
         started_ray = True
 
     bundle = {"CPU": cpus_per_shard, **({"GPU": gpus_per_shard} if gpus_per_shard else {})}

@@ -115,7 +115,7 @@ def train(
         bar = tqdm(total=total_steps, desc=f"train {num_workers} workers x {num_shards} shards", unit="step")
     started = time.perf_counter()
     if service_address is not None and not ray.is_initialized():
-        ray.init(address=ray_address, log_to_driver=False)
+        ray.init(address=ray_address or "local", log_to_driver=False)
     with contextlib.ExitStack() as stack:
         service = None if service_address else stack.enter_context(paramserver.serve(num_shards, ray_address=ray_address))
         address = service_address or service.address
