@@ -82,7 +82,9 @@ def run(quick: bool) -> list[Row]:
     ddp = peers.ddp_gloo_steps_per_s(2, steps, batch_size)
     ray_ps = peers.ray_ps_steps_per_s(2, steps, batch_size)
     e2e = service.e2e(2, 2, steps, batch_size)
+    e2e_bf16 = service.e2e(2, 2, steps, batch_size, grad_dtype=torch.bfloat16)
     rows += [
+        Row("e2e_bf16_grads_steps_per_s", e2e_bf16["steps_per_s"], "steps/s", "ray_ps_steps_per_s", ray_ps),
         Row("e2e_steps_per_s", e2e["steps_per_s"], "steps/s", "ray_ps_steps_per_s", ray_ps),
         Row("e2e_steps_per_s", e2e["steps_per_s"], "steps/s", "ddp_gloo_steps_per_s", ddp),
         Row("e2e_steps_per_s", e2e["steps_per_s"], "steps/s", "local_steps_per_s", local),
@@ -95,7 +97,14 @@ def run(quick: bool) -> list[Row]:
         Row("shard_peak_rss_MB", e2e["shard_peak_rss_mb"], "MB", "shard_state_MB", shard_state_mb),
         Row("shard_peak_rss_over_idle_MB", e2e["shard_peak_rss_mb"] - e2e["shard_idle_rss_mb"], "MB", "shard_state_MB", shard_state_mb),
         Row("worker_peak_rss_MB", e2e["worker_peak_rss_mb"], "MB", "model_and_grads_MB", model_and_grads_mb),
+        Row("worker_peak_rss_over_idle_MB", e2e["worker_peak_rss_mb"] - e2e["worker_idle_rss_mb"], "MB", "model_and_grads_MB", model_and_grads_mb),
     ]
+    if not quick:
+        timed("chunk size")
+        for chunk_mib in (0.5, 1, 2, 4, 8):
+            push_c, pull_c = service.push_pull_gbps(nbytes, int(chunk_mib * mib), repeats)
+            rows.append(Row(f"push_GBps_chunk_{chunk_mib}MiB", push_c, "GB/s", "raw_grpc_GBps", grpc_push))
+            rows.append(Row(f"pull_GBps_chunk_{chunk_mib}MiB", pull_c, "GB/s", "raw_grpc_GBps", grpc_pull))
     return rows
 
 

@@ -78,14 +78,17 @@ def _vm_kib(pid: int, field: str) -> float:
     raise KeyError(field)
 
 
-def _bench_worker(rank: int, num_workers: int, address: str, steps: int, warmup: int, batch_size: int, threads: int) -> dict[str, Any]:
+def _bench_worker(
+    rank: int, num_workers: int, address: str, steps: int, warmup: int, batch_size: int, threads: int, grad_dtype: torch.dtype | None
+) -> dict[str, Any]:
     from workers.remote_optimizer import RemoteOptimizer
 
     torch.set_num_threads(threads)
+    idle_mb = peak_rss_mb()  # the process with its imports, before the model exists
     model = make_mlp()
     loss_fn = torch.nn.CrossEntropyLoss()
     with RemoteOptimizer(model.named_parameters(), "Adam", lr=1e-3, address=address, job="e2e", num_workers=num_workers,
-                         rank=rank, clip_grad_norm=1.0, push_during_backward=True, timeout=300) as opt:
+                         rank=rank, clip_grad_norm=1.0, push_during_backward=True, grad_dtype=grad_dtype, timeout=300) as opt:
         start = 0.0
         for step in range(warmup + steps):
             if step == warmup:
@@ -95,11 +98,12 @@ def _bench_worker(rank: int, num_workers: int, address: str, steps: int, warmup:
             loss_fn(model(x), y).backward()
             opt.step()
         elapsed = time.perf_counter() - start
-    return {"steps_per_s": steps / elapsed, "peak_rss_mb": peak_rss_mb()}
+    return {"steps_per_s": steps / elapsed, "peak_rss_mb": peak_rss_mb(), "idle_rss_mb": idle_mb}
 
 
-def e2e(num_workers: int, num_shards: int, steps: int, batch_size: int) -> dict[str, float]:
-    """W worker actors x S shard actors on Ray train the MLP with Adam (clip 1.0) through the service.
+def e2e(num_workers: int, num_shards: int, steps: int, batch_size: int, grad_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """W worker actors x S shard actors on Ray train the MLP with Adam (clip 1.0) through the service, each
+    shard's gradients pushed as soon as backward has produced them (``grad_dtype``: on the wire).
 
     Returns steps/s (rank 0, after warmup), the shards' peak RSS and their RSS before any job (the fixed
     overhead of a shard process), and the workers' peak RSS.
@@ -119,7 +123,9 @@ def e2e(num_workers: int, num_shards: int, steps: int, batch_size: int) -> dict[
         with paramserver.serve(num_shards, cpus_per_shard=0.01) as service:
             pids = [p["pid"] for p in service.placements()]
             idle_mb = [_vm_kib(pid, "VmRSS") / 1024 for pid in pids]
-            config = {"address": service.address, "steps": steps, "warmup": 2, "batch_size": batch_size, "threads": threads}
+            config = {
+                "address": service.address, "steps": steps, "warmup": 2, "batch_size": batch_size, "threads": threads, "grad_dtype": grad_dtype,
+            }
             results = run_workers(_bench_worker, num_workers, config=config, num_cpus_per_worker=0.01, timeout=900)
             shard_peak_mb = [_vm_kib(pid, "VmHWM") / 1024 for pid in pids]
     finally:
@@ -130,5 +136,6 @@ def e2e(num_workers: int, num_shards: int, steps: int, batch_size: int) -> dict[
         "shard_peak_rss_mb": max(shard_peak_mb),
         "shard_idle_rss_mb": max(idle_mb),
         "worker_peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+        "worker_idle_rss_mb": max(r["idle_rss_mb"] for r in results),
         "num_params": param_count(make_mlp()),
     }
