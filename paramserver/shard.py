@@ -71,6 +71,7 @@ class Shard:
         ]
         self.optimizer = build_optimizer(optimizer_cls, groups, optimizer_kwargs)
         self.version = 0  # number of closed steps; pushes are accepted for step == version
+        self.placement = "this process"  # where the shard runs, in words; its host fills it in
 
     # -- push -------------------------------------------------------------------------------------------------
 
@@ -194,9 +195,6 @@ class Shard:
             "version": self.version, "pushed": sorted(self.accumulator.received), "initialized": self.initialized,
             "placement": f"{self.placement}, {self.device}",
         }
-
-    # Where this shard runs, in words; its host fills it in.
-    placement: str = "this process"
 
     def weight_buffers(self) -> list[torch.Tensor]:
         """The shard's flat weights (live buffers: callers copy what they keep)."""

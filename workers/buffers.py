@@ -8,7 +8,8 @@ GPU, are copied in and out; for a GPU model the buffers are pinned host memory.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -20,6 +21,7 @@ class ShardBuffers:
         self.plan = plan
         self.params = list(params)
         pin = any(p.is_cuda for p in self.params)
+        self.stream = torch.cuda.Stream() if pin else None
         layouts = [plan.buffers(j) for j in range(plan.num_shards)]
         self.grads = [[torch.zeros(l.numel, dtype=l.dtype, pin_memory=pin) for l in shard] for shard in layouts]
         self.weights = [[torch.empty(l.numel, dtype=l.dtype, pin_memory=pin) for l in shard] for shard in layouts]
@@ -46,21 +48,38 @@ class ShardBuffers:
         self.members = [sorted({s.param for s in slices}) for slices in plan.shards]
 
     def _copy_pieces(self, to_buffers: bool, grads: bool, shard: int | None = None) -> None:
+        """Copy the pieces that are not views, between the parameters (or their gradients) and the buffers.
+
+        For a GPU model these are device-host copies into or out of pinned memory: they run on a side
+        stream, ordered after the work already queued, and are complete when this returns.
+        """
         buffers = self.grads if grads else self.weights
-        for index, j, b, off, k in self.copied:
-            if shard is not None and j != shard:
-                continue
-            s = self.plan.shards[j][k]
-            p = self.params[index]
-            source = p.grad if grads else p
-            flat = buffers[j][b][off : off + s.numel]
-            if to_buffers:
-                if source is None:
-                    flat.zero_()
+        with self._side_stream():
+            for index, j, b, off, k in self.copied:
+                if shard is not None and j != shard:
+                    continue
+                s = self.plan.shards[j][k]
+                p = self.params[index]
+                source = p.grad if grads else p
+                flat = buffers[j][b][off : off + s.numel]
+                if to_buffers:
+                    if source is None:
+                        flat.zero_()
+                    else:
+                        flat.copy_(source.detach().reshape(-1)[s.start : s.stop], non_blocking=True)
                 else:
-                    flat.copy_(source.detach().reshape(-1)[s.start : s.stop])
-            else:
-                p.detach().view(-1)[s.start : s.stop].copy_(flat, non_blocking=False)
+                    p.detach().view(-1)[s.start : s.stop].copy_(flat, non_blocking=True)
+
+    @contextlib.contextmanager
+    def _side_stream(self) -> Iterator[None]:
+        if self.stream is None:
+            yield
+            return
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            yield
+        # host buffers are read (pushed) right after; the model's next kernels must see new weights
+        self.stream.synchronize()
 
     def zero_grads(self) -> None:
         """Zero the gradient buffers and point every viewed parameter's ``.grad`` at its place there."""
