@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import inspect
 import itertools
 import json
 import logging
@@ -58,7 +59,7 @@ def translate_errors(method: Callable[..., Any]) -> Callable[..., Any]:
             log.exception("internal error in %s", method.__name__)
         context.abort(code, str(exc))
 
-    if method.__name__ == "PullParameters":  # a server-streaming method: a generator
+    if inspect.isgeneratorfunction(method):  # a server-streaming method
 
         @functools.wraps(method)
         def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
@@ -228,7 +229,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         state = self.host.job(request.job).coordinator.state_dict()
         tensors: list = []
         skeleton = json.dumps(wire_values.to_wire(state, "state", tensors))
-        return codec.encode_state(skeleton, tensors, self.chunk_bytes, job=request.job)
+        yield from codec.encode_state(skeleton, tensors, self.chunk_bytes, job=request.job)
 
     @translate_errors
     def LoadState(self, request_iterator: Iterator[pb.StateChunk], context: grpc.ServicerContext) -> pb.LoadStateReply:
