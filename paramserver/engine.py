@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import threading
 import time
 import warnings
@@ -22,13 +23,15 @@ import torch
 
 from paramserver import clipping
 from paramserver.config import EngineConfig, SchedulerSpec
-from paramserver.errors import FutureStepError, NonFiniteGradientError, StaleStepError
+from paramserver.errors import FutureStepError, JobFailedError, NonFiniteGradientError, StaleStepError
 from paramserver.params import ParamGroups, normalize_params
 from paramserver.registry import is_elementwise, resolve_optimizer
 from paramserver.scheduling import Schedule, build_shadow_optimizer
 from paramserver.shard import Shard
 from paramserver.sharding import ShardingPlan, make_plan, pack, unpack
 from paramserver.state import check_model_state, check_optimizer_state, cut_param_state, join_param_state
+
+log = logging.getLogger("paramserver")
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,7 @@ class Coordinator:
         self._metrics: dict[int, dict[int, float]] = {}  # step -> worker -> metric
         self._ready: dict[int, set[int]] = {}  # step -> shards holding all gradients
         self.on_step: Callable[[StepResult], None] | None = None  # told of every closed step (metrics, logs)
+        self.failed: str | None = None  # set when an update failed part-way; cleared by load_state_dict
         self._lock = threading.RLock()
 
     def check_worker(self, worker: int) -> None:
@@ -192,6 +196,8 @@ class Coordinator:
             raise ValueError(f"worker must be in [0, {self.config.num_workers}), got {worker!r}")
 
     def check_step(self, step: int) -> None:
+        if self.failed is not None:
+            raise JobFailedError(self.failed)
         if step < self.version:
             raise StaleStepError(f"step {step} has already closed (now at {self.version})", self.version)
         if step > self.version:
@@ -242,11 +248,22 @@ class Coordinator:
         with timer("clip"):
             coef = clipping.clip_coefficient(total, clip.max_norm) if clip.max_norm is not None else None
         with timer("update"):
-            self.shards.apply(step, coef, self.schedule.hyperparameters())
+            try:
+                self.shards.apply(step, coef, self.schedule.hyperparameters())
+            except Exception as exc:
+                # Some shards may have updated and others not: no step can follow from that state.
+                self.failed = f"the update of step {step} failed ({type(exc).__name__}: {exc}); load a saved state to go on"
+                log.error("%s", self.failed)
+                raise
+        error = None
         with timer("schedule"):
-            self.schedule.after_update(metric)
+            try:
+                self.schedule.after_update(metric)
+            except Exception as exc:  # the update happened: the step closes, the scheduler's error is reported
+                error = f"the scheduler did not step after step {step}: {type(exc).__name__}: {exc}"
+                log.error("%s", error)
         return self._closed(
-            StepResult(step, float(total), None if coef is None else float(coef), False, self.schedule.lrs(), None, timer.seconds)
+            StepResult(step, float(total), None if coef is None else float(coef), False, self.schedule.lrs(), error, timer.seconds)
         )
 
     def _closed(self, result: StepResult) -> StepResult:
@@ -327,6 +344,8 @@ class Coordinator:
                 self.shards.load_optimizer_states(shard_states, self.schedule.hyperparameters())
             if weights is not None:
                 self.shards.load_weights(weights)
+            if weights is not None and shard_states is not None:
+                self.failed = None  # every shard holds the same, complete state again
 
     def _check_state_shapes(self, by_index: Mapping[int, Mapping[str, Any]]) -> None:
         elementwise = is_elementwise(self.job.optimizer_cls)

@@ -33,3 +33,7 @@ class JobNotFoundError(LookupError):
 
 class JobExistsError(ValueError):
     """A job of that name exists already, with another configuration."""
+
+
+class JobFailedError(RuntimeError):
+    """A step's update failed part-way, so the shards disagree; the job takes no step until a state is loaded."""

@@ -136,7 +136,8 @@ class Schedule:
         # warn that it steps before the optimizer.
         self.optimizer._opt_called = True  # type: ignore[attr-defined]
         if self.needs_metric:
-            assert self._metrics, "ReduceLROnPlateau steps only with metrics; pushes without one are refused"
+            if not self._metrics:
+                raise ValueError("ReduceLROnPlateau needs the workers' metric (step(metric=...)); none came with this interval")
             self.scheduler.step(sum(self._metrics) / len(self._metrics))
         else:
             self.scheduler.step()

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 
 from paramserver import codec, metrics, wire_values
-from paramserver.errors import JobExistsError, JobNotFoundError, NotReadyError, StepMismatchError
+from paramserver.errors import JobExistsError, JobFailedError, JobNotFoundError, NotReadyError, StepMismatchError
 from paramserver.hosts import CoordinatorHost, Job, ShardHost
 from paramserver.proto.v1 import paramserver_pb2 as pb
 from paramserver.proto.v1 import paramserver_pb2_grpc as pb_grpc
@@ -35,7 +35,7 @@ VERSION_METADATA_KEY = "ps-version"
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
-    if isinstance(exc, (StepMismatchError, NotReadyError)):
+    if isinstance(exc, (StepMismatchError, NotReadyError, JobFailedError)):
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, JobExistsError):
         return grpc.StatusCode.ALREADY_EXISTS
@@ -130,7 +130,7 @@ class ShardServicer(pb_grpc.ShardServicer):
             applied, version = self.host.push(head.job, head.worker, head.step, grads)
         finally:
             # folded into the sum (or refused): the receive buffers can take the next push
-            if not self.host.shard(head.job).accumulator.holds(grads):
+            if not self.host.shard(head.job).holds(grads):
                 self.pool.give_back(grads)
         metrics.BYTES_IN.labels(head.job, str(head.shard)).inc(sum(g.numel() * g.element_size() for g in grads))
         log.debug("job %s step %d: worker %d pushed to shard %d%s", head.job, head.step, head.worker, head.shard,

@@ -7,8 +7,9 @@ weight buffers and their ``.grad`` are views into the gradient sums, so the upda
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +19,15 @@ from paramserver.clipping import tensor_norms
 from paramserver.errors import FutureStepError, NonFiniteGradientError, NotReadyError, StaleStepError
 from paramserver.scheduling import build_optimizer, set_hyperparameters
 from paramserver.sharding import ShardingPlan, Slice
+
+
+def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def locked(self: Shard, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 class Shard:
@@ -48,7 +58,10 @@ class Shard:
         self._check_buffers(self.weights, "initial weights", exact_dtype=True)
         # False until the creator's initial weights are in (a shard made from a job description alone).
         self.initialized = initialized
-        self._changed = threading.Condition()
+        # One lock for the shard's state: pushes (gRPC threads) and the coordinator's calls (reduce, apply,
+        # load) never interleave; waiting for a version releases it.
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
         sums = [torch.zeros(layout.numel, dtype=layout.dtype, device=self.device) for layout in self.layouts]
         self.accumulator = GradientAccumulator(sums, num_workers, deterministic)
 
@@ -56,12 +69,14 @@ class Shard:
         self.slices: list[Slice] = []
         self.tensors: list[torch.Tensor] = []
         self._weight_views: list[torch.Tensor] = []
+        self._grad_views: list[torch.Tensor] = []
         for layout, flat, grad_flat in zip(self.layouts, self.weights, sums):
             for s, off in zip(layout.slices, layout.offsets):
                 shape = plan.params[s.param].shape if plan.is_whole(s) else (s.numel,)
                 self._weight_views.append(flat[off : off + s.numel].view(shape))
                 tensor = flat[off : off + s.numel].view(shape)
-                tensor.grad = grad_flat[off : off + s.numel].view(shape)
+                self._grad_views.append(grad_flat[off : off + s.numel].view(shape))
+                tensor.grad = self._grad_views[-1]
                 self.slices.append(s)
                 self.tensors.append(tensor)
         assert self.slices == list(plan.shards[shard_id]), "per-slice lists follow the plan's slice order"
@@ -96,6 +111,7 @@ class Shard:
         if step > self.version:
             raise FutureStepError(f"shard {self.shard_id}: step {step} is not open yet (now at {self.version})", self.version)
 
+    @_locked
     def push(self, worker: int, step: int, grads: Sequence[torch.Tensor]) -> bool:
         """Add ``worker``'s flat gradients for ``step``. Returns False if that push was already applied.
 
@@ -124,10 +140,12 @@ class Shard:
 
     # -- aggregate, then the norms the coordinator needs ------------------------------------------------------
 
+    @_locked
     def reduce(self, step: int, norm_type: float, clip_value: float | None = None) -> list[torch.Tensor]:
         """Turn the step's sum into the mean (clamped to ``clip_value`` if given) and return one norm per slice."""
         self.check_step(step)
         assert self.ready, f"shard {self.shard_id}: reduce before all {self.num_workers} workers pushed"
+        self._restore_grad_views()
         means = self.accumulator.mean()
         if clip_value is not None:
             for buf in means:
@@ -142,6 +160,7 @@ class Shard:
 
     # -- update -----------------------------------------------------------------------------------------------
 
+    @_locked
     def apply(self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]]) -> None:
         """Scale the mean by the clip coefficient, take the group hyperparameters, run the optimizer's step."""
         self.check_step(step)
@@ -164,16 +183,28 @@ class Shard:
                 view.copy_(tensor.detach())
                 tensor.data = view
 
+    @_locked
     def skip(self, step: int) -> None:
         """Close ``step`` without an update (a non-finite step): weights and optimizer state stay."""
         self.check_step(step)
         self._close_step()
 
     def _close_step(self) -> None:
-        self.accumulator.reset()
         with self._changed:
+            self.accumulator.reset()
             self.version += 1
             self._changed.notify_all()
+
+    def holds(self, buffers: Sequence[torch.Tensor]) -> bool:
+        """Whether pushed ``buffers`` are kept to be folded in later (so the receiver must not reuse them)."""
+        with self._lock:
+            return self.accumulator.holds(buffers)
+
+    def _restore_grad_views(self) -> None:
+        # An optimizer may rebind or drop ``param.grad`` (gradient centralization, zero_grad(set_to_none));
+        # the next step's gradients are in the sum buffers, so point every parameter back there.
+        for tensor, view in zip(self.tensors, self._grad_views):
+            tensor.grad = view
 
     def wait_for_version(self, min_version: int, timeout: float) -> int:
         """Wait until the shard is initialized and at ``min_version`` or later; returns the version.
@@ -190,6 +221,7 @@ class Shard:
 
     # -- broadcast and state ----------------------------------------------------------------------------------
 
+    @_locked
     def status(self) -> dict[str, Any]:
         return {
             "version": self.version, "pushed": sorted(self.accumulator.received), "initialized": self.initialized,
@@ -200,9 +232,11 @@ class Shard:
         """The shard's flat weights (live buffers: callers copy what they keep)."""
         return self.weights
 
+    @_locked
     def weight_copies(self) -> list[torch.Tensor]:
         return [w.clone() for w in self.weights]
 
+    @_locked
     def load_weights(self, buffers: Sequence[torch.Tensor]) -> None:
         self._check_buffers(buffers, "weights", exact_dtype=True)
         for dst, src in zip(self.weights, buffers):
@@ -211,10 +245,12 @@ class Shard:
             self.initialized = True
             self._changed.notify_all()
 
+    @_locked
     def optimizer_state(self) -> list[dict[str, Any]]:
         """Optimizer state of each slice, in ``self.slices`` order (live tensors: callers copy)."""
         return [self.optimizer.state.get(t, {}) for t in self.tensors]
 
+    @_locked
     def load_optimizer_state(self, slice_states: Sequence[dict[str, Any]], param_groups: list[dict[str, Any]]) -> None:
         """Load per-slice optimizer state and group hyperparameters through torch's own loader (which casts
         state to each parameter's device and dtype as torch does)."""

@@ -22,8 +22,8 @@ def test_backward_writes_gradients_into_the_push_buffers():
     params = list(model.parameters())
     model(torch.randn(5, 6)).sum().backward()
     expected = [[b.clone() for b in pack(plan, j, [p.grad for p in params])] for j in range(plan.num_shards)]
-    viewed = [p for i, p in enumerate(params) if i in buffers.grad_views]
-    assert viewed and all(p.grad.data_ptr() == buffers.grad_views[i].data_ptr() for i, p in enumerate(params) if i in buffers.grad_views)
+    viewed = [i for i in range(len(params)) if i in buffers.viewed]
+    assert viewed and all(params[i].grad.data_ptr() == buffers.grad_view(i).data_ptr() for i in viewed)
     got = buffers.gather_grads()
     for want_shard, got_shard in zip(expected, got):
         for a, b in zip(want_shard, got_shard):
@@ -38,9 +38,9 @@ def test_replaced_or_missing_gradients_are_copied_in_and_repointed():
     params[0].grad = torch.ones_like(params[0])
     params[1].grad = None
     buffers.gather_grads()
-    assert torch.equal(buffers.grad_views[0], torch.ones_like(params[0]))
-    assert params[0].grad.data_ptr() == buffers.grad_views[0].data_ptr()
-    assert float(buffers.grad_views[1].abs().sum()) == 0.0
+    assert torch.equal(buffers.grad_view(0), torch.ones_like(params[0]))
+    assert params[0].grad.data_ptr() == buffers.grad_view(0).data_ptr()
+    assert float(buffers.grad_view(1).abs().sum()) == 0.0
 
 
 def test_weights_received_into_the_buffers_are_the_model_weights():
@@ -54,3 +54,16 @@ def test_weights_received_into_the_buffers_are_the_model_weights():
     buffers.scatter_weights()  # split pieces are copied; whole parameters already see the new values
     for p, b in zip(params, before):
         assert torch.equal(p.detach(), b + 1)
+
+
+def test_rebound_data_is_pointed_back_and_a_changed_dtype_is_an_error():
+    import pytest
+
+    model, plan, buffers = setup(split_threshold=None)
+    params = list(model.parameters())
+    params[0].data = torch.zeros_like(params[0])  # e.g. vector_to_parameters or an EMA swap
+    buffers.scatter_weights()
+    assert params[0].data_ptr() == buffers.weight_view(0).data_ptr()
+    model.double()
+    with pytest.raises(ValueError, match="is now torch.float64"):
+        buffers.gather_grads()

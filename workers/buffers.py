@@ -3,7 +3,13 @@
 Where a parameter lies whole on one shard and on the CPU, ``param.grad`` and ``param.data`` are views into
 these buffers, so pushing the gradients and receiving the weights copy nothing between the model and the
 wire (the same idea as DDP's ``gradient_as_bucket_view``). Pieces of a split parameter, and parameters on a
-GPU, are copied in and out; for a GPU model the buffers are pinned host memory.
+GPU, are copied in and out; for a GPU model the buffers are pinned host memory and the copies run on a
+side stream.
+
+Views are made afresh from the buffers whenever they are handed out, and every push and pull checks that
+each parameter still sits where it should: code that rebinds ``param.data`` or ``param.grad`` gets its
+values copied in and the parameter re-pointed; a parameter whose dtype, shape or device changed after the
+buffers were made is an error, not a silent divergence.
 """
 
 from __future__ import annotations
@@ -25,34 +31,47 @@ class ShardBuffers:
         layouts = [plan.buffers(j) for j in range(plan.num_shards)]
         self.grads = [[torch.zeros(l.numel, dtype=l.dtype, pin_memory=pin) for l in shard] for shard in layouts]
         self.weights = [[torch.empty(l.numel, dtype=l.dtype, pin_memory=pin) for l in shard] for shard in layouts]
-        self.grad_views: dict[int, torch.Tensor] = {}
-        self.weight_views: dict[int, torch.Tensor] = {}
+        self.viewed: dict[int, tuple[int, int, int]] = {}  # param -> (shard, buffer, offset): its views' place
         self.copied: list[tuple[int, int, int, int, int]] = []  # (param, shard, buffer, offset, slice) copied in and out
         for j, shard in enumerate(layouts):
             for b, layout in enumerate(shard):
                 for s, off in zip(layout.slices, layout.offsets):
-                    p = self.params[s.param]
-                    if plan.is_whole(s) and not p.is_cuda:
-                        self.grad_views[s.param] = self.grads[j][b][off : off + s.numel].view(p.shape)
-                        self.weight_views[s.param] = self.weights[j][b][off : off + s.numel].view(p.shape)
+                    if plan.is_whole(s) and not self.params[s.param].is_cuda:
+                        self.viewed[s.param] = (j, b, off)
                     else:
                         self.copied.append((s.param, j, b, off, plan.shards[j].index(s)))
+        # which parameters each shard needs before its gradients are complete
+        self.members = [sorted({s.param for s in slices}) for slices in plan.shards]
         with torch.no_grad():
-            for index, view in self.weight_views.items():
+            for index in self.viewed:
+                view = self.weight_view(index)
                 view.copy_(self.params[index])
                 self.params[index].data = view  # the model's weights now live in the buffers
             self._copy_pieces(to_buffers=True, grads=False)
             self.zero_grads()
 
-        # which parameters each shard needs before its gradients are complete
-        self.members = [sorted({s.param for s in slices}) for slices in plan.shards]
+    def _view(self, buffers: list[list[torch.Tensor]], index: int) -> torch.Tensor:
+        j, b, off = self.viewed[index]
+        info = self.plan.params[index]
+        return buffers[j][b][off : off + info.numel].view(info.shape)
+
+    def grad_view(self, index: int) -> torch.Tensor:
+        return self._view(self.grads, index)
+
+    def weight_view(self, index: int) -> torch.Tensor:
+        return self._view(self.weights, index)
+
+    def _check(self, index: int) -> torch.Tensor:
+        p, info = self.params[index], self.plan.params[index]
+        if p.dtype != info.dtype or tuple(p.shape) != info.shape or p.device.type != "cpu":
+            raise ValueError(
+                f"parameter {info.key!r} is now {p.dtype} {tuple(p.shape)} on {p.device}, but the job has it as "
+                f"{info.dtype} {info.shape} on cpu: move or cast the model before making the RemoteOptimizer"
+            )
+        return p
 
     def _copy_pieces(self, to_buffers: bool, grads: bool, shard: int | None = None) -> None:
-        """Copy the pieces that are not views, between the parameters (or their gradients) and the buffers.
-
-        For a GPU model these are device-host copies into or out of pinned memory: they run on a side
-        stream, ordered after the work already queued, and are complete when this returns.
-        """
+        """Copy the pieces that are not views, between the parameters (or their gradients) and the buffers."""
         buffers = self.grads if grads else self.weights
         with self._side_stream():
             for index, j, b, off, k in self.copied:
@@ -72,13 +91,14 @@ class ShardBuffers:
 
     @contextlib.contextmanager
     def _side_stream(self) -> Iterator[None]:
+        """For a GPU model, device-host copies run on a side stream, after the work already queued, and are
+        complete when the block ends (the host buffers are sent, or the model's next kernels read them)."""
         if self.stream is None:
             yield
             return
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             yield
-        # host buffers are read (pushed) right after; the model's next kernels must see new weights
         self.stream.synchronize()
 
     def zero_grads(self) -> None:
@@ -86,17 +106,17 @@ class ShardBuffers:
         for shard in self.grads:
             for buf in shard:
                 buf.zero_()
-        for index, view in self.grad_views.items():
-            self.params[index].grad = view
+        for index in self.viewed:
+            self._check(index).grad = self.grad_view(index)
 
     def gather_grads(self, shard: int | None = None) -> list[list[torch.Tensor]]:
         """The gradients to push, per shard (of ``shard`` only, if given). A ``.grad`` the caller replaced
         (or set to None) is copied in (or zeroed) and re-pointed at the buffer."""
-        indices = self.grad_views if shard is None else [i for i in self.members[shard] if i in self.grad_views]
+        indices = self.viewed if shard is None else [i for i in self.members[shard] if i in self.viewed]
         with torch.no_grad():
             for index in indices:
-                view = self.grad_views[index]
-                p = self.params[index]
+                p = self._check(index)
+                view = self.grad_view(index)
                 if p.grad is None:
                     view.zero_()
                 elif p.grad.data_ptr() != view.data_ptr():
@@ -106,6 +126,12 @@ class ShardBuffers:
         return self.grads
 
     def scatter_weights(self) -> None:
-        """After a pull into ``weights``: bring the copied parameters up to date (viewed ones already are)."""
+        """After a pull into ``weights``: the copied parameters take their values, and a parameter whose
+        ``.data`` was rebound is pointed back at the buffer (the pulled weights are the job's)."""
         with torch.no_grad():
+            for index in self.viewed:
+                p = self._check(index)
+                view = self.weight_view(index)
+                if p.data_ptr() != view.data_ptr():
+                    p.data = view
             self._copy_pieces(to_buffers=False, grads=False)
