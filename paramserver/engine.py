@@ -135,8 +135,8 @@ class ShardGroup:
         return [getattr(s, method)(*args) for s, args in zip(self.shards, args_per_shard, strict=True)]
 
     # used by the in-process StepEngine only
-    def push(self, shard: int, worker: int, step: int, grads: Sequence[torch.Tensor]) -> bool:
-        return self.shards[shard].push(worker, step, grads)
+    def push(self, shard: int, worker: int, step: int, grads: Sequence[torch.Tensor], missing: Sequence[int] = ()) -> bool:
+        return self.shards[shard].push(worker, step, grads, missing)
 
     def all_ready(self) -> bool:
         return all(s.ready for s in self.shards)
@@ -273,14 +273,17 @@ class Coordinator:
             self.on_step(result)
         return result
 
-    def _total_norm(self, norms_per_shard: list[list[torch.Tensor]]) -> torch.Tensor:
+    def _total_norm(self, norms_per_shard: list[list[torch.Tensor | None]]) -> torch.Tensor:
+        """The total norm over the parameters that have a gradient (a shard reports None for the others)."""
         pieces: dict[int, list[tuple[int, torch.Tensor]]] = {}
         for shard, norms in zip(self.plan.shards, norms_per_shard, strict=True):
             for s, n in zip(shard, norms, strict=True):
-                pieces.setdefault(s.param, []).append((s.start, n))
+                if n is not None:
+                    pieces.setdefault(s.param, []).append((s.start, n))
         norm_type = self.config.clip.norm_type
-        per_param = [clipping.combine_piece_norms([n for _, n in sorted(pieces[p.index], key=lambda x: x[0])], norm_type) for p in self.plan.params]
-        return clipping.total_norm(per_param, [p.dtype for p in self.plan.params], norm_type)
+        present = [p for p in self.plan.params if p.index in pieces]
+        per_param = [clipping.combine_piece_norms([n for _, n in sorted(pieces[p.index], key=lambda x: x[0])], norm_type) for p in present]
+        return clipping.total_norm(per_param, [p.dtype for p in present], norm_type)
 
     # -- broadcast --------------------------------------------------------------------------------------------
 
@@ -386,6 +389,8 @@ class StepEngine(Coordinator):
         if len(grads) != len(params):
             raise ValueError(f"expected {len(params)} gradients, got {len(grads)}")
         for p, g in zip(params, grads):
+            if g is None:
+                continue
             if not isinstance(g, torch.Tensor) or tuple(g.shape) != p.shape:
                 got = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
                 raise ValueError(f"gradient of parameter {p.key!r}: expected shape {p.shape}, got {got}")
@@ -410,9 +415,12 @@ class StepEngine(Coordinator):
                 raise ValueError("ReduceLROnPlateau needs a metric with every push (step(metric=...))")
             if metric is not None and (isinstance(metric, bool) or not isinstance(metric, (int, float))):
                 raise ValueError(f"metric must be a number, got {type(metric).__name__}")
-            if self.config.nonfinite == "error" and not all(bool(torch.isfinite(g).all()) for g in grads):
+            if self.config.nonfinite == "error" and not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
                 raise NonFiniteGradientError(f"gradients of worker {worker} for step {step} hold inf or nan")
-            applied = [self.shards.push(j, worker, step, pack(self.plan, j, grads)) for j in range(self.plan.num_shards)]
+            # None: no gradient, as torch's param.grad; a parameter none of the workers has one for is skipped
+            missing = [i for i, g in enumerate(grads) if g is None]
+            grads = [torch.zeros(p.shape, dtype=p.dtype) if g is None else g for p, g in zip(self.plan.params, grads)]
+            applied = [self.shards.push(j, worker, step, pack(self.plan, j, grads), missing) for j in range(self.plan.num_shards)]
             if not any(applied):
                 return None
             if metric is not None:

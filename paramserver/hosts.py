@@ -58,12 +58,12 @@ class ShardHost:
         except KeyError:
             raise JobNotFoundError(f"no job {job!r} on shard {self.shard_id}") from None
 
-    def push(self, job: str, worker: int, step: int, grads: Sequence[torch.Tensor]) -> tuple[bool, int]:
+    def push(self, job: str, worker: int, step: int, grads: Sequence[torch.Tensor], missing: Sequence[int] = ()) -> tuple[bool, int]:
         """Add a worker's gradients; when this shard then holds all of them, tell the coordinator, whose
         call closes the step if this was the last shard. Returns (applied, version after)."""
         shard = self.shard(job)
         with self._locks[job]:
-            applied = shard.push(worker, step, grads)
+            applied = shard.push(worker, step, grads, missing)
             ready = applied and shard.ready
         if ready:
             self._coordinators[job].shard_ready(self.shard_id, step)

@@ -127,7 +127,7 @@ class ShardServicer(pb_grpc.ShardServicer):
     def PushGradients(self, request_iterator: Iterator[codec.Chunk], context: grpc.ServicerContext) -> pb.PushReply:
         head, grads = self._receive(request_iterator, context, check_step=True)
         try:
-            applied, version = self.host.push(head.job, head.worker, head.step, grads)
+            applied, version = self.host.push(head.job, head.worker, head.step, grads, list(head.missing_params))
         finally:
             # folded into the sum (or refused): the receive buffers can take the next push
             if not self.host.shard(head.job).holds(grads):

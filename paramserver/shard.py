@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -80,6 +80,8 @@ class Shard:
                 self.slices.append(s)
                 self.tensors.append(tensor)
         assert self.slices == list(plan.shards[shard_id]), "per-slice lists follow the plan's slice order"
+        self._params_here = {s.param for s in self.slices}
+        self._with_grad: set[int] = set()  # parameters some worker sent a gradient for, this step
         groups = [
             {"params": [t for s, t in zip(self.slices, self.tensors) if plan.params[s.param].group == g], **options}
             for g, options in enumerate(group_options)
@@ -112,9 +114,11 @@ class Shard:
             raise FutureStepError(f"shard {self.shard_id}: step {step} is not open yet (now at {self.version})", self.version)
 
     @_locked
-    def push(self, worker: int, step: int, grads: Sequence[torch.Tensor]) -> bool:
+    def push(self, worker: int, step: int, grads: Sequence[torch.Tensor], missing: Collection[int] = ()) -> bool:
         """Add ``worker``'s flat gradients for ``step``. Returns False if that push was already applied.
 
+        ``missing`` names the parameters this worker has no gradient for (their places hold zeros); one that no
+        worker has a gradient for is left out of the step, as torch.optim skips a parameter whose grad is None.
         Bad input raises ``ValueError`` and changes nothing. The shard may keep ``grads`` until it folds them.
         """
         if not isinstance(worker, int) or isinstance(worker, bool) or not 0 <= worker < self.num_workers:
@@ -131,7 +135,10 @@ class Shard:
                     raise NonFiniteGradientError(
                         f"shard {self.shard_id}: gradients of worker {worker} for step {step} hold inf or nan"
                     )
+        if not all(isinstance(i, int) and 0 <= i < len(self.plan.params) for i in missing):
+            raise ValueError(f"shard {self.shard_id}: missing-gradient list names unknown parameters: {sorted(missing)}")
         self.accumulator.add(worker, grads if self.device.type == "cpu" else [g.to(self.device) for g in grads])
+        self._with_grad.update(i for i in self._params_here if i not in missing)
         return True
 
     @property
@@ -156,7 +163,8 @@ class Shard:
             grads = [t.grad for t in self.tensors[start : start + len(layout.slices)]]
             norms.extend(tensor_norms(grads, norm_type))
             start += len(layout.slices)
-        return [n.cpu() for n in norms]
+        # None for a slice whose parameter no worker sent a gradient for: it takes no part in the step
+        return [n.cpu() if s.param in self._with_grad else None for s, n in zip(self.slices, norms)]
 
     # -- update -----------------------------------------------------------------------------------------------
 
@@ -170,6 +178,9 @@ class Shard:
             for buf in self.accumulator.sums:
                 buf.mul_(coef)
         set_hyperparameters(self.optimizer, hyperparameters)
+        for s, tensor in zip(self.slices, self.tensors):
+            if s.param not in self._with_grad:
+                tensor.grad = None  # torch.optim skips it (no update, no state); reduce points it back next step
         with torch.no_grad():
             self.optimizer.step()
             self._rebind_replaced_weights()
@@ -192,6 +203,7 @@ class Shard:
     def _close_step(self) -> None:
         with self._changed:
             self.accumulator.reset()
+            self._with_grad = set()
             self.version += 1
             self._changed.notify_all()
 

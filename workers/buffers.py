@@ -107,7 +107,14 @@ class ShardBuffers:
             for buf in shard:
                 buf.zero_()
         for index in self.viewed:
-            self._check(index).grad = self.grad_view(index)
+            p = self._check(index)
+            if p.requires_grad:  # a frozen parameter keeps grad None, and the service skips it as torch does
+                p.grad = self.grad_view(index)
+
+    def missing(self, shard: int | None = None) -> list[int]:
+        """The parameters (of ``shard``, if given) that have no gradient now: torch.optim would skip them."""
+        indices = range(len(self.params)) if shard is None else self.members[shard]
+        return [i for i in indices if self.params[i].grad is None]
 
     def gather_grads(self, shard: int | None = None) -> list[list[torch.Tensor]]:
         """The gradients to push, per shard (of ``shard`` only, if given). A ``.grad`` the caller replaced
@@ -119,7 +126,8 @@ class ShardBuffers:
                 view = self.grad_view(index)
                 if p.grad is None:
                     view.zero_()
-                elif p.grad.data_ptr() != view.data_ptr():
+                    continue  # stays None (listed by ``missing``): a view would turn "no gradient" into zeros
+                if p.grad.data_ptr() != view.data_ptr():
                     view.copy_(p.grad)
                 p.grad = view
             self._copy_pieces(to_buffers=True, grads=True, shard=shard)

@@ -160,14 +160,16 @@ class ServiceClient:
         """Rank 0's initial weights, one list of flat buffers per shard."""
         self._on_shards(lambda j: self._call(self.shards[j].PushParameters, self._stream(weights[j], 0, 0, j)))
 
-    def push(self, worker: int, step: int, grads: Sequence[Sequence[torch.Tensor]]) -> list[pb.PushReply]:
+    def push(self, worker: int, step: int, grads: Sequence[Sequence[torch.Tensor]], missing: Sequence[int] = ()) -> list[pb.PushReply]:
         """``worker``'s gradients for ``step``, one list of flat buffers per shard, to all shards in parallel."""
-        return self._on_shards(lambda j: self._call(self.shards[j].PushGradients, self._stream(grads[j], worker, step, j)))
+        return [f.result() for f in [self.push_shard(worker, step, j, grads[j], missing) for j in range(len(self.shards))]]
 
-    def push_shard(self, worker: int, step: int, shard: int, grads: Sequence[torch.Tensor]) -> Future:
-        """Start pushing one shard's gradients; the future holds its reply (or the error)."""
+    def push_shard(self, worker: int, step: int, shard: int, grads: Sequence[torch.Tensor], missing: Sequence[int] = ()) -> Future:
+        """Start pushing one shard's gradients; the future holds its reply (or the error). ``missing``: the
+        parameters this worker has no gradient for (their places hold zeros)."""
         assert self._pool is not None
-        return self._pool.submit(self._call, self.shards[shard].PushGradients, self._stream(grads, worker, step, shard))
+        stream = codec.encode(grads, self.chunk_bytes, job=self.job, worker=worker, step=step, shard=shard, missing_params=list(missing))
+        return self._pool.submit(self._call, self.shards[shard].PushGradients, stream)
 
     def pull(
         self, worker: int, min_version: int, timeout: float | None = None, destinations: Sequence[Sequence[torch.Tensor]] | None = None

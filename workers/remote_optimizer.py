@@ -148,7 +148,7 @@ class RemoteOptimizer:
         # contributes zeros (torch would skip it; a shard updates its slice whole).
         for j in range(self.plan.num_shards):
             if j not in self._in_flight:
-                self._in_flight[j] = self.client.push_shard(self.rank, step, j, self._wire(self.buffers.gather_grads(j)[j]))
+                self._in_flight[j] = self._push_shard(step, j)
         try:
             for future in self._in_flight.values():
                 future.result(timeout=self.timeout + 5)
@@ -180,8 +180,12 @@ class RemoteOptimizer:
                 )
             self._waiting[j] -= 1
             if self._waiting[j] == 0:
-                grads = self._wire(self.buffers.gather_grads(j)[j])
-                self._in_flight[j] = self.client.push_shard(self.rank, self.step_count, j, grads)
+                self._in_flight[j] = self._push_shard(self.step_count, j)
+
+    def _push_shard(self, step: int, shard: int) -> Future:
+        missing = self.buffers.missing(shard)  # before gather: parameters without a gradient are skipped, as in torch
+        grads = self._wire(self.buffers.gather_grads(shard)[shard])
+        return self.client.push_shard(self.rank, step, shard, grads, missing)
 
     def _wire(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
         """Gradients in the dtype they travel in (the shard accumulates them in the parameters' dtype)."""

@@ -186,7 +186,7 @@ class LeaveJobReply(_message.Message):
     def __init__(self) -> None: ...
 
 class ChunkHeader(_message.Message):
-    __slots__ = ("job", "worker", "step", "shard", "buffer", "dtype", "offset", "total")
+    __slots__ = ("job", "worker", "step", "shard", "buffer", "dtype", "offset", "total", "missing_params")
     JOB_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +195,7 @@ class ChunkHeader(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MISSING_PARAMS_FIELD_NUMBER: _ClassVar[int]
     job: str
     worker: int
     step: int
@@ -203,7 +204,8 @@ class ChunkHeader(_message.Message):
     dtype: str
     offset: int
     total: int
-    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., shard: _Optional[int] = ..., buffer: _Optional[int] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+    missing_params: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., shard: _Optional[int] = ..., buffer: _Optional[int] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., total: _Optional[int] = ..., missing_params: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("header", "data")
