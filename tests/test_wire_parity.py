@@ -258,3 +258,24 @@ def test_pushing_during_backward_refuses_a_second_backward_in_one_step(service):
             model(x).sum().backward()
         opt.step()  # the first backward's gradients make the step
         assert opt.step_count == 1
+
+
+def test_nonfinite_error_refuses_the_whole_push_before_any_shard_takes_it():
+    from paramserver.errors import NonFiniteGradientError
+
+    model = make_model()
+    params = list(model.parameters())
+    with serve(2) as svc, RemoteOptimizer(model.named_parameters(), "SGD", lr=0.1, address=svc.address, job="nonfinite-error",
+                                          nonfinite="error", timeout=30.0) as opt:
+        for p in params:
+            p.grad = torch.ones_like(p)
+        params[-1].grad[0] = float("nan")  # on one shard only
+        with pytest.raises(NonFiniteGradientError, match="nothing was pushed"):
+            opt.step()
+        assert all(not s.pushed_workers for s in opt.client.status().shards)
+        params[-1].grad[0] = 1.0
+        opt.step()
+        assert opt.client.status().version == 1
+        with pytest.raises(ValueError, match="push_during_backward needs"):
+            RemoteOptimizer(make_model().named_parameters(), "SGD", lr=0.1, address=svc.address, job="nonfinite-error-2",
+                            nonfinite="error", push_during_backward=True, timeout=30.0)

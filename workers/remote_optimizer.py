@@ -22,6 +22,7 @@ import torch
 
 from paramserver import wire_values
 from paramserver.config import ClipConfig, SchedulerSpec
+from paramserver.errors import NonFiniteGradientError
 from paramserver.jobconfig import describe_job
 from paramserver.malloc import fix_mmap_threshold
 from paramserver.params import normalize_params
@@ -65,6 +66,8 @@ class RemoteOptimizer:
         self._tensors = self._groups.tensors  # the model's parameters: new weights are written into them
         if grad_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"grad_dtype must be None (the parameters' dtype), float32, bfloat16 or float16, got {grad_dtype}")
+        if push_during_backward and rank == 0 and nonfinite == "error":
+            raise ValueError('push_during_backward needs nonfinite="skip": under "error" all gradients are checked before any is pushed')
         self.rank = rank
         self.timeout = timeout
         self.grad_dtype = grad_dtype
@@ -97,6 +100,11 @@ class RemoteOptimizer:
             self.step_count = info.version
             if rank != 0 or info.version > 0:
                 self._pull(info.version)
+            # Under nonfinite="error" every shard must refuse the same push, so the check is made here,
+            # before anything leaves: a gradient pushed during backward could not be taken back.
+            self._refuse_nonfinite = info.config.nonfinite == "error"
+            if push_during_backward and self._refuse_nonfinite:
+                raise ValueError('push_during_backward needs nonfinite="skip": under "error" all gradients are checked before any is pushed')
             self.push_during_backward = push_during_backward
             self._in_flight: dict[int, Future] = {}
             if push_during_backward:
@@ -144,8 +152,11 @@ class RemoteOptimizer:
             if self.push_during_backward:
                 raise ValueError("step(metric=...) needs push_during_backward=False: the step may close before the metric arrives")
             self.client.report_metric(self.rank, step, float(metric))
-        # Shards whose gradients were not pushed during backward go now; a parameter without a gradient
-        # contributes zeros (torch would skip it; a shard updates its slice whole).
+        if self._refuse_nonfinite:
+            grads = self.buffers.gather_grads()
+            if not all(bool(torch.isfinite(b).all()) for shard in grads for b in shard):
+                raise NonFiniteGradientError(f"worker {self.rank}: gradients of step {step} hold inf or nan; nothing was pushed")
+        # Shards whose gradients were not pushed during backward go now.
         for j in range(self.plan.num_shards):
             if j not in self._in_flight:
                 self._in_flight[j] = self._push_shard(step, j)
