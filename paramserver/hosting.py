@@ -146,7 +146,7 @@ class CoordinatorProcess:
         import ray
 
         addresses = ray.get([a.address.remote() for a in shard_actors], timeout=CONTROL_TIMEOUT_S)
-        self.host = CoordinatorHost(RayFleet(shard_actors), addresses, trusted_modules)
+        self.host = CoordinatorHost(RayFleet(shard_actors), addresses, trusted_modules, options.max_workers)
         self.server, bound = create_coordinator_server(self.host, f"{bind_host}:{port}", options)
         self._address = f"{_advertised(bind_host)}:{bound}"
         if options.metrics_port is not None:

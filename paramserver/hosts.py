@@ -121,8 +121,9 @@ class CoordinatorHost:
     """Every job's coordinator; ``fleet`` makes and reaches the jobs' shards (``LocalFleet`` or, on Ray,
     ``paramserver.hosting.RayFleet``)."""
 
-    def __init__(self, fleet: Any, shard_addresses: Sequence[str], trusted_modules: Sequence[str] = ()) -> None:
+    def __init__(self, fleet: Any, shard_addresses: Sequence[str], trusted_modules: Sequence[str] = (), shard_threads: int | None = None) -> None:
         assert len(fleet) == len(shard_addresses)
+        self.shard_threads = shard_threads
         self.fleet = fleet
         self.shard_addresses = list(shard_addresses)
         self.trusted_modules = tuple(trusted_modules)
@@ -146,6 +147,11 @@ class CoordinatorHost:
                 if existing.config != config:
                     raise JobExistsError(f"job {name!r} exists already with another configuration")
                 return existing
+            if self.shard_threads is not None and 2 * config.num_workers + 2 > self.shard_threads:
+                raise ValueError(
+                    f"num_workers={config.num_workers} needs {2 * config.num_workers + 2} gRPC threads per shard server "
+                    f"(a push and a waiting pull per worker); this service has {self.shard_threads} (ServerOptions.max_workers)"
+                )
             spec: JobSpec = build_job(config, len(self.fleet), self.trusted_modules)
             group = self.fleet.create_job(name, config, spec)
             coordinator = Coordinator(spec, group)

@@ -43,7 +43,9 @@ class ServerOptions:
     tls: TLSConfig | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES
-    max_workers: int = 32
+    # gRPC threads per server. A worker's pull holds one on each shard server until its step closes, so a
+    # job of W workers needs about 2 W of them (pushes and pulls): jobs that need more are refused.
+    max_workers: int = 64
     # Expose Prometheus metrics over HTTP on this port (None: do not); shard actors use any free port.
     metrics_port: int | None = None
 
@@ -184,7 +186,7 @@ def serve_local(
             server, shard_port = create_shard_server(shard_host, f"{host}:0", options)
             servers.append(server)
             addresses.append(f"{host}:{shard_port}")
-        coordinator = CoordinatorHost(LocalFleet(shard_hosts), addresses, trusted_modules)
+        coordinator = CoordinatorHost(LocalFleet(shard_hosts), addresses, trusted_modules, options.max_workers)
         server, front_port = create_coordinator_server(coordinator, f"{host}:{port}", options)
         servers.append(server)
     except BaseException:

@@ -847,3 +847,18 @@ def test_health_and_reflection_on_coordinator_and_shards(wire, job_name):
             iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=service)]), timeout=T)
         files = [f for r in replies for f in r.file_descriptor_response.file_descriptor_proto]
         assert files and any(b"paramserver.v1" in f for f in files)
+
+
+def test_a_job_with_more_workers_than_the_servers_threads_is_refused():
+    from paramserver.config import ClipConfig
+    from paramserver.jobconfig import describe_job
+    from paramserver.params import normalize_params
+
+    groups = normalize_params([("w", torch.zeros(3))])
+    with serve(1) as svc:
+        stub = pb_grpc.CoordinatorStub(grpc.insecure_channel(svc.address))
+        config = describe_job(groups, "SGD", {"lr": 0.1}, num_workers=40, clip=ClipConfig())
+        with pytest.raises(grpc.RpcError) as err:
+            stub.CreateJob(pb.CreateJobRequest(job="too-many", config=config), timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "needs 82 gRPC threads per shard server" in err.value.details()
