@@ -153,4 +153,9 @@ class Schedule:
             return
         if not isinstance(state, dict):
             raise ValueError("this job has a scheduler; its state must be a dict from scheduler.state_dict()")
-        self.scheduler.load_state_dict(copy.deepcopy(state))
+        before = copy.deepcopy(self.scheduler.state_dict())
+        try:
+            self.scheduler.load_state_dict(copy.deepcopy(state))
+        except Exception as exc:
+            self.scheduler.load_state_dict(before)  # torch may have taken part of the state: undo it
+            raise ValueError(f"scheduler state does not fit {type(self.scheduler).__name__}: {type(exc).__name__}: {exc}") from exc
