@@ -70,3 +70,42 @@ def test_parity_frozen_parameter_through_the_service():
         for a, b in zip(model.parameters(), ref.parameters()):
             assert torch.equal(a, b)
         assert_state_equal(opt.state_dict()["optimizer"], ropt.state_dict())
+
+
+class WithUnused(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.used = torch.nn.Linear(4, 64)
+        self.head = torch.nn.Linear(64, 2)
+        self.unused = torch.nn.Linear(4, 4)  # trainable, never in the graph
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.used(x)))
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("split", [None, 256], ids=["whole", "split"])
+def test_parity_unused_parameters_follow_zero_grad_set_to_none(set_to_none, split):
+    """zero_grad(set_to_none=True): an unused parameter has no gradient and is skipped; set_to_none=False:
+    it has a zero gradient and weight decay and momentum move it, exactly as in torch. Split parameters
+    (copied in and out of the buffers) are cleared by zero_grad like the others."""
+    model = WithUnused()
+    ref = copy.deepcopy(model)
+    kwargs = {"lr": 0.1, "weight_decay": 0.1, "momentum": 0.9}
+    ropt = torch.optim.SGD(ref.named_parameters(), **kwargs)
+    x = torch.randn(8, 4)
+    with serve_local(3) as service, RemoteOptimizer(model.named_parameters(), "SGD", address=service.address, job="unused",
+                                                   split_threshold_bytes=split, timeout=30, **kwargs) as opt:
+        if split:
+            assert any(opt.plan.is_split(p.index) for p in opt.plan.params)
+        for _ in range(4):
+            opt.zero_grad(set_to_none=set_to_none)
+            model(x).square().mean().backward()
+            opt.step()
+            ropt.zero_grad(set_to_none=set_to_none)
+            ref(x).square().mean().backward()
+            ropt.step()
+        for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+            assert torch.equal(a, b), name
+        assert_state_equal(opt.state_dict()["optimizer"], ropt.state_dict())

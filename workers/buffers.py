@@ -101,8 +101,9 @@ class ShardBuffers:
             yield
         self.stream.synchronize()
 
-    def zero_grads(self) -> None:
-        """Zero the gradient buffers and point every viewed parameter's ``.grad`` at its place there."""
+    def zero_grads(self, set_to_none: bool = True) -> None:
+        """Zero the gradient buffers and point every viewed parameter's ``.grad`` at its place there; the
+        copied parameters' gradients are cleared as torch's ``zero_grad(set_to_none)`` clears them."""
         for shard in self.grads:
             for buf in shard:
                 buf.zero_()
@@ -110,11 +111,28 @@ class ShardBuffers:
             p = self._check(index)
             if p.requires_grad:  # a frozen parameter keeps grad None, and the service skips it as torch does
                 p.grad = self.grad_view(index)
+        for index in {c[0] for c in self.copied}:
+            p = self.params[index]
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
 
-    def missing(self, shard: int | None = None) -> list[int]:
-        """The parameters (of ``shard``, if given) that have no gradient now: torch.optim would skip them."""
+    def missing(self, shard: int | None = None, reached: set[int] | None = None) -> list[int]:
+        """The parameters (of ``shard``, if given) without a gradient, which torch.optim would skip: grad
+        None, or, when ``reached`` is given, a grad still in its buffer place that backward did not reach."""
         indices = range(len(self.params)) if shard is None else self.members[shard]
-        return [i for i in indices if self.params[i].grad is None]
+        out = []
+        for i in indices:
+            grad = self.params[i].grad
+            untouched_view = (
+                reached is not None and i in self.viewed and i not in reached
+                and grad is not None and grad.data_ptr() == self.grad_view(i).data_ptr()
+            )
+            if grad is None or untouched_view:
+                out.append(i)
+        return out
 
     def gather_grads(self, shard: int | None = None) -> list[list[torch.Tensor]]:
         """The gradients to push, per shard (of ``shard`` only, if given). A ``.grad`` the caller replaced

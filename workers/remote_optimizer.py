@@ -107,8 +107,10 @@ class RemoteOptimizer:
                 raise ValueError('push_during_backward needs nonfinite="skip": under "error" all gradients are checked before any is pushed')
             self.push_during_backward = push_during_backward
             self._in_flight: dict[int, Future] = {}
-            if push_during_backward:
-                self._arm_hooks()
+            # The parameters backward has reached since their gradients were last set to None: one it has not
+            # reached has no gradient (torch.optim would skip it), although its place in the buffers holds zeros.
+            self._touched: set[int] = set()
+            self._arm_hooks()
         except BaseException:
             self.client.close()
             raise
@@ -137,9 +139,12 @@ class RemoteOptimizer:
         return groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients. They stay views into the buffers the push sends from (whatever
-        ``set_to_none`` says), so the next backward writes where the push reads."""
-        self.buffers.zero_grads()
+        """Zero the gradients. Where they are views into the buffers the push sends from, they stay views
+        (the next backward writes where the push reads). As in torch, a parameter backward has not reached
+        since its gradient was last set to None has no gradient, and the service skips it."""
+        self.buffers.zero_grads(set_to_none)
+        if set_to_none:
+            self._touched.clear()
 
     def step(self, closure: Callable[[], Any] | None = None, *, metric: float | None = None) -> Any:
         """Push this worker's gradients, wait for the step to close, write the new weights in place."""
@@ -173,16 +178,21 @@ class RemoteOptimizer:
     # -- pushing during backward -------------------------------------------------------------------------------
 
     def _arm_hooks(self) -> None:
-        """Push shard j's gradients as soon as backward has accumulated every parameter it holds."""
+        """Note each parameter backward reaches; with push_during_backward, push shard j's gradients as soon
+        as backward has accumulated every parameter it holds."""
         self._waiting = [len(m) for m in self.buffers.members]
         shards_of: dict[int, list[int]] = {}
         for j, members in enumerate(self.buffers.members):
             for index in members:
                 shards_of.setdefault(index, []).append(j)
         for index, param in enumerate(self._tensors):
-            param.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, shards_of.get(index, [])))
+            if param.requires_grad:
+                param.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, index, shards_of.get(index, [])))
 
-    def _grad_ready(self, shards: list[int], param: torch.Tensor) -> None:
+    def _grad_ready(self, index: int, shards: list[int], param: torch.Tensor) -> None:
+        self._touched.add(index)
+        if not self.push_during_backward:
+            return
         for j in shards:
             if j in self._in_flight:
                 raise RuntimeError(
@@ -194,7 +204,8 @@ class RemoteOptimizer:
                 self._in_flight[j] = self._push_shard(self.step_count, j)
 
     def _push_shard(self, step: int, shard: int) -> Future:
-        missing = self.buffers.missing(shard)  # before gather: parameters without a gradient are skipped, as in torch
+        # before gather: parameters without a gradient are skipped, as in torch
+        missing = self.buffers.missing(shard, self._touched)
         grads = self._wire(self.buffers.gather_grads(shard)[shard])
         return self.client.push_shard(self.rank, step, shard, grads, missing)
 
