@@ -108,7 +108,7 @@ class ShardServicer(pb_grpc.ShardServicer):
         if head.shard != self.host.shard_id:
             raise ValueError(f"this is shard {self.host.shard_id}, the chunks are for shard {head.shard}")
         shard = self.host.shard(head.job)
-        if check_step:
+        if check_step and not shard.is_late_retry(head.worker, head.step):
             shard.check_step(head.step)  # fail a stale or future push before its bytes stream in
         layouts = shard.layouts
         assembler = codec.Assembler([layout.numel for layout in layouts], [layout.dtype for layout in layouts], allocate=self.pool.take)

@@ -82,6 +82,7 @@ class Shard:
         assert self.slices == list(plan.shards[shard_id]), "per-slice lists follow the plan's slice order"
         self._params_here = {s.param for s in self.slices}
         self._with_grad: set[int] = set()  # parameters some worker sent a gradient for, this step
+        self._closed_received: frozenset[int] = frozenset()  # who pushed the step that closed last
         groups = [
             {"params": [t for s, t in zip(self.slices, self.tensors) if plan.params[s.param].group == g], **options}
             for g, options in enumerate(group_options)
@@ -125,6 +126,8 @@ class Shard:
             raise ValueError(f"shard {self.shard_id}: worker must be in [0, {self.num_workers}), got {worker!r}")
         if not self.initialized:
             raise NotReadyError(f"shard {self.shard_id}: the job's initial weights are not in place yet")
+        if self.is_late_retry(worker, step):
+            return False  # a retry whose first try closed the step (its reply was lost): applied already
         self.check_step(step)
         if worker in self.accumulator.received:
             return False
@@ -140,6 +143,10 @@ class Shard:
         self.accumulator.add(worker, grads if self.device.type == "cpu" else [g.to(self.device) for g in grads])
         self._with_grad.update(i for i in self._params_here if i not in missing)
         return True
+
+    def is_late_retry(self, worker: int, step: int) -> bool:
+        """A push of the step that closed last, by a worker whose push is in it."""
+        return step == self.version - 1 and worker in self._closed_received
 
     @property
     def ready(self) -> bool:
@@ -202,6 +209,7 @@ class Shard:
 
     def _close_step(self) -> None:
         with self._changed:
+            self._closed_received = frozenset(self.accumulator.received)
             self.accumulator.reset()
             self._with_grad = set()
             self.version += 1

@@ -331,8 +331,8 @@ BAD_PUSHES = [
      Code.INVALID_ARGUMENT, r"chunks disagree on dtype", None),
     ("worker out of range", lambda job, n: [pb.TensorChunk(header=_h(job, n, worker=2), data=_f32(n))], Code.INVALID_ARGUMENT,
      r"worker must be in \[0, 2\), got 2", None),
-    ("step from the past", lambda job, n: [pb.TensorChunk(header=_h(job, n, step=0), data=_f32(n))], Code.FAILED_PRECONDITION,
-     r"step 0 has already closed \(now at 1\)", "1"),
+    # (a step from the past: here step 0, which just closed, is a late retry, answered "already applied";
+    # an older step's FAILED_PRECONDITION is in test_retried_push_is_applied_once)
     ("step from the future", lambda job, n: [pb.TensorChunk(header=_h(job, n, step=2), data=_f32(n))], Code.FAILED_PRECONDITION,
      r"step 2 is not open yet \(now at 1\)", "1"),
     ("far future step", lambda job, n: [pb.TensorChunk(header=_h(job, n, step=2**63), data=_f32(n))], Code.FAILED_PRECONDITION,
@@ -593,10 +593,14 @@ def test_retried_push_is_applied_once(wire, job_name):
         ref.step(grads)
         assert job.status().version == step + 1
         assert_weights(job.weights(min_version=step + 1), ref)
-    # once the step has closed, a late retry is a stale step, with the version in the trailers; nothing changes
+    # a late retry of the step that just closed (its reply was lost) is answered "already applied"
     before = job.snapshot()
-    exc = rpc_error(lambda: job.push(1, 1, grads[1], shards=[1]))
-    assert_status(exc, Code.FAILED_PRECONDITION, r"step 1 has already closed \(now at 2\)")
+    late, = job.push(1, 1, grads[1], shards=[1])
+    assert (late.already_applied, late.version) == (True, 2)
+    assert_same_snapshot(before, job.snapshot())
+    # an older step is a stale step, with the version in the trailers; nothing changes
+    exc = rpc_error(lambda: job.push(1, 0, grads[1], shards=[1]))
+    assert_status(exc, Code.FAILED_PRECONDITION, r"step 0 has already closed \(now at 2\)")
     assert dict(exc.trailing_metadata() or ()).get("ps-version") == "2"
     assert_same_snapshot(before, job.snapshot())
 
