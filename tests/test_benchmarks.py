@@ -1,0 +1,24 @@
+"""The benchmark harness runs (small sizes); it asserts what it measures exists, never how fast it is."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import peers, service
+from benchmarks.__main__ import Row
+
+
+def test_transfer_and_update_measurements_run():
+    push, pull = service.push_pull_gbps(2 * 2**20, 2**20, 1)
+    assert push > 0 and pull > 0
+    assert peers.raw_grpc_gbps(2 * 2**20, 2**20, 1, "push") > 0
+    assert peers.raw_socket_gbps(2 * 2**20, 2**20, 1) > 0
+    in_service, standalone = service.update_mparams_per_s(100_000, 2)
+    assert in_service > 0 and standalone > 0
+
+
+def test_rows_carry_their_ratio_and_serialize():
+    row = Row("push_GBps", 1.0, "GB/s", "raw_grpc_GBps", 2.0)
+    assert row.ratio == 0.5
+    assert Row("raw_socket_GBps", 3.0, "GB/s").ratio is None
+    json.dumps({"name": row.name, "value": row.value, "ratio": row.ratio})
