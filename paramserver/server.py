@@ -6,7 +6,7 @@ read the port back. Every server also answers gRPC health checks and reflection.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -64,7 +64,7 @@ class ServerOptions:
         ]
 
 
-def _start(address: str, options: ServerOptions, add: "callable", service_names: Sequence[str]) -> tuple[grpc.Server, int]:
+def _start(address: str, options: ServerOptions, add: Callable[[grpc.Server], None], service_names: Sequence[str]) -> tuple[grpc.Server, int]:
     fix_mmap_threshold()
     interceptors = [BearerTokenInterceptor(options.auth_token)] if options.auth_token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.max_workers), interceptors=interceptors, options=options.grpc_options())
