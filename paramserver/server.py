@@ -16,8 +16,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from paramserver import codec
-from paramserver.malloc import fix_mmap_threshold
 from paramserver.hosts import CoordinatorHost, LocalFleet, ShardHost
+from paramserver.malloc import fix_mmap_threshold
 from paramserver.proto.v1 import paramserver_pb2 as pb
 from paramserver.proto.v1 import paramserver_pb2_grpc as pb_grpc
 from paramserver.services import SHARD_SERVICE, BearerTokenInterceptor, CoordinatorServicer, ShardServicer, shard_handler
