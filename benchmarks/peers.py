@@ -508,7 +508,9 @@ def _demo(nbytes: int = 16 << 20, chunk_bytes: int = 2 << 20, repeats: int = 3, 
 if __name__ == "__main__":
     import argparse
 
-    from benchmarks import peers  # the functions by their importable name, for the spawned DDP ranks
+    from benchmarks import (
+        peers,  # the functions by their importable name, for the spawned DDP ranks
+    )
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=16, help="buffer size for the transport figures")

@@ -9,10 +9,10 @@ import torch
 
 from benchmarks.common import batch, make_mlp, param_count, peak_rss_mb
 from paramserver import StepEngine
-from paramserver.config import ClipConfig, EngineConfig
-from paramserver.jobconfig import describe_job
-from paramserver.params import normalize_params
-from paramserver.server import serve_local
+from paramserver.core.config import ClipConfig, EngineConfig
+from paramserver.core.params import normalize_params
+from paramserver.service.local import serve_local
+from paramserver.wire.jobconfig import describe_job
 from workers.client import ServiceClient
 
 

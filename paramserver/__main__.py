@@ -20,9 +20,11 @@ import threading
 
 import grpc
 
-from paramserver.proto.v1 import paramserver_pb2 as pb
-from paramserver.proto.v1 import paramserver_pb2_grpc as pb_grpc
-from paramserver.server import TLSConfig, serve, serve_local
+from paramserver.hosting.serve import serve
+from paramserver.service.local import serve_local
+from paramserver.service.server import TLSConfig
+from paramserver.wire.proto.v1 import paramserver_pb2 as pb
+from paramserver.wire.proto.v1 import paramserver_pb2_grpc as pb_grpc
 
 
 def _token(env: str | None) -> str | None:

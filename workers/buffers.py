@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from paramserver.sharding import ShardingPlan
+from paramserver.core.sharding import ShardingPlan
 
 
 class ShardBuffers:

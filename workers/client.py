@@ -16,14 +16,17 @@ from typing import Any, TypeVar
 import grpc
 import torch
 
-from paramserver import codec, wire_values
-from paramserver.errors import FutureStepError, StaleStepError
-from paramserver.params import ParamInfo
-from paramserver.proto.v1 import paramserver_pb2 as pb
-from paramserver.proto.v1 import paramserver_pb2_grpc as pb_grpc
-from paramserver.server import DEFAULT_MAX_MESSAGE_BYTES
-from paramserver.services import SHARD_SERVICE, VERSION_METADATA_KEY
-from paramserver.sharding import ShardingPlan, Slice
+from paramserver.core.errors import FutureStepError, StaleStepError
+from paramserver.core.params import ParamInfo
+from paramserver.core.sharding import ShardingPlan, Slice
+from paramserver.wire import codec, json_values
+from paramserver.wire.proto.v1 import paramserver_pb2 as pb
+from paramserver.wire.proto.v1 import paramserver_pb2_grpc as pb_grpc
+from paramserver.wire.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    SHARD_SERVICE,
+    VERSION_METADATA_KEY,
+)
 
 T = TypeVar("T")
 
@@ -206,11 +209,11 @@ class ServiceClient:
             _, skeleton, tensors = codec.decode_state(iter(chunks))
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
-        return wire_values.from_wire(json.loads(skeleton), tensors)
+        return json_values.from_wire(json.loads(skeleton), tensors)
 
     def load_state(self, state: dict[str, Any]) -> None:
         tensors: list[torch.Tensor] = []
-        skeleton = json.dumps(wire_values.to_wire(state, "state", tensors))
+        skeleton = json.dumps(json_values.to_wire(state, "state", tensors))
         self._call(self.coordinator.LoadState, codec.encode_state(skeleton, tensors, self.chunk_bytes, job=self.job))
 
     def close(self) -> None:

@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from paramserver import wire_values
-from paramserver.config import ClipConfig, SchedulerSpec
-from paramserver.errors import NonFiniteGradientError
-from paramserver.jobconfig import describe_job
-from paramserver.malloc import fix_mmap_threshold
-from paramserver.params import normalize_params
+from paramserver.core.config import ClipConfig, SchedulerSpec
+from paramserver.core.errors import NonFiniteGradientError
+from paramserver.core.malloc import fix_mmap_threshold
+from paramserver.core.params import normalize_params
+from paramserver.wire import json_values
+from paramserver.wire.jobconfig import describe_job
 from workers.buffers import ShardBuffers
 from workers.client import ServiceClient
 
@@ -60,7 +60,7 @@ class RemoteOptimizer:
     ) -> None:
         if not isinstance(rank, int) or not 0 <= rank < num_workers:
             raise ValueError(f"rank must be in [0, num_workers={num_workers}), got {rank!r}")
-        fix_mmap_threshold()  # the wire's megabyte buffers go back to the OS when freed (see paramserver.malloc)
+        fix_mmap_threshold()  # the wire's megabyte buffers go back to the OS when freed (see paramserver.core.malloc)
         self._groups = normalize_params(params)
         self._params = self._groups.params
         self._tensors = self._groups.tensors  # the model's parameters: new weights are written into them
@@ -132,7 +132,7 @@ class RemoteOptimizer:
     def param_groups(self) -> list[dict[str, Any]]:
         """The groups as torch shows them: this worker's parameters with each group's hyperparameters for
         the next step, as the service's scheduler has set them."""
-        hyperparameters = [wire_values.loads(text) for text in self.client.status().param_groups_json]
+        hyperparameters = [json_values.loads(text) for text in self.client.status().param_groups_json]
         groups = []
         for g, values in enumerate(hyperparameters):
             groups.append({**values, "params": [self._tensors[p.index] for p in self._params if p.group == g]})

@@ -1,0 +1,259 @@
+"""The coordinator of a job's steps: the one place where the order of a step's stages is written.
+
+    push (shards accumulate) -> aggregate (mean, per-tensor norms) -> clip (total norm, coefficient)
+    -> update (each shard's optimizer) -> schedule (the global scheduler) -> broadcast (weights, version t+1)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from paramserver.core import clipping
+from paramserver.core.errors import (
+    FutureStepError,
+    JobFailedError,
+    StaleStepError,
+)
+from paramserver.core.job import JobSpec
+from paramserver.core.registry import is_elementwise
+from paramserver.core.sharding import pack, unpack
+from paramserver.core.shards import ShardGroup
+from paramserver.core.state import (
+    check_model_state,
+    check_optimizer_state,
+    cut_param_state,
+    join_param_state,
+)
+
+log = logging.getLogger("paramserver")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What became of one closed step."""
+
+    step: int
+    total_norm: float
+    clip_coef: float | None
+    skipped: bool
+    lrs: list[float]
+    error: str | None = None  # set when the step was refused (non-finite norm with error_if_nonfinite)
+    seconds: dict[str, float] = field(default_factory=dict)  # time spent in each stage the coordinator runs
+
+
+class StageTimer:
+    """Adds up the wall time of named stages: ``with timer("clip"): ...``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+@dataclass
+
+
+class Coordinator:
+    """Coordinates one job's synchronous steps over its shards.
+
+    Shards receive the pushes; each tells the coordinator when it holds all W workers' gradients for the
+    open step (``shard_ready``), and the call that completes the set runs the rest of the step.
+    """
+
+    def __init__(self, job: JobSpec, shards: ShardGroup) -> None:
+        self.job = job
+        self.config = job.config
+        self.plan = job.plan
+        self.schedule = job.schedule
+        self.shards = shards
+        self.version = 0
+        self.skipped_steps = 0
+        self.last_result: StepResult | None = None
+        self._metrics: dict[int, dict[int, float]] = {}  # step -> worker -> metric
+        self._ready: dict[int, set[int]] = {}  # step -> shards holding all gradients
+        self.on_step: Callable[[StepResult], None] | None = None  # told of every closed step (metrics, logs)
+        self.failed: str | None = None  # set when an update failed part-way; cleared by load_state_dict
+        self._lock = threading.RLock()
+
+    def check_worker(self, worker: int) -> None:
+        if not isinstance(worker, int) or isinstance(worker, bool) or not 0 <= worker < self.config.num_workers:
+            raise ValueError(f"worker must be in [0, {self.config.num_workers}), got {worker!r}")
+
+    def check_step(self, step: int) -> None:
+        if self.failed is not None:
+            raise JobFailedError(self.failed)
+        if step < self.version:
+            raise StaleStepError(f"step {step} has already closed (now at {self.version})", self.version)
+        if step > self.version:
+            raise FutureStepError(f"step {step} is not open yet (now at {self.version})", self.version)
+
+    def record_metric(self, worker: int, step: int, metric: float) -> None:
+        """A worker's metric for ``step`` (ReduceLROnPlateau steps on the workers' mean)."""
+        if isinstance(metric, bool) or not isinstance(metric, (int, float)):
+            raise ValueError(f"metric must be a number, got {type(metric).__name__}")
+        with self._lock:
+            self.check_worker(worker)
+            self.check_step(step)
+            self._metrics.setdefault(step, {})[worker] = float(metric)
+
+    def shard_ready(self, shard: int, step: int) -> StepResult | None:
+        """Shard ``shard`` holds every worker's gradients for ``step``; the last shard to say so closes it."""
+        with self._lock:
+            self.check_step(step)
+            ready = self._ready.setdefault(step, set())
+            ready.add(shard)
+            if len(ready) < self.plan.num_shards:
+                return None
+            del self._ready[step]
+            return self._close_step(step)
+
+    # -- the order of the stages ------------------------------------------------------------------------------
+
+    def _close_step(self, step: int) -> StepResult:
+        clip = self.config.clip
+        timer = StageTimer()
+        with timer("aggregate"):
+            norms = self.shards.reduce(step, clip.norm_type, clip.clip_value)
+        with timer("clip"):
+            total = self._total_norm(norms)
+        metrics = self._metrics.pop(step, {})
+        metric = sum(metrics[w] for w in sorted(metrics)) / len(metrics) if metrics else None
+        if not clipping.is_finite(total):
+            error = None
+            if clip.error_if_nonfinite:
+                error = (
+                    f"The total norm of order {clip.norm_type} for gradients is non-finite, so it cannot be clipped; "
+                    "the step was skipped"
+                )
+            with timer("update"):
+                self.shards.skip(step)
+            self.skipped_steps += 1
+            return self._closed(StepResult(step, float(total), None, True, self.schedule.lrs(), error, timer.seconds))
+        with timer("clip"):
+            coef = clipping.clip_coefficient(total, clip.max_norm) if clip.max_norm is not None else None
+        with timer("update"):
+            try:
+                self.shards.apply(step, coef, self.schedule.hyperparameters())
+            except Exception as exc:
+                # Some shards may have updated and others not: no step can follow from that state.
+                self.failed = f"the update of step {step} failed ({type(exc).__name__}: {exc}); load a saved state to go on"
+                log.error("%s", self.failed)
+                raise
+        error = None
+        with timer("schedule"):
+            try:
+                self.schedule.after_update(metric)
+            except Exception as exc:  # the update happened: the step closes, the scheduler's error is reported
+                error = f"the scheduler did not step after step {step}: {type(exc).__name__}: {exc}"
+                log.error("%s", error)
+        return self._closed(
+            StepResult(step, float(total), None if coef is None else float(coef), False, self.schedule.lrs(), error, timer.seconds)
+        )
+
+    def _closed(self, result: StepResult) -> StepResult:
+        self.version += 1  # broadcast: pulls for version t+1 may now be served
+        self.last_result = result
+        if self.on_step is not None:
+            self.on_step(result)
+        return result
+
+    def _total_norm(self, norms_per_shard: list[list[torch.Tensor | None]]) -> torch.Tensor:
+        """The total norm over the parameters that have a gradient (a shard reports None for the others)."""
+        pieces: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        for shard, norms in zip(self.plan.shards, norms_per_shard, strict=True):
+            for s, n in zip(shard, norms, strict=True):
+                if n is not None:
+                    pieces.setdefault(s.param, []).append((s.start, n))
+        norm_type = self.config.clip.norm_type
+        present = [p for p in self.plan.params if p.index in pieces]
+        per_param = [clipping.combine_piece_norms([n for _, n in sorted(pieces[p.index], key=lambda x: x[0])], norm_type) for p in present]
+        return clipping.total_norm(per_param, [p.dtype for p in present], norm_type)
+
+    # -- broadcast --------------------------------------------------------------------------------------------
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The current weights, one new tensor per parameter, in index order."""
+        out = [torch.empty(p.shape, dtype=p.dtype) for p in self.plan.params]
+        for j, buffers in enumerate(self.shards.weights()):
+            unpack(self.plan, j, buffers, out)
+        return out
+
+    def get_last_lr(self) -> list[float]:
+        return self.schedule.lrs()
+
+    # -- state in torch's formats -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        with self._lock:
+            params = self.plan.params
+            model = {p.key: t for p, t in zip(params, self.parameters())}
+            shard_states = self.shards.optimizer_states()
+            state: dict[int, dict[str, Any]] = {}
+            for p in params:
+                pieces = []
+                for j, s in self.plan.pieces(p.index):
+                    pieces.append((s, shard_states[j][self.plan.shards[j].index(s)]))
+                if any(st for _, st in pieces):
+                    state[p.index] = join_param_state(self.plan, p, pieces)
+            groups = self.schedule.optimizer.state_dict()["param_groups"]
+            optimizer = {"state": state, "param_groups": copy.deepcopy(groups)}
+            return {"model": model, "optimizer": optimizer, "scheduler": self.schedule.state_dict()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load any of "model", "optimizer", "scheduler" in torch's formats; everything is checked before
+        anything changes."""
+        unknown = set(state_dict) - {"model", "optimizer", "scheduler"}
+        if unknown:
+            raise ValueError(f"unknown state dict keys {sorted(unknown)}; expected 'model', 'optimizer', 'scheduler'")
+        with self._lock:
+            params = self.plan.params
+            weights = None
+            if "model" in state_dict:
+                tensors = check_model_state(params, state_dict["model"])
+                weights = [pack(self.plan, j, tensors) for j in range(self.plan.num_shards)]
+            shard_states = None
+            if "optimizer" in state_dict:
+                sd = state_dict["optimizer"]
+                check_optimizer_state(params, len(self.job.params.group_options), sd)
+                # torch maps saved ids to parameters by position across the groups
+                saved_ids = [i for group in sd["param_groups"] for i in group["params"]]
+                by_index = {pos: sd["state"].get(saved_id, {}) for pos, saved_id in enumerate(saved_ids)}
+                shard_states = [
+                    [cut_param_state(params[s.param], s, self.plan.is_whole(s), by_index[s.param]) for s in slices]
+                    for slices in self.plan.shards
+                ]
+                self._check_state_shapes(by_index)
+            if "scheduler" in state_dict:
+                self.schedule.load_state_dict(state_dict["scheduler"])
+            if shard_states is not None:
+                sd = state_dict["optimizer"]
+                self.schedule.optimizer.load_state_dict({"state": {}, "param_groups": sd["param_groups"]})
+                self.shards.load_optimizer_states(shard_states, self.schedule.hyperparameters())
+            if weights is not None:
+                self.shards.load_weights(weights)
+            if weights is not None and shard_states is not None:
+                self.failed = None  # every shard holds the same, complete state again
+
+    def _check_state_shapes(self, by_index: Mapping[int, Mapping[str, Any]]) -> None:
+        elementwise = is_elementwise(self.job.optimizer_cls)
+        for p in self.plan.params:
+            if not (elementwise or self.plan.is_split(p.index)):
+                continue
+            for key, value in by_index[p.index].items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != p.shape:
+                    raise ValueError(f"optimizer state {key!r} of parameter {p.key!r} has shape {tuple(value.shape)}, expected {p.shape}")

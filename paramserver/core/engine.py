@@ -1,0 +1,89 @@
+"""``StepEngine``: a job and its shards in this process, driven by plain calls (no gRPC, no Ray)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from paramserver.core.config import EngineConfig, SchedulerSpec
+from paramserver.core.coordinator import Coordinator, StepResult
+from paramserver.core.errors import (
+    NonFiniteGradientError,
+)
+from paramserver.core.job import JobSpec
+from paramserver.core.sharding import pack
+from paramserver.core.shards import ShardGroup
+
+
+class StepEngine(Coordinator):
+    """A job with its shards in this process: workers call ``push(worker, step, grads, metric)``, the push
+    that completes step t runs the rest of the step and returns its ``StepResult``, and ``parameters()``
+    then holds the weights of version t+1."""
+
+    def __init__(
+        self,
+        params: Any,
+        optimizer: Any,
+        *,
+        config: EngineConfig | None = None,
+        scheduler: SchedulerSpec | None = None,
+        device: str | torch.device = "cpu",
+        **optimizer_kwargs: Any,
+    ) -> None:
+        job = JobSpec.build(params, optimizer, config or EngineConfig(), scheduler, optimizer_kwargs)
+        super().__init__(job, ShardGroup([job.make_shard(j, device) for j in range(job.plan.num_shards)]))
+
+    def _grads_in_order(self, grads: Sequence[torch.Tensor] | Mapping[Any, torch.Tensor]) -> list[torch.Tensor]:
+        params = self.job.params.params
+        if isinstance(grads, Mapping):
+            missing = [p.key for p in params if p.key not in grads]
+            if missing or len(grads) != len(params):
+                raise ValueError(f"gradients must name every parameter once; missing {missing}")
+            grads = [grads[p.key] for p in params]
+        grads = list(grads)
+        if len(grads) != len(params):
+            raise ValueError(f"expected {len(params)} gradients, got {len(grads)}")
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            if not isinstance(g, torch.Tensor) or tuple(g.shape) != p.shape:
+                got = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+                raise ValueError(f"gradient of parameter {p.key!r}: expected shape {p.shape}, got {got}")
+            if not g.is_floating_point() and not g.is_complex():
+                raise ValueError(f"gradient of parameter {p.key!r}: expected floating point, got {g.dtype}")
+        return grads
+
+    def push(
+        self,
+        worker: int,
+        step: int,
+        grads: Sequence[torch.Tensor] | Mapping[Any, torch.Tensor],
+        metric: float | None = None,
+    ) -> StepResult | None:
+        """Push one worker's gradients for ``step`` to every shard. Bad input raises ``ValueError`` and changes
+        nothing. Returns the step's result if this push completed it, else None (also for a repeated push)."""
+        with self._lock:
+            self.check_worker(worker)
+            self.check_step(step)
+            grads = self._grads_in_order(grads)
+            if metric is None and self.schedule.needs_metric:
+                raise ValueError("ReduceLROnPlateau needs a metric with every push (step(metric=...))")
+            if metric is not None and (isinstance(metric, bool) or not isinstance(metric, (int, float))):
+                raise ValueError(f"metric must be a number, got {type(metric).__name__}")
+            if self.config.nonfinite == "error" and not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+                raise NonFiniteGradientError(f"gradients of worker {worker} for step {step} hold inf or nan")
+            # None: no gradient, as torch's param.grad; a parameter none of the workers has one for is skipped
+            missing = [i for i, g in enumerate(grads) if g is None]
+            grads = [torch.zeros(p.shape, dtype=p.dtype) if g is None else g for p, g in zip(self.plan.params, grads)]
+            applied = [self.shards.push(j, worker, step, pack(self.plan, j, grads), missing) for j in range(self.plan.num_shards)]
+            if not any(applied):
+                return None
+            if metric is not None:
+                self.record_metric(worker, step, metric)
+            result = None
+            for j in range(self.plan.num_shards):
+                if self.shards.shards[j].ready:
+                    result = self.shard_ready(j, step)
+            return result

@@ -1,0 +1,72 @@
+"""A job, resolved and validated: its parameters, optimizer class, configuration, plan and schedule."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from paramserver.core.config import EngineConfig, SchedulerSpec
+from paramserver.core.params import ParamGroups, normalize_params
+from paramserver.core.registry import is_elementwise, resolve_optimizer
+from paramserver.core.scheduling import Schedule, build_shadow_optimizer
+from paramserver.core.shard import Shard
+from paramserver.core.sharding import ShardingPlan, make_plan, pack
+
+
+@dataclass
+class JobSpec:
+    """Everything that defines a job, resolved and validated: the shards and the coordinator are built from it."""
+
+    params: ParamGroups
+    optimizer_cls: type
+    optimizer_kwargs: dict[str, Any]
+    config: EngineConfig
+    plan: ShardingPlan
+    schedule: Schedule = field(repr=False)
+
+    @classmethod
+    def build(
+        cls, params: Any, optimizer: Any, config: EngineConfig, scheduler: SchedulerSpec | None, optimizer_kwargs: dict[str, Any]
+    ) -> JobSpec:
+        groups = normalize_params(params)
+        optimizer_cls = resolve_optimizer(optimizer, config.trusted_modules)
+        shadow = build_shadow_optimizer(optimizer_cls, groups, optimizer_kwargs)
+        schedule = Schedule(shadow, scheduler, config.trusted_modules)
+        elementwise = is_elementwise(optimizer_cls)
+        threshold = config.split_threshold_bytes
+        if not elementwise and threshold is not None and config.num_shards > 1:
+            big = [p.key for p in groups.params if p.nbytes > threshold]
+            if big:
+                warnings.warn(
+                    f"{optimizer_cls.__name__} is not elementwise, so tensors {big} above split_threshold_bytes="
+                    f"{threshold} stay whole on one shard",
+                    stacklevel=3,
+                )
+        plan = make_plan(groups.params, config.num_shards, threshold, allow_split=elementwise)
+        return cls(groups, optimizer_cls, dict(optimizer_kwargs), config, plan, schedule)
+
+    def make_shard(self, shard_id: int, device: str | torch.device = "cpu") -> Shard:
+        """Shard ``shard_id`` of this job; built from a description alone (meta tensors) it waits for its
+        initial weights (``Shard.load_weights``)."""
+        described_only = any(t.is_meta for t in self.params.tensors)
+        weights = (
+            [torch.zeros(layout.numel, dtype=layout.dtype) for layout in self.plan.buffers(shard_id)]
+            if described_only
+            else pack(self.plan, shard_id, self.params.tensors)
+        )
+        return Shard(
+            shard_id,
+            self.plan,
+            weights,
+            self.optimizer_cls,
+            self.params.group_options,
+            self.optimizer_kwargs,
+            num_workers=self.config.num_workers,
+            deterministic=self.config.deterministic,
+            reject_nonfinite=self.config.nonfinite == "error",
+            device=device,
+            initialized=not described_only,
+        )

@@ -1,0 +1,289 @@
+"""A shard: its slice of the parameters, a real ``torch.optim`` optimizer over that slice, one step's gradients.
+
+Plain Python and torch: no Ray, no gRPC. The hosting layer wraps it in an actor, the wire layer feeds it.
+Weights and gradients live in flat buffers (one per dtype); the optimizer's parameters are views into the
+weight buffers and their ``.grad`` are views into the gradient sums, so the update runs in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+import torch
+
+from paramserver.core.aggregation import GradientAccumulator
+from paramserver.core.clipping import tensor_norms
+from paramserver.core.errors import (
+    FutureStepError,
+    NonFiniteGradientError,
+    NotReadyError,
+    StaleStepError,
+)
+from paramserver.core.scheduling import build_optimizer, set_hyperparameters
+from paramserver.core.sharding import ShardingPlan, Slice
+
+
+def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def locked(self: Shard, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
+class Shard:
+    def __init__(
+        self,
+        shard_id: int,
+        plan: ShardingPlan,
+        weights: Sequence[torch.Tensor],
+        optimizer_cls: type,
+        group_options: Sequence[dict[str, Any]],
+        optimizer_kwargs: dict[str, Any],
+        *,
+        num_workers: int,
+        deterministic: bool = True,
+        reject_nonfinite: bool = False,
+        device: str | torch.device = "cpu",
+        initialized: bool = True,
+    ) -> None:
+        self.shard_id = shard_id
+        self.plan = plan
+        self.layouts = plan.buffers(shard_id)
+        self.device = torch.device(device)
+        self.num_workers = num_workers
+        self.reject_nonfinite = reject_nonfinite
+        if len(weights) != len(self.layouts):
+            raise ValueError(f"shard {shard_id}: expected {len(self.layouts)} weight buffers, got {len(weights)}")
+        self.weights = [w.detach().to(self.device, copy=True) for w in weights]
+        self._check_buffers(self.weights, "initial weights", exact_dtype=True)
+        # False until the creator's initial weights are in (a shard made from a job description alone).
+        self.initialized = initialized
+        # One lock for the shard's state: pushes (gRPC threads) and the coordinator's calls (reduce, apply,
+        # load) never interleave; waiting for a version releases it.
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        sums = [torch.zeros(layout.numel, dtype=layout.dtype, device=self.device) for layout in self.layouts]
+        self.accumulator = GradientAccumulator(sums, num_workers, deterministic)
+
+        # One optimizer parameter per slice: whole tensors keep their shape, pieces of a split tensor are 1-D.
+        self.slices: list[Slice] = []
+        self.tensors: list[torch.Tensor] = []
+        self._weight_views: list[torch.Tensor] = []
+        self._grad_views: list[torch.Tensor] = []
+        for layout, flat, grad_flat in zip(self.layouts, self.weights, sums):
+            for s, off in zip(layout.slices, layout.offsets):
+                shape = plan.params[s.param].shape if plan.is_whole(s) else (s.numel,)
+                self._weight_views.append(flat[off : off + s.numel].view(shape))
+                tensor = flat[off : off + s.numel].view(shape)
+                self._grad_views.append(grad_flat[off : off + s.numel].view(shape))
+                tensor.grad = self._grad_views[-1]
+                self.slices.append(s)
+                self.tensors.append(tensor)
+        assert self.slices == list(plan.shards[shard_id]), "per-slice lists follow the plan's slice order"
+        self._params_here = {s.param for s in self.slices}
+        self._with_grad: set[int] = set()  # parameters some worker sent a gradient for, this step
+        self._closed_received: frozenset[int] = frozenset()  # who pushed the step that closed last
+        groups = [
+            {"params": [t for s, t in zip(self.slices, self.tensors) if plan.params[s.param].group == g], **options}
+            for g, options in enumerate(group_options)
+        ]
+        self.optimizer = build_optimizer(optimizer_cls, groups, optimizer_kwargs)
+        self.version = 0  # number of closed steps; pushes are accepted for step == version
+        self.placement = "this process"  # where the shard runs, in words; its host fills it in
+
+    # -- push -------------------------------------------------------------------------------------------------
+
+    def _check_buffers(self, buffers: Sequence[torch.Tensor], what: str, exact_dtype: bool = False) -> None:
+        if len(buffers) != len(self.layouts):
+            raise ValueError(f"shard {self.shard_id}: {what}: expected {len(self.layouts)} buffers, got {len(buffers)}")
+        for i, (layout, buf) in enumerate(zip(self.layouts, buffers)):
+            if buf.dim() != 1 or buf.numel() != layout.numel:
+                raise ValueError(
+                    f"shard {self.shard_id}: {what}: buffer {i} must be 1-D with {layout.numel} elements, got shape {tuple(buf.shape)}"
+                )
+            if exact_dtype and buf.dtype != layout.dtype:
+                raise ValueError(f"shard {self.shard_id}: {what}: buffer {i} must be {layout.dtype}, got {buf.dtype}")
+            if not buf.is_floating_point() and not buf.is_complex():
+                raise ValueError(f"shard {self.shard_id}: {what}: buffer {i} must be floating point, got {buf.dtype}")
+            if buf.is_complex() and not layout.dtype.is_complex:
+                raise ValueError(f"shard {self.shard_id}: {what}: buffer {i} is complex ({buf.dtype}) but its parameters are {layout.dtype}")
+
+    def check_step(self, step: int) -> None:
+        if step < self.version:
+            raise StaleStepError(f"shard {self.shard_id}: step {step} has already closed (now at {self.version})", self.version)
+        if step > self.version:
+            raise FutureStepError(f"shard {self.shard_id}: step {step} is not open yet (now at {self.version})", self.version)
+
+    @_locked
+    def push(self, worker: int, step: int, grads: Sequence[torch.Tensor], missing: Collection[int] = ()) -> bool:
+        """Add ``worker``'s flat gradients for ``step``. Returns False if that push was already applied.
+
+        ``missing`` names the parameters this worker has no gradient for (their places hold zeros); one that no
+        worker has a gradient for is left out of the step, as torch.optim skips a parameter whose grad is None.
+        Bad input raises ``ValueError`` and changes nothing. The shard may keep ``grads`` until it folds them.
+        """
+        if not isinstance(worker, int) or isinstance(worker, bool) or not 0 <= worker < self.num_workers:
+            raise ValueError(f"shard {self.shard_id}: worker must be in [0, {self.num_workers}), got {worker!r}")
+        if not self.initialized:
+            raise NotReadyError(f"shard {self.shard_id}: the job's initial weights are not in place yet")
+        if self.is_late_retry(worker, step):
+            return False  # a retry whose first try closed the step (its reply was lost): applied already
+        self.check_step(step)
+        if worker in self.accumulator.received:
+            return False
+        self._check_buffers(grads, f"gradients of worker {worker}")
+        if self.reject_nonfinite:
+            for buf in grads:
+                if not bool(torch.isfinite(buf).all()):
+                    raise NonFiniteGradientError(
+                        f"shard {self.shard_id}: gradients of worker {worker} for step {step} hold inf or nan"
+                    )
+        if not all(isinstance(i, int) and 0 <= i < len(self.plan.params) for i in missing):
+            raise ValueError(f"shard {self.shard_id}: missing-gradient list names unknown parameters: {sorted(missing)}")
+        self.accumulator.add(worker, grads if self.device.type == "cpu" else [g.to(self.device) for g in grads])
+        self._with_grad.update(i for i in self._params_here if i not in missing)
+        return True
+
+    def is_late_retry(self, worker: int, step: int) -> bool:
+        """A push of the step that closed last, by a worker whose push is in it."""
+        return step == self.version - 1 and worker in self._closed_received
+
+    @property
+    def ready(self) -> bool:
+        return self.accumulator.complete
+
+    # -- aggregate, then the norms the coordinator needs ------------------------------------------------------
+
+    @_locked
+    def reduce(self, step: int, norm_type: float, clip_value: float | None = None) -> list[torch.Tensor]:
+        """Turn the step's sum into the mean (clamped to ``clip_value`` if given) and return one norm per slice."""
+        self.check_step(step)
+        assert self.ready, f"shard {self.shard_id}: reduce before all {self.num_workers} workers pushed"
+        self._restore_grad_views()
+        means = self.accumulator.mean()
+        if clip_value is not None:
+            for buf in means:
+                buf.clamp_(min=-clip_value, max=clip_value)
+        norms: list[torch.Tensor] = []
+        start = 0
+        for layout in self.layouts:
+            grads = [t.grad for t in self.tensors[start : start + len(layout.slices)]]
+            norms.extend(tensor_norms(grads, norm_type))
+            start += len(layout.slices)
+        # None for a slice whose parameter no worker sent a gradient for: it takes no part in the step
+        return [n.cpu() if s.param in self._with_grad else None for s, n in zip(self.slices, norms)]
+
+    # -- update -----------------------------------------------------------------------------------------------
+
+    @_locked
+    def apply(self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]]) -> None:
+        """Scale the mean by the clip coefficient, take the group hyperparameters, run the optimizer's step."""
+        self.check_step(step)
+        assert self.ready, f"shard {self.shard_id}: apply before all {self.num_workers} workers pushed"
+        if clip_coef is not None:
+            coef = clip_coef.to(self.device)
+            for buf in self.accumulator.sums:
+                buf.mul_(coef)
+        set_hyperparameters(self.optimizer, hyperparameters)
+        for s, tensor in zip(self.slices, self.tensors):
+            if s.param not in self._with_grad:
+                tensor.grad = None  # torch.optim skips it (no update, no state); reduce points it back next step
+        with torch.no_grad():
+            self.optimizer.step()
+            self._rebind_replaced_weights()
+        self._close_step()
+
+    def _rebind_replaced_weights(self) -> None:
+        # An optimizer may assign ``param.data = new`` instead of updating in place (a common pattern in
+        # custom optimizers); copy such values back into the flat buffer and point the parameter at it again.
+        for tensor, view in zip(self.tensors, self._weight_views):
+            if tensor.data_ptr() != view.data_ptr():
+                view.copy_(tensor.detach())
+                tensor.data = view
+
+    @_locked
+    def skip(self, step: int) -> None:
+        """Close ``step`` without an update (a non-finite step): weights and optimizer state stay."""
+        self.check_step(step)
+        self._close_step()
+
+    def _close_step(self) -> None:
+        with self._changed:
+            self._closed_received = frozenset(self.accumulator.received)
+            self.accumulator.reset()
+            self._with_grad = set()
+            self.version += 1
+            self._changed.notify_all()
+
+    def holds(self, buffers: Sequence[torch.Tensor]) -> bool:
+        """Whether pushed ``buffers`` are kept to be folded in later (so the receiver must not reuse them)."""
+        with self._lock:
+            return self.accumulator.holds(buffers)
+
+    def _restore_grad_views(self) -> None:
+        # An optimizer may rebind or drop ``param.grad`` (gradient centralization, zero_grad(set_to_none));
+        # the next step's gradients are in the sum buffers, so point every parameter back there.
+        for tensor, view in zip(self.tensors, self._grad_views):
+            tensor.grad = view
+
+    def wait_for_version(self, min_version: int, timeout: float) -> int:
+        """Wait until the shard is initialized and at ``min_version`` or later; returns the version.
+
+        Raises ``TimeoutError`` when ``timeout`` seconds pass first.
+        """
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.initialized and self.version >= min_version, timeout):
+                raise TimeoutError(
+                    f"shard {self.shard_id}: still at version {self.version}"
+                    f"{'' if self.initialized else ' (not initialized)'} after {timeout:.1f}s waiting for {min_version}"
+                )
+            return self.version
+
+    # -- broadcast and state ----------------------------------------------------------------------------------
+
+    @_locked
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": self.version, "pushed": sorted(self.accumulator.received), "initialized": self.initialized,
+            "placement": f"{self.placement}, {self.device}",
+        }
+
+    def weight_buffers(self) -> list[torch.Tensor]:
+        """The shard's flat weights (live buffers: callers copy what they keep)."""
+        return self.weights
+
+    @_locked
+    def weight_copies(self) -> list[torch.Tensor]:
+        return [w.clone() for w in self.weights]
+
+    @_locked
+    def load_weights(self, buffers: Sequence[torch.Tensor]) -> None:
+        self._check_buffers(buffers, "weights", exact_dtype=True)
+        for dst, src in zip(self.weights, buffers):
+            dst.copy_(src)
+        with self._changed:
+            self.initialized = True
+            self._changed.notify_all()
+
+    @_locked
+    def optimizer_state(self) -> list[dict[str, Any]]:
+        """Optimizer state of each slice, in ``self.slices`` order (live tensors: callers copy)."""
+        return [self.optimizer.state.get(t, {}) for t in self.tensors]
+
+    @_locked
+    def load_optimizer_state(self, slice_states: Sequence[dict[str, Any]], param_groups: list[dict[str, Any]]) -> None:
+        """Load per-slice optimizer state and group hyperparameters through torch's own loader (which casts
+        state to each parameter's device and dtype as torch does)."""
+        assert len(slice_states) == len(self.tensors)
+        index = {id(t): i for i, t in enumerate(self.tensors)}
+        local_groups = []
+        for group, saved in zip(self.optimizer.param_groups, param_groups, strict=True):
+            local_groups.append({**{k: v for k, v in saved.items() if k not in ("params", "param_names")},
+                                 "params": [index[id(t)] for t in group["params"]]})
+        state = {i: st for i, st in enumerate(slice_states) if st}
+        self.optimizer.load_state_dict({"state": state, "param_groups": local_groups})

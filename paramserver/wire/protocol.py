@@ -1,0 +1,13 @@
+"""Names both ends of the wire agree on: service names, metadata keys, default limits."""
+
+from __future__ import annotations
+
+from paramserver.wire.proto.v1 import paramserver_pb2 as pb
+
+SHARD_SERVICE = pb.DESCRIPTOR.services_by_name["Shard"].full_name
+COORDINATOR_SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+
+# Trailing metadata of a stale or future step: the server's version.
+VERSION_METADATA_KEY = "ps-version"
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20

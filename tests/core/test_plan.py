@@ -1,0 +1,95 @@
+"""The sharding plan: deterministic, balanced, every element of every parameter on exactly one shard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from paramserver.core.params import ParamInfo
+from paramserver.core.sharding import make_plan, pack, unpack
+
+
+def infos(shapes, dtype=torch.float32):
+    return [ParamInfo(i, f"p{i}", shape, dtype, 0) for i, shape in enumerate(shapes)]
+
+
+SHAPES = [(300, 20), (20,), (17, 6), (1,), (64, 64), (5, 5, 3), (1000,), (2, 2), (50, 10), (7,)]
+
+
+def covered_elements(plan):
+    seen = {p.index: [] for p in plan.params}
+    for slices in plan.shards:
+        for s in slices:
+            seen[s.param].append((s.start, s.stop))
+    return seen
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("split_threshold", [None, 256, 4096])
+@pytest.mark.parametrize("allow_split", [False, True])
+def test_plan_covers_each_element_once(num_shards, split_threshold, allow_split):
+    params = infos(SHAPES)
+    plan = make_plan(params, num_shards, split_threshold, allow_split)
+    assert plan.num_shards == num_shards
+    for p in params:
+        ranges = sorted(covered_elements(plan)[p.index])
+        assert ranges[0][0] == 0 and ranges[-1][1] == p.numel
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), f"gaps or overlaps in {p.name}: {ranges}"
+        if not allow_split or split_threshold is None:
+            assert len(ranges) == 1, f"{p.name} split although splitting is off"
+
+
+def test_plan_is_deterministic():
+    params = infos(SHAPES)
+    plans = [make_plan(params, 3, 1024, True) for _ in range(3)]
+    assert plans[0] == plans[1] == plans[2]
+
+
+def test_plan_balances_by_bytes_largest_first():
+    # Whole tensors, greedy by size: no shard exceeds the ideal by more than the largest tensor.
+    params = infos(SHAPES)
+    plan = make_plan(params, 3, None, False)
+    loads = plan.shard_bytes()
+    largest = max(p.nbytes for p in params)
+    assert max(loads) - sum(loads) / 3 <= largest
+    # The largest tensor is placed first, alone on shard 0.
+    assert plan.shards[0][0].param == max(params, key=lambda p: p.nbytes).index
+
+
+def test_plan_splitting_improves_balance():
+    params = infos([(4096,), (16,), (8,)])
+    whole = make_plan(params, 4, None, False)
+    split = make_plan(params, 4, 1024, True)
+    assert whole.balance() > 3.0
+    assert split.balance() < 1.1
+    assert split.is_split(0) and not split.is_split(1)
+    assert "balance" in split.describe()
+
+
+def test_plan_by_bytes_counts_dtypes():
+    params = [ParamInfo(0, "a", (100,), torch.float64, 0), ParamInfo(1, "b", (100,), torch.float32, 0), ParamInfo(2, "c", (100,), torch.float32, 0)]
+    plan = make_plan(params, 2, None, False)
+    assert sorted(plan.shard_bytes()) == [800, 800]
+
+
+def test_more_shards_than_tensors_leaves_empty_shards():
+    plan = make_plan(infos([(3,), (2,)]), 4, None, False)
+    assert sorted(len(s) for s in plan.shards) == [0, 0, 1, 1]
+
+
+def test_pack_unpack_round_trip_with_mixed_dtypes_and_split():
+    params = [ParamInfo(0, "a", (40, 3), torch.float32, 0), ParamInfo(1, "b", (7,), torch.float64, 0), ParamInfo(2, "c", (9,), torch.float32, 1)]
+    plan = make_plan(params, 3, 100, True)
+    tensors = [torch.randn(p.shape, dtype=p.dtype) for p in params]
+    out = [torch.zeros(p.shape, dtype=p.dtype) for p in params]
+    for j in range(plan.num_shards):
+        buffers = pack(plan, j, tensors)
+        assert [b.dtype for b in buffers] == [layout.dtype for layout in plan.buffers(j)]
+        unpack(plan, j, buffers, out)
+    for a, b in zip(tensors, out):
+        assert torch.equal(a, b)
+
+
+def test_make_plan_rejects_zero_shards():
+    with pytest.raises(ValueError, match="num_shards"):
+        make_plan(infos([(3,)]), 0, None, False)

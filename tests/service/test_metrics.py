@@ -1,0 +1,46 @@
+"""Prometheus metrics: steps, stage latency, bytes in and out, grad norm, lr, skipped steps."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import torch
+from prometheus_client import REGISTRY
+
+from paramserver.service.local import serve_local
+from paramserver.service.metrics import start_metrics_server
+from tests.helpers.reference import make_model
+from workers.remote_optimizer import RemoteOptimizer
+
+
+def sample(name, **labels):
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_metrics_count_steps_stages_bytes_norm_lr_and_skips():
+    job = "metrics-job"
+    model = make_model()
+    with serve_local(2) as service, RemoteOptimizer(model.named_parameters(), "SGD", lr=0.1, address=service.address, job=job,
+                                                    scheduler="StepLR", scheduler_kwargs={"step_size": 1, "gamma": 0.5}, timeout=10) as opt:
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad = torch.ones_like(p)
+            opt.step()
+        for p in model.parameters():
+            p.grad = torch.full_like(p, float("nan"))
+        opt.step()
+    assert sample("paramserver_steps_total", job=job) == 4
+    assert sample("paramserver_skipped_steps_total", job=job) == 1
+    for stage in ("aggregate", "clip", "update", "schedule"):
+        assert sample("paramserver_stage_seconds_count", job=job, stage=stage) >= 3
+    nbytes = sum(p.numel() * 4 for p in model.parameters())
+    assert sum(sample("paramserver_bytes_in_total", job=job, shard=str(j)) for j in range(2)) == nbytes * 5  # initial + 4 pushes
+    assert sum(sample("paramserver_bytes_out_total", job=job, shard=str(j)) for j in range(2)) == nbytes * 4
+    assert sample("paramserver_lr", job=job, group="0") == 0.1 * 0.5**3
+    assert sample("paramserver_grad_norm", job=job) != sample("paramserver_grad_norm", job=job)  # nan after the skipped step
+
+
+def test_metrics_are_served_over_http_on_loopback():
+    port = start_metrics_server(0, "127.0.0.1")
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "paramserver_steps_total" in body or "# HELP paramserver_steps" in body
