@@ -9,19 +9,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from paramserver.core.config import ClipConfig, EngineConfig, SchedulerSpec
+from paramserver.core.config import ClipConfig, JobConfig, OptimizerConfig, RayConfig, SchedulerSpec, ServerConfig, TLSConfig
 from paramserver.core.coordinator import StepResult
 from paramserver.core.engine import StepEngine
 
 # name -> module that defines it, imported when the name is first used
 _LAZY = {
     "Service": "paramserver.service.server",
-    "TLSConfig": "paramserver.service.server",
     "serve_local": "paramserver.service.local",
     "serve": "paramserver.hosting.serve",
 }
 
-__all__ = ["ClipConfig", "EngineConfig", "SchedulerSpec", "StepEngine", "StepResult", *_LAZY]
+__all__ = ["ClipConfig", "JobConfig", "OptimizerConfig", "RayConfig", "SchedulerSpec", "ServerConfig", "TLSConfig", "StepEngine", "StepResult", *_LAZY]
 __version__ = "0.1.0"
 
 

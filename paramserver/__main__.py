@@ -1,30 +1,40 @@
 """The command line.
 
-    paramserver serve --shards 4 --gpus-per-shard 0.5 [--ray-address auto] [--host 0.0.0.0] [--port 50051]
-    paramserver serve --local --shards 2              # the same service in this process, without Ray
-    paramserver status --address HOST:PORT --job NAME
-    paramserver stop --address HOST:PORT
+    paramserver serve --num-shards 4 --gpus-per-shard 0.5 [--ray-address auto] [--host 0.0.0.0] [--port 50051]
+    paramserver serve --local --num-shards 2            # the same service in this process, without Ray
+    paramserver status --address HOST:PORT --job NAME [--tls-ca CA.pem] [--auth-token-env VAR]
+    paramserver stop --address HOST:PORT [--tls-ca CA.pem] [--auth-token-env VAR]
 
-``serve`` runs in the foreground, prints ``serving on HOST:PORT`` once the front door is up, and exits
-cleanly on SIGINT, SIGTERM or ``paramserver stop``.
+``serve``'s flags are made from the fields of ``ServerConfig`` and ``RayConfig`` (``--grpc-threads``,
+``--chunk-bytes``, ``--cpus-per-shard``, ...), with their defaults and help texts; the few that cannot be a
+plain value on a command line (the token, TLS material) are read from an environment variable or files.
+``serve`` runs in the foreground, prints ``serving on HOST:PORT`` once the front door is up, and exits cleanly
+on SIGINT, SIGTERM or ``paramserver stop``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
 import sys
 import threading
+import typing
+from typing import Any
 
-import grpc
+from paramserver.core.config import PLACEMENT_STRATEGIES, RayConfig, ServerConfig, TLSConfig, field_docs
 
-from paramserver.hosting.serve import serve
-from paramserver.service.local import serve_local
-from paramserver.service.server import TLSConfig
-from paramserver.wire.proto.v1 import paramserver_pb2 as pb
-from paramserver.wire.proto.v1 import paramserver_pb2_grpc as pb_grpc
+# Fields set on the command line by other means than their own flag: (flag, how).
+_BY_OTHER_MEANS = {
+    "auth_token": "--auth-token-env",
+    "tls": "--tls-cert/--tls-key/--tls-client-ca",
+    "trusted_modules": "--trusted-module (repeatable)",
+}
+_CLI_DEFAULTS = {"port": 50051}  # the service's well-known port; the Python API's default is 0 (any free one)
+# Short spellings kept for existing scripts.
+_ALIASES = {"num_shards": ["--shards"]}
 
 
 def _token(env: str | None) -> str | None:
@@ -36,26 +46,59 @@ def _token(env: str | None) -> str | None:
     return token
 
 
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _tls(args: argparse.Namespace) -> TLSConfig | None:
     if not (args.tls_cert or args.tls_key):
         return None
     if not (args.tls_cert and args.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
-    with open(args.tls_cert, "rb") as cert, open(args.tls_key, "rb") as key:
-        client_ca = open(args.tls_client_ca, "rb").read() if args.tls_client_ca else None
-        return TLSConfig(cert.read(), key.read(), client_ca)
+    return TLSConfig(_read(args.tls_cert), _read(args.tls_key), _read(args.tls_client_ca))  # type: ignore[arg-type]
+
+
+def _value_type(annotation: Any) -> type:
+    """The plain type of a field: ``int | None`` -> int."""
+    hint = typing.get_type_hints(ServerConfig).get(annotation) or typing.get_type_hints(RayConfig).get(annotation)
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return args[0]
+
+
+def add_config_flags(parser: argparse.ArgumentParser, *configs: type) -> list[str]:
+    """A flag for every plain field of ``configs`` (``grpc_threads`` -> ``--grpc-threads``); returns the
+    names of the fields it made flags for."""
+    made = []
+    for cls in configs:
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in _BY_OTHER_MEANS:
+                continue
+            kind = _value_type(f.name)
+            default = _CLI_DEFAULTS.get(f.name, f.default)
+            flags = [f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, [])]
+            extra: dict[str, Any] = {"choices": PLACEMENT_STRATEGIES} if f.name == "placement" else {}
+            parser.add_argument(*flags, dest=f.name, type=kind, default=default, help=f"{docs.get(f.name, '')} (default: {default})", **extra)
+            made.append(f.name)
+    return made
 
 
 def _serve(args: argparse.Namespace) -> int:
-    common = dict(host=args.host, port=args.port, trusted_modules=tuple(args.trusted_module), auth_token=_token(args.auth_token_env), tls=_tls(args),
-                  metrics_port=args.metrics_port)
+    from paramserver.hosting.serve import serve
+    from paramserver.service.local import serve_local
+
+    server_fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig) if f.name not in _BY_OTHER_MEANS}
+    config = ServerConfig(
+        **server_fields, trusted_modules=tuple(args.trusted_module), auth_token=_token(args.auth_token_env), tls=_tls(args)
+    )
     if args.local:
-        service = serve_local(args.shards, **common)
+        service = serve_local(config=config)
     else:
-        service = serve(
-            args.shards, gpus_per_shard=args.gpus_per_shard, ray_address=args.ray_address, placement=args.placement,
-            placement_timeout=args.placement_timeout, **common
-        )
+        ray_config = RayConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RayConfig)})
+        service = serve(config=config, ray_config=ray_config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -68,19 +111,26 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _channel(args: argparse.Namespace) -> tuple[pb_grpc.CoordinatorStub, tuple]:
-    metadata = (("authorization", f"Bearer {_token(args.auth_token_env)}"),) if args.auth_token_env else ()
-    return pb_grpc.CoordinatorStub(grpc.insecure_channel(args.address)), metadata
+def _client(args: argparse.Namespace):  # noqa: ANN202 - a workers.client.ServiceClient
+    from workers.client import ServiceClient
+
+    client_cert = (_read(args.tls_client_cert), _read(args.tls_client_key)) if args.tls_client_cert else None
+    return ServiceClient(
+        args.address, getattr(args, "job", "default"), auth_token=_token(args.auth_token_env), root_certificates=_read(args.tls_ca),
+        client_certificate=client_cert, timeout=args.timeout,  # type: ignore[arg-type]
+    )
 
 
 def _status(args: argparse.Namespace) -> int:
-    stub, metadata = _channel(args)
+    client = _client(args)
     try:
-        st = stub.GetStatus(pb.StatusRequest(job=args.job), timeout=args.timeout, metadata=metadata)
-    except grpc.RpcError as exc:
-        print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+        st = client.status()
+    except Exception as exc:  # noqa: BLE001 - any error is reported in one line, with its class
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    print(f"job {st.job}: step {st.version}, members {list(st.members)} of {st.num_workers} workers, "
+    finally:
+        client.close()
+    print(f"job {st.job}: step {st.version}, members {list(st.members)} of {st.num_workers} workers (epoch {st.epoch}), "
           f"{st.skipped_steps} skipped, last total norm {st.last_total_norm:.4g}, lrs {[round(x, 8) for x in st.lrs]}")
     for s in st.shards:
         print(f"  shard {s.shard} at {s.address} on {s.placement}: version {s.version}, pushed by workers {list(s.pushed_workers)}")
@@ -89,42 +139,46 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    stub, metadata = _channel(args)
+    client = _client(args)
     try:
-        stub.Stop(pb.StopRequest(), timeout=args.timeout, metadata=metadata)
-    except grpc.RpcError as exc:
-        print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+        client.stop()
+    except Exception as exc:  # noqa: BLE001 - any error is reported in one line, with its class
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        client.close()
     print("stop requested")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paramserver", description="A distributed optimizer service with sharded state.")
     commands = parser.add_subparsers(dest="command", required=True)
     s = commands.add_parser("serve", help="run the service in the foreground")
-    s.add_argument("--shards", type=int, default=1)
-    s.add_argument("--gpus-per-shard", type=float, default=0.0)
-    s.add_argument("--ray-address", help="join this Ray cluster ('auto' for the local node's); default: embedded local Ray")
-    s.add_argument("--placement", default="SPREAD", choices=["SPREAD", "STRICT_SPREAD", "PACK", "STRICT_PACK"])
-    s.add_argument("--placement-timeout", type=float, default=60.0, help="seconds to wait for the shards' placement")
+    add_config_flags(s, ServerConfig, RayConfig)
     s.add_argument("--local", action="store_true", help="run the shards in this process, without Ray")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=50051)
     s.add_argument("--trusted-module", action="append", default=[], help="a module whose optimizers/schedulers may be named by path")
     s.add_argument("--auth-token-env", help="name of an environment variable holding the bearer token")
-    s.add_argument("--metrics-port", type=int, help="expose Prometheus metrics on this port (shard actors: any free port)")
-    s.add_argument("--tls-cert")
-    s.add_argument("--tls-key")
+    s.add_argument("--tls-cert", help="the servers' certificate chain (PEM)")
+    s.add_argument("--tls-key", help="the servers' private key (PEM)")
     s.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mTLS)")
     for name, helptext in (("status", "a job's step, members, shards and what a pending step waits for"), ("stop", "stop a running service")):
         c = commands.add_parser(name, help=helptext)
         c.add_argument("--address", required=True)
-        c.add_argument("--auth-token-env")
-        c.add_argument("--timeout", type=float, default=10.0)
+        c.add_argument("--auth-token-env", help="name of an environment variable holding the bearer token")
+        c.add_argument("--tls-ca", help="connect with TLS, trusting the server certificates this CA signed (PEM)")
+        c.add_argument("--tls-client-cert", help="this client's certificate (PEM), for a server that demands mTLS")
+        c.add_argument("--tls-client-key", help="this client's private key (PEM)")
+        c.add_argument("--timeout", type=float, default=10.0, help="deadline of the call in seconds")
         if name == "status":
             c.add_argument("--job", default="default")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "tls_client_cert", None) and not getattr(args, "tls_ca", None):
+        raise SystemExit("--tls-client-cert needs --tls-ca")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return {"serve": _serve, "status": _status, "stop": _stop}[args.command](args)
 

@@ -20,14 +20,19 @@ from typing import Any
 
 import torch
 
-from paramserver.core.config import ClipConfig, SchedulerSpec
+from paramserver.core.config import SchedulerSpec, default_of, job_config_from_kwargs
 from paramserver.core.errors import NonFiniteGradientError
 from paramserver.core.malloc import fix_mmap_threshold
 from paramserver.core.params import normalize_params
-from paramserver.wire import json_values
-from paramserver.wire.jobconfig import describe_job
+from paramserver.wire import jobconfig, json_values
 from workers.buffers import ShardBuffers
 from workers.client import ServiceClient
+
+
+class NonFiniteNormError(RuntimeError):
+    """The step's total gradient norm was not finite under ``error_if_nonfinite=True``: as
+    ``clip_grad_norm_`` raises, ``step()`` raises; the service skipped the step (weights, state and
+    scheduler unchanged) and ``step_count`` has moved past it."""
 
 
 class RemoteOptimizer:
@@ -38,18 +43,22 @@ class RemoteOptimizer:
         *,
         address: str,
         job: str = "default",
-        num_workers: int = 1,
         rank: int = 0,
-        clip_grad_norm: float | None = None,
-        norm_type: float = 2.0,
-        clip_grad_value: float | None = None,
+        # The job's options, torch-style: each is a field of paramserver.core.config.JobConfig, with its default
+        # from there (REMOTE_OPTIMIZER_KWARGS says which; tests/workers keep the two in step).
+        num_workers: int = default_of("num_workers"),
+        clip_grad_norm: float | None = default_of("clip.max_norm"),
+        norm_type: float = default_of("clip.norm_type"),
+        error_if_nonfinite: bool = default_of("clip.error_if_nonfinite"),
+        clip_grad_value: float | None = default_of("clip.clip_value"),
         scheduler: Any = None,
         scheduler_kwargs: dict[str, Any] | None = None,
         scheduler_interval: int = 1,
-        nonfinite: str = "skip",
-        deterministic: bool = True,
-        split_threshold_bytes: int | None = None,
-        grad_dtype: torch.dtype | None = None,
+        nonfinite: str = default_of("nonfinite"),
+        deterministic: bool = default_of("deterministic"),
+        split_threshold_bytes: int | None = default_of("split_threshold_bytes"),
+        grad_dtype: torch.dtype | None = default_of("grad_dtype"),
+        # How this worker talks to the service.
         push_during_backward: bool = False,
         auth_token: str | None = None,
         root_certificates: bytes | None = None,
@@ -64,8 +73,12 @@ class RemoteOptimizer:
         self._groups = normalize_params(params)
         self._params = self._groups.params
         self._tensors = self._groups.tensors  # the model's parameters: new weights are written into them
-        if grad_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"grad_dtype must be None (the parameters' dtype), float32, bfloat16 or float16, got {grad_dtype}")
+        spec = SchedulerSpec(scheduler, dict(scheduler_kwargs or {}), scheduler_interval) if scheduler is not None else None
+        config = job_config_from_kwargs(
+            optimizer, optimizer_kwargs, spec, num_workers=num_workers, clip_grad_norm=clip_grad_norm, norm_type=norm_type,
+            error_if_nonfinite=error_if_nonfinite, clip_grad_value=clip_grad_value, nonfinite=nonfinite,
+            deterministic=deterministic, split_threshold_bytes=split_threshold_bytes, grad_dtype=grad_dtype,
+        )
         if push_during_backward and rank == 0 and nonfinite == "error":
             raise ValueError('push_during_backward needs nonfinite="skip": under "error" all gradients are checked before any is pushed')
         self.rank = rank
@@ -76,20 +89,7 @@ class RemoteOptimizer:
         )
         try:
             if rank == 0:
-                spec = SchedulerSpec(scheduler, dict(scheduler_kwargs or {}), scheduler_interval) if scheduler is not None else None
-                config = describe_job(
-                    self._groups,
-                    optimizer,
-                    optimizer_kwargs,
-                    num_workers=num_workers,
-                    clip=ClipConfig(max_norm=clip_grad_norm, norm_type=norm_type, clip_value=clip_grad_value),
-                    nonfinite=nonfinite,
-                    deterministic=deterministic,
-                    scheduler=spec,
-                    split_threshold_bytes=split_threshold_bytes,
-                    grad_dtype=grad_dtype,
-                )
-                info = self.client.create_job(config)
+                info = self.client.create_job(jobconfig.to_proto(config, self._groups))
                 self.buffers = ShardBuffers(self.plan, self._tensors)
                 if not info.ready:
                     self.client.push_initial_weights(self.buffers.weights)
@@ -103,6 +103,8 @@ class RemoteOptimizer:
             # Under nonfinite="error" every shard must refuse the same push, so the check is made here,
             # before anything leaves: a gradient pushed during backward could not be taken back.
             self._refuse_nonfinite = info.config.nonfinite == "error"
+            # As clip_grad_norm_(error_if_nonfinite=True): a step whose total norm is not finite raises here.
+            self._error_if_nonfinite = info.config.clip.error_if_nonfinite
             if push_during_backward and self._refuse_nonfinite:
                 raise ValueError('push_during_backward needs nonfinite="skip": under "error" all gradients are checked before any is pushed')
             self.push_during_backward = push_during_backward
@@ -173,7 +175,16 @@ class RemoteOptimizer:
             self._waiting = [len(m) for m in self.buffers.members]
         self._pull(step + 1)
         self.step_count = step + 1
+        if self._error_if_nonfinite:
+            self._raise_if_refused(step)
         return loss
+
+    def _raise_if_refused(self, step: int) -> None:
+        # Under synchronous steps no later step closes before this worker pushes again, so the last
+        # step the service reports is this one.
+        last = self.client.status().last_step
+        if last.step == step and last.skipped and last.error:
+            raise NonFiniteNormError(f"worker {self.rank}: {last.error}")
 
     # -- pushing during backward -------------------------------------------------------------------------------
 

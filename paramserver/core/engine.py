@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from paramserver.core.config import EngineConfig, SchedulerSpec
+from paramserver.core.config import JobConfig, OptimizerConfig, SchedulerSpec
 from paramserver.core.coordinator import Coordinator, StepResult
 from paramserver.core.errors import (
     NonFiniteGradientError,
@@ -20,19 +20,38 @@ from paramserver.core.shards import ShardGroup
 class StepEngine(Coordinator):
     """A job with its shards in this process: workers call ``push(worker, step, grads, metric)``, the push
     that completes step t runs the rest of the step and returns its ``StepResult``, and ``parameters()``
-    then holds the weights of version t+1."""
+    then holds the weights of version t+1.
+
+    As with ``torch.optim``, the optimizer and its keyword arguments may follow the params
+    (``StepEngine(params, "Adam", lr=1e-3, config=JobConfig(num_workers=2))``), or be in ``config.optimizer``;
+    ``scheduler`` likewise fills ``config.scheduler``. ``num_shards`` and ``trusted_modules`` are what a
+    server would set (``ServerConfig``).
+    """
 
     def __init__(
         self,
         params: Any,
-        optimizer: Any,
+        optimizer: Any = None,
         *,
-        config: EngineConfig | None = None,
+        config: JobConfig | None = None,
+        num_shards: int = 1,
+        trusted_modules: Sequence[str] = (),
         scheduler: SchedulerSpec | None = None,
         device: str | torch.device = "cpu",
         **optimizer_kwargs: Any,
     ) -> None:
-        job = JobSpec.build(params, optimizer, config or EngineConfig(), scheduler, optimizer_kwargs)
+        config = config if config is not None else JobConfig()
+        if optimizer is not None:
+            if config.optimizer != OptimizerConfig():
+                raise ValueError("the optimizer is given twice (argument and config.optimizer); give it in one place")
+            config = config.replace(optimizer=OptimizerConfig(optimizer, optimizer_kwargs))
+        elif optimizer_kwargs:
+            raise ValueError(f"optimizer keyword arguments {sorted(optimizer_kwargs)} without an optimizer")
+        if scheduler is not None:
+            if config.scheduler is not None:
+                raise ValueError("the scheduler is given twice (argument and config.scheduler); give it in one place")
+            config = config.replace(scheduler=scheduler)
+        job = JobSpec.build(params, config, num_shards, trusted_modules)
         super().__init__(job, ShardGroup([job.make_shard(j, device) for j in range(job.plan.num_shards)]))
 
     def _grads_in_order(self, grads: Sequence[torch.Tensor] | Mapping[Any, torch.Tensor]) -> list[torch.Tensor]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from paramserver.core.config import EngineConfig, SchedulerSpec
+from paramserver.core.config import JobConfig
 from paramserver.core.params import ParamGroups, normalize_params
 from paramserver.core.registry import is_elementwise, resolve_optimizer
 from paramserver.core.scheduling import Schedule, build_shadow_optimizer
@@ -22,22 +23,31 @@ class JobSpec:
 
     params: ParamGroups
     optimizer_cls: type
-    optimizer_kwargs: dict[str, Any]
-    config: EngineConfig
+    config: JobConfig  # its ``groups`` are the params' group options
     plan: ShardingPlan
     schedule: Schedule = field(repr=False)
 
+    @property
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        return self.config.optimizer.kwargs
+
     @classmethod
-    def build(
-        cls, params: Any, optimizer: Any, config: EngineConfig, scheduler: SchedulerSpec | None, optimizer_kwargs: dict[str, Any]
-    ) -> JobSpec:
+    def build(cls, params: Any, config: JobConfig, num_shards: int, trusted_modules: Sequence[str] = ()) -> JobSpec:
+        """Resolve ``config`` for ``params`` (tensors, or meta tensors of a job described on the wire) over
+        ``num_shards`` shards; raises ``ValueError`` naming the problem."""
+        if not isinstance(num_shards, int) or isinstance(num_shards, bool) or num_shards < 1:
+            raise ValueError(f"num_shards must be an integer >= 1, got {num_shards!r}")
         groups = normalize_params(params)
-        optimizer_cls = resolve_optimizer(optimizer, config.trusted_modules)
-        shadow = build_shadow_optimizer(optimizer_cls, groups, optimizer_kwargs)
-        schedule = Schedule(shadow, scheduler, config.trusted_modules)
+        if config.groups and list(config.groups) != groups.group_options:
+            raise ValueError("the config's group options differ from the params' groups; give them in one place")
+        config = config.replace(groups=tuple(groups.group_options))
+        trusted_modules = tuple(trusted_modules)
+        optimizer_cls = resolve_optimizer(config.optimizer.name, trusted_modules)
+        shadow = build_shadow_optimizer(optimizer_cls, groups, config.optimizer.kwargs)
+        schedule = Schedule(shadow, config.scheduler, trusted_modules)
         elementwise = is_elementwise(optimizer_cls)
         threshold = config.split_threshold_bytes
-        if not elementwise and threshold is not None and config.num_shards > 1:
+        if not elementwise and threshold is not None and num_shards > 1:
             big = [p.key for p in groups.params if p.nbytes > threshold]
             if big:
                 warnings.warn(
@@ -45,8 +55,8 @@ class JobSpec:
                     f"{threshold} stay whole on one shard",
                     stacklevel=3,
                 )
-        plan = make_plan(groups.params, config.num_shards, threshold, allow_split=elementwise)
-        return cls(groups, optimizer_cls, dict(optimizer_kwargs), config, plan, schedule)
+        plan = make_plan(groups.params, num_shards, threshold, allow_split=elementwise)
+        return cls(groups, optimizer_cls, config, plan, schedule)
 
     def make_shard(self, shard_id: int, device: str | torch.device = "cpu") -> Shard:
         """Shard ``shard_id`` of this job; built from a description alone (meta tensors) it waits for its

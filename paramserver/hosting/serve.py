@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
 from typing import Any
 
+from paramserver.core.config import RayConfig, ServerConfig, split_options
 from paramserver.hosting.actors import (
     CONTROL_TIMEOUT_S,
     CoordinatorProcess,
     ShardProcess,
 )
-from paramserver.service.server import ServerOptions, TLSConfig, _check_num_shards
-from paramserver.wire import codec
-from paramserver.wire.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from paramserver.service.local import server_options
 
 
 class RayService:
@@ -59,19 +57,24 @@ class RayService:
         self.shutdown()
 
 
-def start_on_ray(
-    num_shards: int,
-    *,
-    host: str,
-    port: int,
-    trusted_modules: Sequence[str],
-    options: ServerOptions,
-    gpus_per_shard: float = 0.0,
-    cpus_per_shard: float = 0.5,
-    ray_address: str | None = None,
-    placement: str = "SPREAD",
-    placement_timeout: float = 60.0,
-) -> RayService:
+def serve(num_shards: int = 1, *, config: ServerConfig | None = None, ray_config: RayConfig | None = None, **options: Any) -> RayService:
+    """Start the service on Ray: ``num_shards`` shard actors (``gpus_per_shard`` GPUs each, spread by a
+    placement group) and the coordinator actor, whose gRPC front door is ``.address``.
+
+    ``options`` are the fields of ``ServerConfig`` (``host``, ``port``, ``auth_token``, ``tls``, ``grpc_threads``,
+    ...) and of ``RayConfig`` (``gpus_per_shard``, ``cpus_per_shard``, ``ray_address``, ``placement``,
+    ``placement_timeout``), or pass whole configs. With ``ray_address=None`` it uses the Ray this process is
+    connected to, else starts an embedded local Ray; ``"auto"`` or an address joins that cluster.
+    """
+    server_fields, ray_fields = split_options(options, ServerConfig, RayConfig)
+    if (config is not None and server_fields) or (ray_config is not None and ray_fields):
+        raise TypeError("give the options either as configs or as keywords, not both")
+    config = ServerConfig(num_shards=num_shards, **server_fields) if config is None else config
+    ray_config = RayConfig(**ray_fields) if ray_config is None else ray_config
+    options_ = server_options(config)
+    num_shards, host, port, trusted_modules = config.num_shards, config.host, config.port, config.trusted_modules
+    placement, placement_timeout = ray_config.placement, ray_config.placement_timeout
+    gpus_per_shard, cpus_per_shard, ray_address = ray_config.gpus_per_shard, ray_config.cpus_per_shard, ray_config.ray_address
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import (
@@ -79,10 +82,6 @@ def start_on_ray(
         PlacementGroupSchedulingStrategy,
     )
 
-    if placement not in ("SPREAD", "STRICT_SPREAD", "PACK", "STRICT_PACK"):
-        raise ValueError(f"placement must be SPREAD, STRICT_SPREAD, PACK or STRICT_PACK, got {placement!r}")
-    if gpus_per_shard < 0 or cpus_per_shard < 0:
-        raise ValueError("gpus_per_shard and cpus_per_shard must be >= 0")
     started_ray = False
     if not ray.is_initialized():
         if ray_address is None:
@@ -113,7 +112,7 @@ def start_on_ray(
             num_gpus=gpus_per_shard,
             max_concurrency=32,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=j),
-        ).remote(j, num_shards, host, options, trusted_modules, device)
+        ).remote(j, num_shards, host, options_, trusted_modules, device)
         for j in range(num_shards)
     ]
     # The front door lives on this (the driver's) node, where users and `ray up` expect it.
@@ -121,38 +120,7 @@ def start_on_ray(
         num_cpus=0,
         max_concurrency=64,
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
-    ).remote(shards, host, port, options, trusted_modules)
+    ).remote(shards, host, port, options_, trusted_modules)
     deadline = time.monotonic() + placement_timeout
     address = ray.get(coordinator.address.remote(), timeout=max(1.0, deadline - time.monotonic()))
     return RayService(coordinator, shards, pg, started_ray, address)
-
-
-def serve(
-    num_shards: int = 1,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    trusted_modules: Sequence[str] = (),
-    auth_token: str | None = None,
-    tls: TLSConfig | None = None,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
-    gpus_per_shard: float = 0.0,
-    cpus_per_shard: float = 0.5,
-    ray_address: str | None = None,
-    placement: str = "SPREAD",
-    placement_timeout: float = 60.0,
-    metrics_port: int | None = None,
-) -> RayService:
-    """Start the service on Ray: ``num_shards`` shard actors (``gpus_per_shard`` GPUs each, spread by a
-    placement group) and the coordinator actor, whose gRPC front door is ``.address``.
-
-    With ``ray_address=None`` it uses the Ray this process is connected to, else starts an embedded local
-    Ray; ``"auto"`` or an address joins that cluster.
-    """
-    _check_num_shards(num_shards)
-    options = ServerOptions(auth_token=auth_token, tls=tls, max_message_bytes=max_message_bytes, chunk_bytes=chunk_bytes, metrics_port=metrics_port)
-    return start_on_ray(
-        num_shards, host=host, port=port, trusted_modules=trusted_modules, options=options, gpus_per_shard=gpus_per_shard,
-        cpus_per_shard=cpus_per_shard, ray_address=ray_address, placement=placement, placement_timeout=placement_timeout,
-    )

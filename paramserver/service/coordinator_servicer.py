@@ -8,9 +8,10 @@ from collections.abc import Iterator
 
 import grpc
 
+from paramserver.core.coordinator import StepResult
 from paramserver.service.coordinator_host import CoordinatorHost, Job
 from paramserver.service.status import translate_errors
-from paramserver.wire import codec, json_values
+from paramserver.wire import codec, jobconfig, json_values
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
 from paramserver.wire.proto.v1 import paramserver_pb2_grpc as pb_grpc
 
@@ -31,6 +32,13 @@ def job_info(job: Job, shard_addresses: list[str]) -> pb.JobInfo:
     )
 
 
+def step_report(result: StepResult) -> pb.StepReport:
+    report = pb.StepReport(step=result.step, total_norm=result.total_norm, skipped=result.skipped, lrs=result.lrs, error=result.error or "")
+    if result.clip_coef is not None:
+        report.clip_coef = result.clip_coef
+    return report
+
+
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def __init__(self, host: CoordinatorHost, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES) -> None:
         self.host = host
@@ -38,7 +46,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     @translate_errors
     def CreateJob(self, request: pb.CreateJobRequest, context: grpc.ServicerContext) -> pb.JobInfo:
-        job = self.host.create_job(request.job, request.config)
+        # defaults written out: a client that leaves a field out means the default, and a retry matches
+        job = self.host.create_job(request.job, jobconfig.canonical(request.config))
         log.info("job %s created: %s", request.job, job.coordinator.plan.describe())
         return job_info(job, self.host.shard_addresses)
 
@@ -57,7 +66,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     @translate_errors
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         st = self.host.status(request.job)
-        return pb.StatusReply(
+        reply = pb.StatusReply(
             job=request.job,
             version=st["version"],
             num_workers=st["num_workers"],
@@ -68,7 +77,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             last_total_norm=st["last_total_norm"],
             waiting_for=st["waiting_for"],
             param_groups_json=[json_values.dumps(g, "param group") for g in st["hyperparameters"]],
+            epoch=st.get("epoch", 0),
         )
+        last = self.host.job(request.job).coordinator.last_result
+        if last is not None:
+            reply.last_step.CopyFrom(step_report(last))
+        return reply
 
     @translate_errors
     def LeaveJob(self, request: pb.LeaveJobRequest, context: grpc.ServicerContext) -> pb.LeaveJobReply:

@@ -2,50 +2,47 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
+from paramserver.core.config import ServerConfig, split_options
 from paramserver.service.coordinator_host import CoordinatorHost, LocalFleet
-from paramserver.service.server import (
-    ServerOptions,
-    Service,
-    TLSConfig,
-    _check_num_shards,
-    create_coordinator_server,
-    create_shard_server,
-)
+from paramserver.service.server import ServerOptions, Service, create_coordinator_server, create_shard_server
 from paramserver.service.shard_host import ShardHost
-from paramserver.wire import codec
-from paramserver.wire.protocol import DEFAULT_MAX_MESSAGE_BYTES
 
 
-def serve_local(
-    num_shards: int = 1,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    trusted_modules: Sequence[str] = (),
-    auth_token: str | None = None,
-    tls: TLSConfig | None = None,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
-    metrics_port: int | None = None,
-) -> Service:
-    """Start the coordinator and ``num_shards`` shard servers in this process, without Ray."""
-    _check_num_shards(num_shards)
-    options = ServerOptions(auth_token=auth_token, tls=tls, max_message_bytes=max_message_bytes, chunk_bytes=chunk_bytes, metrics_port=metrics_port)
-    if metrics_port is not None:
+def server_options(config: ServerConfig) -> ServerOptions:
+    """What each gRPC server of the service is started with."""
+    return ServerOptions(
+        auth_token=config.auth_token, tls=config.tls, max_message_bytes=config.max_message_bytes, chunk_bytes=config.chunk_bytes,
+        max_workers=config.grpc_threads, metrics_port=config.metrics_port,
+    )
+
+
+def serve_local(num_shards: int = 1, *, config: ServerConfig | None = None, **options: Any) -> Service:
+    """Start the coordinator and ``num_shards`` shard servers in this process, without Ray.
+
+    ``options`` are ``ServerConfig``'s fields (``host``, ``port``, ``auth_token``, ``tls``, ``grpc_threads``,
+    ``chunk_bytes``, ...), or pass a whole ``config``.
+    """
+    (fields,) = split_options(options, ServerConfig)
+    if config is not None and fields:
+        raise TypeError("give the server's options either as a config or as keywords, not both")
+    config = ServerConfig(num_shards=num_shards, **fields) if config is None else config
+    options_ = server_options(config)
+    host, port = config.host, config.port
+    if config.metrics_port is not None:
         from paramserver.service.metrics import start_metrics_server
 
-        start_metrics_server(metrics_port, host)
-    shard_hosts = [ShardHost(j) for j in range(num_shards)]
+        start_metrics_server(config.metrics_port, host)
+    shard_hosts = [ShardHost(j) for j in range(config.num_shards)]
     servers, addresses = [], []
     try:
         for shard_host in shard_hosts:
-            server, shard_port = create_shard_server(shard_host, f"{host}:0", options)
+            server, shard_port = create_shard_server(shard_host, f"{host}:0", options_)
             servers.append(server)
             addresses.append(f"{host}:{shard_port}")
-        coordinator = CoordinatorHost(LocalFleet(shard_hosts), addresses, trusted_modules, options.max_workers)
-        server, front_port = create_coordinator_server(coordinator, f"{host}:{port}", options)
+        coordinator = CoordinatorHost(LocalFleet(shard_hosts), addresses, config.trusted_modules, options_.max_workers)
+        server, front_port = create_coordinator_server(coordinator, f"{host}:{port}", options_)
         servers.append(server)
     except BaseException:
         for server in servers:

@@ -1,6 +1,9 @@
-"""A job's definition on the wire (``JobConfig``) and back: what rank 0 sends, what the server builds from it.
+"""The one place a job's configuration (``paramserver.core.config.JobConfig``) turns into the ``JobConfig``
+proto and back: what rank 0 sends, what the server builds the job from.
 
-The server's own settings (number of shards, trusted modules) are never taken from the wire.
+A field a client leaves out takes the tree's default (``optional`` proto fields), so a job created from
+another language gets what a Python user gets. The server's own settings (number of shards, trusted
+modules) are never taken from the wire.
 """
 
 from __future__ import annotations
@@ -9,9 +12,9 @@ from typing import Any
 
 import torch
 
-from paramserver.core.config import ClipConfig, EngineConfig, SchedulerSpec
+from paramserver.core.config import ClipConfig, JobConfig, OptimizerConfig, SchedulerSpec
 from paramserver.core.job import JobSpec
-from paramserver.core.params import ParamGroups
+from paramserver.core.params import ParamGroups, normalize_params
 from paramserver.wire import json_values
 from paramserver.wire.codec import dtype_name, parse_dtype
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
@@ -28,42 +31,91 @@ def optimizer_name(optimizer: Any) -> str:
     raise ValueError(f"optimizer must be a class, a name or 'package.module:Class', got {optimizer!r}")
 
 
-def describe_job(
-    params: ParamGroups,
-    optimizer: Any,
-    optimizer_kwargs: dict[str, Any],
-    *,
-    num_workers: int,
-    clip: ClipConfig,
-    nonfinite: str = "skip",
-    deterministic: bool = True,
-    scheduler: SchedulerSpec | None = None,
-    split_threshold_bytes: int | None = None,
-    grad_dtype: torch.dtype | None = None,
-) -> pb.JobConfig:
+def to_proto(config: JobConfig, params: ParamGroups) -> pb.JobConfig:
+    """``config`` for the model described by ``params``, every field written out."""
+    if list(config.groups) not in ([], params.group_options):
+        raise ValueError("the config's group options differ from the params' groups; give them in one place")
+    clip = config.clip
     msg = pb.JobConfig(
-        optimizer=optimizer_name(optimizer),
-        optimizer_kwargs_json=json_values.dumps(optimizer_kwargs, "optimizer kwargs"),
+        optimizer=optimizer_name(config.optimizer.name),
+        optimizer_kwargs_json=json_values.dumps(config.optimizer.kwargs, "optimizer kwargs"),
         group_options_json=[json_values.dumps(o, f"param group {g}") for g, o in enumerate(params.group_options)],
         params=[pb.ParamSpec(name=p.name or "", shape=list(p.shape), dtype=dtype_name(p.dtype), group=p.group) for p in params.params],
-        num_workers=num_workers,
+        num_workers=config.num_workers,
         clip=pb.ClipSettings(norm_type=clip.norm_type, error_if_nonfinite=clip.error_if_nonfinite),
-        nonfinite=nonfinite,
-        deterministic=deterministic,
-        scheduler_json=json_values.dumps(scheduler, "scheduler") if scheduler is not None else "",
-        grad_dtype=dtype_name(grad_dtype) if grad_dtype is not None else "",
+        nonfinite=config.nonfinite,
+        deterministic=config.deterministic,
+        scheduler_json=json_values.dumps(config.scheduler, "scheduler") if config.scheduler is not None else "",
+        # 0 on the wire: never split (absent means the default threshold)
+        split_threshold_bytes=config.split_threshold_bytes or 0,
+        grad_dtype=dtype_name(config.grad_dtype) if config.grad_dtype is not None else "",
     )
     if clip.max_norm is not None:
         msg.clip.max_norm = clip.max_norm
     if clip.clip_value is not None:
         msg.clip.clip_value = clip.clip_value
-    if split_threshold_bytes is not None:
-        msg.split_threshold_bytes = split_threshold_bytes
     return msg
+
+
+def from_proto(msg: pb.JobConfig) -> tuple[JobConfig, list[dict[str, Any]]]:
+    """The job's config (defaults where the message leaves a field out) and its param groups as torch takes
+    them, with meta tensors; raises ``ValueError`` naming the problem."""
+    default = JobConfig()
+    clip_msg = msg.clip
+    clip = ClipConfig(
+        max_norm=clip_msg.max_norm if clip_msg.HasField("max_norm") else None,
+        norm_type=clip_msg.norm_type if clip_msg.HasField("norm_type") else default.clip.norm_type,
+        error_if_nonfinite=clip_msg.error_if_nonfinite,
+        clip_value=clip_msg.clip_value if clip_msg.HasField("clip_value") else None,
+    )
+    scheduler = json_values.loads(msg.scheduler_json) if msg.scheduler_json else None
+    if scheduler is not None and not isinstance(scheduler, SchedulerSpec):
+        raise ValueError("job config: scheduler_json must encode a scheduler spec")
+    kwargs = json_values.loads(msg.optimizer_kwargs_json) or {}
+    if not isinstance(kwargs, dict):
+        raise ValueError("job config: optimizer kwargs must be a JSON object")
+    if msg.HasField("split_threshold_bytes"):
+        split = msg.split_threshold_bytes or None
+    else:
+        split = default.split_threshold_bytes
+    groups = _param_groups(msg)
+    config = JobConfig(
+        optimizer=OptimizerConfig(msg.optimizer or default.optimizer.name, kwargs),
+        groups=tuple({k: v for k, v in g.items() if k != "params"} for g in groups),
+        clip=clip,
+        scheduler=scheduler,
+        num_workers=msg.num_workers if msg.HasField("num_workers") else default.num_workers,
+        nonfinite=msg.nonfinite if msg.HasField("nonfinite") else default.nonfinite,  # type: ignore[arg-type]
+        deterministic=msg.deterministic if msg.HasField("deterministic") else default.deterministic,
+        split_threshold_bytes=split,
+        grad_dtype=parse_dtype(msg.grad_dtype) if msg.grad_dtype else None,
+    )
+    return config, groups
+
+
+def canonical(msg: pb.JobConfig) -> pb.JobConfig:
+    """``msg`` with every default written out: two clients that mean the same job send the same config."""
+    config, groups = from_proto(msg)
+    out = to_proto(config, normalize_params(groups))
+    out.group_options_json[:] = list(msg.group_options_json)  # keep the client's own JSON of group options
+    out.optimizer_kwargs_json = msg.optimizer_kwargs_json or out.optimizer_kwargs_json
+    out.scheduler_json = msg.scheduler_json
+    return out
 
 
 def build_job(msg: pb.JobConfig, num_shards: int, trusted_modules: tuple[str, ...]) -> JobSpec:
     """Validate a wire job config and build the job from it; raises ``ValueError`` naming the problem."""
+    config, groups = from_proto(msg)
+    return JobSpec.build(groups, config.replace(groups=()), num_shards, trusted_modules)
+
+
+def describe_job(params: ParamGroups, optimizer: Any, optimizer_kwargs: dict[str, Any], **options: Any) -> pb.JobConfig:
+    """A job config message from torch-style arguments: ``options`` are ``JobConfig``'s fields
+    (``num_workers=2, clip=ClipConfig(max_norm=1.0)``)."""
+    return to_proto(JobConfig(optimizer=OptimizerConfig(optimizer, dict(optimizer_kwargs)), **options), params)
+
+
+def _param_groups(msg: pb.JobConfig) -> list[dict[str, Any]]:
     if not msg.params:
         raise ValueError("job config has no parameters")
     named = [bool(p.name) for p in msg.params]
@@ -81,30 +133,7 @@ def build_job(msg: pb.JobConfig, num_shards: int, trusted_modules: tuple[str, ..
     order = [p.group for p in msg.params]
     if order != sorted(order):
         raise ValueError("job config: parameters must be listed group by group, in order")
-    clip = ClipConfig(
-        max_norm=msg.clip.max_norm if msg.clip.HasField("max_norm") else None,
-        norm_type=msg.clip.norm_type,
-        error_if_nonfinite=msg.clip.error_if_nonfinite,
-        clip_value=msg.clip.clip_value if msg.clip.HasField("clip_value") else None,
-    )
-    config = EngineConfig(
-        num_shards=num_shards,
-        num_workers=msg.num_workers,
-        clip=clip,
-        nonfinite=msg.nonfinite or "skip",  # type: ignore[arg-type]
-        deterministic=msg.deterministic,
-        split_threshold_bytes=msg.split_threshold_bytes if msg.HasField("split_threshold_bytes") else None,
-        trusted_modules=trusted_modules,
-    )
-    scheduler = json_values.loads(msg.scheduler_json) if msg.scheduler_json else None
-    if scheduler is not None and not isinstance(scheduler, SchedulerSpec):
-        raise ValueError("job config: scheduler_json must encode a scheduler spec")
-    kwargs = json_values.loads(msg.optimizer_kwargs_json) or {}
-    if not isinstance(kwargs, dict):
-        raise ValueError("job config: optimizer kwargs must be a JSON object")
-    if msg.grad_dtype:
-        parse_dtype(msg.grad_dtype)
-    return JobSpec.build(groups, msg.optimizer, config, scheduler, kwargs)
+    return groups
 
 
 def _options(text: str, group: int) -> dict[str, Any]:

@@ -28,7 +28,7 @@ def run_pair(model, clip, num_shards=3, num_workers=3, split=None, optimizer=tor
     engine = ps.StepEngine(
         model.named_parameters(),
         optimizer,
-        config=ps.EngineConfig(num_shards=num_shards, num_workers=num_workers, clip=clip, split_threshold_bytes=split),
+        num_shards=num_shards, config=ps.JobConfig(num_workers=num_workers, clip=clip, split_threshold_bytes=split),
         **kwargs,
     )
     ref = Reference(ref_model.named_parameters(), optimizer, kwargs, clip=clip)
@@ -93,7 +93,7 @@ def test_parity_clipping_over_mixed_dtypes_stacks_norms_as_torch_does():
 
 def test_parity_error_if_nonfinite_reports_and_skips():
     model = make_model()
-    engine = ps.StepEngine(model.named_parameters(), "SGD", lr=0.1, config=ps.EngineConfig(clip=ps.ClipConfig(max_norm=1.0, error_if_nonfinite=True)))
+    engine = ps.StepEngine(model.named_parameters(), "SGD", lr=0.1, config=ps.JobConfig(clip=ps.ClipConfig(max_norm=1.0, error_if_nonfinite=True)))
     before = engine.parameters()
     grads = [torch.full_like(p, float("inf")) for p in model.parameters()]
     result = engine.push(0, 0, grads)
@@ -109,7 +109,7 @@ def test_parity_concurrent_pushes_from_threads_are_deterministic():
     ref_model = copy.deepcopy(model)
     kwargs = {"lr": 0.01}
     num_workers = 4
-    engine = ps.StepEngine(model.named_parameters(), "Adam", config=ps.EngineConfig(num_shards=3, num_workers=num_workers), **kwargs)
+    engine = ps.StepEngine(model.named_parameters(), "Adam", num_shards=3, config=ps.JobConfig(num_workers=num_workers), **kwargs)
     ref = Reference(ref_model.named_parameters(), torch.optim.Adam, kwargs)
     for t in range(10):
         grads = worker_grads(ref.params, t, num_workers, seed=5)

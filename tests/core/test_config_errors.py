@@ -36,17 +36,17 @@ BAD_CONFIGS = [
     ("bad import path", lambda: engine(optimizer="tests.helpers.reference"), "unknown optimizer"),
     (
         "missing module",
-        lambda: engine(optimizer="tests.no_such_module:Opt", config=ps.EngineConfig(trusted_modules=("tests",))),
+        lambda: engine(optimizer="tests.no_such_module:Opt", trusted_modules=("tests",)),
         "cannot import module 'tests.no_such_module'",
     ),
     (
         "missing class",
-        lambda: engine(optimizer="tests.helpers.reference:NoSuch", config=ps.EngineConfig(trusted_modules=("tests",))),
+        lambda: engine(optimizer="tests.helpers.reference:NoSuch", trusted_modules=("tests",)),
         "has no attribute 'NoSuch'",
     ),
     (
         "not an optimizer",
-        lambda: engine(optimizer="tests.helpers.reference:Reference", config=ps.EngineConfig(trusted_modules=("tests",))),
+        lambda: engine(optimizer="tests.helpers.reference:Reference", trusted_modules=("tests",)),
         "not a subclass of torch.optim.optimizer.Optimizer",
     ),
     ("LBFGS", lambda: engine(optimizer="LBFGS"), "needs a closure"),
@@ -58,10 +58,10 @@ BAD_CONFIGS = [
     ("scheduler given optimizer", lambda: engine(scheduler=ps.SchedulerSpec("StepLR", {"step_size": 1, "optimizer": None})), "do not pass 'optimizer'"),
     ("untrusted lr_lambda", lambda: engine(scheduler=ps.SchedulerSpec("LambdaLR", {"lr_lambda": "math:cos"})), "not in trusted_modules"),
     ("scheduler not a scheduler", lambda: engine(scheduler=ps.SchedulerSpec(torch.optim.Adam)), "not a subclass"),
-    ("num_shards 0", lambda: ps.EngineConfig(num_shards=0), "num_shards"),
-    ("num_workers 0", lambda: ps.EngineConfig(num_workers=0), "num_workers"),
-    ("nonfinite policy", lambda: ps.EngineConfig(nonfinite="ignore"), "nonfinite"),
-    ("split threshold", lambda: ps.EngineConfig(split_threshold_bytes=-1), "split_threshold_bytes"),
+    ("num_shards 0", lambda: ps.ServerConfig(num_shards=0), "num_shards"),
+    ("num_workers 0", lambda: ps.JobConfig(num_workers=0), "num_workers"),
+    ("nonfinite policy", lambda: ps.JobConfig(nonfinite="ignore"), "nonfinite"),
+    ("split threshold", lambda: ps.JobConfig(split_threshold_bytes=-1), "split_threshold_bytes"),
     ("negative max_norm", lambda: ps.ClipConfig(max_norm=-1.0), "max_norm"),
     ("nan norm_type", lambda: ps.ClipConfig(norm_type=float("nan")), "norm_type"),
     ("negative clip_value", lambda: ps.ClipConfig(clip_value=-0.1), "clip_value"),
@@ -78,7 +78,7 @@ def test_bad_config_raises_value_error_naming_it(build, match):
 def test_non_elementwise_optimizer_warns_when_it_cannot_split():
     big = [("big", torch.zeros(64, 64)), ("small", torch.zeros(3, 3))]
     with pytest.warns(UserWarning, match="Adafactor is not elementwise"):
-        e = ps.StepEngine(big, "Adafactor", config=ps.EngineConfig(num_shards=2, split_threshold_bytes=1024))
+        e = ps.StepEngine(big, "Adafactor", num_shards=2, config=ps.JobConfig(split_threshold_bytes=1024))
     assert not e.plan.is_split(0)
 
 

@@ -295,18 +295,12 @@ def run_case(
     """Train with the engine and with the reference on the same gradients; return both after ``steps``."""
     opt = OPTS[opt_name]
     clip_config = CLIPS[clip]
-    config = ps.EngineConfig(
-        num_shards=shards,
-        num_workers=workers,
-        clip=clip_config,
-        split_threshold_bytes=split,
-        deterministic=deterministic,
-        trusted_modules=("tests",),
-    )
+    config = ps.JobConfig(num_workers=workers, clip=clip_config, split_threshold_bytes=split, deterministic=deterministic)
     with warnings.catch_warnings():
         # A non-elementwise optimizer with a small split threshold warns that its tensors stay whole.
         warnings.filterwarnings("ignore", message=".*is not elementwise.*")
-        engine = ps.StepEngine(select_params(make_model(), opt, kind), opt.name, config=config, **kwargs)
+        engine = ps.StepEngine(select_params(make_model(), opt, kind), opt.name, config=config, num_shards=shards,
+                               trusted_modules=("tests",), **kwargs)
     ref = Reference(select_params(make_model(), opt, kind), opt.cls, kwargs, clip=clip_config)
     initial = [p.detach().clone() for p in ref.params]
     results = []
@@ -347,6 +341,7 @@ def check(opt_name: str, kwargs: dict[str, Any], **setup: Any) -> Case:
 # -- the suite -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clip", list(CLIPS))
 @pytest.mark.parametrize("workers", WORKERS)
 @pytest.mark.parametrize("shards", SHARDS)
@@ -371,6 +366,7 @@ SETUPS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup", list(SETUPS))
 @pytest.mark.parametrize(("opt_name", "kwargs"), [pytest.param(o, k, id=f"{o}-{c}") for o, c, k in CONFIGS])
 def test_parity_configs(opt_name, kwargs, setup):
@@ -380,6 +376,7 @@ def test_parity_configs(opt_name, kwargs, setup):
 SPLIT_OPTS = [name for name, opt in OPTS.items() if opt.elementwise]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clip", list(CLIPS))
 @pytest.mark.parametrize("shards", [2, 3, 5])
 @pytest.mark.parametrize("opt_name", SPLIT_OPTS)
@@ -402,7 +399,7 @@ def test_parity_non_elementwise_stays_whole(opt_name):
         engine = ps.StepEngine(
             select_params(make_model(), opt, "named"),
             opt.name,
-            config=ps.EngineConfig(num_shards=3, split_threshold_bytes=SMALL_SPLIT, trusted_modules=("tests",)),
+            num_shards=3, trusted_modules=("tests",), config=ps.JobConfig(split_threshold_bytes=SMALL_SPLIT),
         )
     assert not any(engine.plan.is_split(p.index) for p in engine.plan.params)
     check(opt_name, DEFAULTS[opt_name], shards=3, workers=3, clip="clip2", split=SMALL_SPLIT)
@@ -430,6 +427,7 @@ assert {c[0] for c in PUSH_ORDER_CASES} == set(OPTS)
 ORDERS = [[2, 0, 1], [0, 1, 2], [1, 2, 0], [2, 1, 0]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clip", ["noclip", "clip2"])
 @pytest.mark.parametrize(("opt_name", "kwargs", "shards", "split"), PUSH_ORDER_CASES, ids=[c[0] for c in PUSH_ORDER_CASES])
 def test_parity_deterministic_whatever_push_order(opt_name, kwargs, shards, split, clip):
@@ -445,6 +443,7 @@ def test_parity_deterministic_whatever_push_order(opt_name, kwargs, shards, spli
     assert_parity(shuffled, tolerance(shuffled.engine))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clip", list(CLIPS))
 @pytest.mark.parametrize(("opt_name", "kwargs", "shards", "split"), PUSH_ORDER_CASES, ids=[c[0] for c in PUSH_ORDER_CASES])
 def test_parity_nondeterministic_within_1e6(opt_name, kwargs, shards, split, clip):
@@ -475,10 +474,10 @@ def test_parity_mixed_dtypes(opt_name, clip, split):
     """float32 and float64 parameters in one job: bitwise, except split + 2-norm clipping as above."""
     opt = OPTS[opt_name]
     clip_config = CLIPS[clip]
-    config = ps.EngineConfig(num_shards=3, num_workers=3, clip=clip_config, split_threshold_bytes=split)
+    config = ps.JobConfig(num_workers=3, clip=clip_config, split_threshold_bytes=split)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is not elementwise.*")
-        engine = ps.StepEngine(list(mixed_dtype_model().named_parameters()), opt.name, config=config)
+        engine = ps.StepEngine(list(mixed_dtype_model().named_parameters()), opt.name, config=config, num_shards=3)
     ref = Reference(list(mixed_dtype_model().named_parameters()), opt.cls, {}, clip=clip_config)
     initial = [p.detach().clone() for p in ref.params]
     assert {p.dtype for p in ref.params} == {torch.float32, torch.float64}

@@ -177,13 +177,14 @@ CASES = [
 CYCLED = ("lr", "momentum", "betas")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_scheduler_parity(case: Case) -> None:
     model = make_model(seed=3)
     ref_model = copy.deepcopy(model)
-    config = ps.EngineConfig(num_shards=case.shards, num_workers=case.workers, trusted_modules=("tests",),
-                             split_threshold_bytes=64)
+    config = ps.JobConfig(num_workers=case.workers, split_threshold_bytes=64)
     engine = ps.StepEngine(build_params(model, case.lrs, case.named), case.optimizer, config=config,
+                           num_shards=case.shards, trusted_modules=("tests",),
                            scheduler=case.spec, **case.kwargs)
     ref = Reference(build_params(ref_model, case.lrs, case.named), case.optimizer, case.kwargs,
                     scheduler=case.reference, interval=case.spec.interval)
@@ -228,7 +229,7 @@ def test_scheduler_parity(case: Case) -> None:
 def test_scheduler_parity_reduce_on_plateau_needs_metric() -> None:
     """Without a metric a ReduceLROnPlateau job refuses the push and nothing changes."""
     model = make_model(seed=3)
-    engine = ps.StepEngine(model.parameters(), "SGD", config=ps.EngineConfig(num_shards=2, num_workers=3),
+    engine = ps.StepEngine(model.parameters(), "SGD", num_shards=2, config=ps.JobConfig(num_workers=3),
                            scheduler=ps.SchedulerSpec("ReduceLROnPlateau", {"patience": 0}), lr=0.1)
     grads = worker_grads(list(model.parameters()), 0, 3)
     before = engine.state_dict()
@@ -252,7 +253,7 @@ def test_scheduler_parity_plateau_metric_mean_in_rank_order(order: tuple[int, ..
     ref_model = copy.deepcopy(model)
     spec = ps.SchedulerSpec("ReduceLROnPlateau", {"patience": 0, "factor": 0.5})
     engine = ps.StepEngine(build_params(model, (0.1, 0.02), True), "SGD",
-                           config=ps.EngineConfig(num_shards=2, num_workers=3), scheduler=spec, lr=0.1)
+                           num_shards=2, config=ps.JobConfig(num_workers=3), scheduler=spec, lr=0.1)
     ref = Reference(build_params(ref_model, (0.1, 0.02), True), torch.optim.SGD, {"lr": 0.1},
                     scheduler=lambda o: L.ReduceLROnPlateau(o, patience=0, factor=0.5))
     for t in range(4):

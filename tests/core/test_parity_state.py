@@ -91,11 +91,11 @@ LAYOUTS = {
 def make_engine(opt: Opt, model: torch.nn.Module, named: bool, split: int | None, *, shards: int = 3,
                 workers: int = WORKERS, nonfinite: str = "skip", clip: ps.ClipConfig | None = None,
                 scheduler: bool = True) -> ps.StepEngine:
-    config = ps.EngineConfig(num_shards=shards, num_workers=workers, split_threshold_bytes=split,
-                             nonfinite=nonfinite, clip=clip or ps.ClipConfig())  # type: ignore[arg-type]
+    config = ps.JobConfig(num_workers=workers, split_threshold_bytes=split,
+                          nonfinite=nonfinite, clip=clip or ps.ClipConfig())  # type: ignore[arg-type]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        engine = ps.StepEngine(build_params(model, named), opt.cls, config=config,
+        engine = ps.StepEngine(build_params(model, named), opt.cls, config=config, num_shards=shards,
                                scheduler=opt.spec if scheduler else None, **opt.kwargs)
     elementwise = opt.cls is not torch.optim.Adafactor
     if split is not None:
@@ -156,6 +156,7 @@ def train(engine: ps.StepEngine, ref: Reference | None, steps: range, engine_off
 # -- export from the engine, continue locally --------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_export_parity(name: str, layout: str) -> None:
@@ -194,6 +195,7 @@ def test_export_parity(name: str, layout: str) -> None:
 # -- a local optimizer's state into a fresh engine ---------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_import_parity(name: str, layout: str) -> None:
@@ -241,8 +243,8 @@ def test_import_parity_partial_and_single_group() -> None:
     local = Reference(local_model.named_parameters(), opt.cls, opt.kwargs)
     for t in range(N):
         local.step(worker_grads(local.params, t, 1, seed=2))
-    config = ps.EngineConfig(num_shards=2, num_workers=1, split_threshold_bytes=None)
-    engine = ps.StepEngine(make_model(seed=8).named_parameters(), opt.cls, config=config, **opt.kwargs)
+    config = ps.JobConfig(num_workers=1, split_threshold_bytes=None)
+    engine = ps.StepEngine(make_model(seed=8).named_parameters(), opt.cls, config=config, num_shards=2, **opt.kwargs)
     engine.load_state_dict({"model": local_model.state_dict()})
     engine.load_state_dict({"optimizer": checkpoint(local.optimizer.state_dict())})
     engine.load_state_dict({"scheduler": None})
@@ -349,6 +351,7 @@ BAD_LOADS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_LOADS)
 def test_bad_load_parity_changes_nothing(case: str) -> None:
     opt = OPTIMIZERS["Adam"]

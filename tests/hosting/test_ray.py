@@ -22,6 +22,8 @@ from tests.helpers.reference import (
 )
 from workers.remote_optimizer import RemoteOptimizer
 
+pytestmark = pytest.mark.ray
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -24,8 +24,8 @@ def test_parity_engine_skips_parameters_no_worker_has_a_gradient_for(num_shards)
     model = two_layers()
     ref = copy.deepcopy(model)
     kwargs = {"lr": 0.1, "weight_decay": 0.1}
-    engine = ps.StepEngine(model.named_parameters(), "AdamW", config=ps.EngineConfig(num_shards=num_shards, num_workers=2,
-                                                                                        clip=ps.ClipConfig(max_norm=0.5)), **kwargs)
+    engine = ps.StepEngine(model.named_parameters(), "AdamW", num_shards=num_shards,
+                           config=ps.JobConfig(num_workers=2, clip=ps.ClipConfig(max_norm=0.5)), **kwargs)
     ropt = torch.optim.AdamW(ref.named_parameters(), **kwargs)
     for step in range(4):
         torch.manual_seed(step)

@@ -8,6 +8,8 @@ pytest.importorskip("sklearn")
 
 from workers.demos import train  # noqa: E402
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
 
 def test_main_job_trains_digits_through_the_service(ray_cluster, tmp_path):
     out = train.train(num_workers=2, num_shards=2, epochs=4, progress=False)

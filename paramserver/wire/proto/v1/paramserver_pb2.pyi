@@ -149,8 +149,24 @@ class ShardStatus(_message.Message):
     placement: str
     def __init__(self, shard: _Optional[int] = ..., address: _Optional[str] = ..., version: _Optional[int] = ..., pushed_workers: _Optional[_Iterable[int]] = ..., placement: _Optional[str] = ...) -> None: ...
 
+class StepReport(_message.Message):
+    __slots__ = ("step", "total_norm", "clip_coef", "skipped", "lrs", "error")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_NORM_FIELD_NUMBER: _ClassVar[int]
+    CLIP_COEF_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    LRS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total_norm: float
+    clip_coef: float
+    skipped: bool
+    lrs: _containers.RepeatedScalarFieldContainer[float]
+    error: str
+    def __init__(self, step: _Optional[int] = ..., total_norm: _Optional[float] = ..., clip_coef: _Optional[float] = ..., skipped: _Optional[bool] = ..., lrs: _Optional[_Iterable[float]] = ..., error: _Optional[str] = ...) -> None: ...
+
 class StatusReply(_message.Message):
-    __slots__ = ("job", "version", "num_workers", "members", "shards", "lrs", "skipped_steps", "last_total_norm", "waiting_for", "param_groups_json")
+    __slots__ = ("job", "version", "num_workers", "members", "shards", "lrs", "skipped_steps", "last_total_norm", "waiting_for", "param_groups_json", "epoch", "last_step")
     JOB_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +177,8 @@ class StatusReply(_message.Message):
     LAST_TOTAL_NORM_FIELD_NUMBER: _ClassVar[int]
     WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
     PARAM_GROUPS_JSON_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
     job: str
     version: int
     num_workers: int
@@ -171,7 +189,9 @@ class StatusReply(_message.Message):
     last_total_norm: float
     waiting_for: str
     param_groups_json: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job: _Optional[str] = ..., version: _Optional[int] = ..., num_workers: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., lrs: _Optional[_Iterable[float]] = ..., skipped_steps: _Optional[int] = ..., last_total_norm: _Optional[float] = ..., waiting_for: _Optional[str] = ..., param_groups_json: _Optional[_Iterable[str]] = ...) -> None: ...
+    epoch: int
+    last_step: StepReport
+    def __init__(self, job: _Optional[str] = ..., version: _Optional[int] = ..., num_workers: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., lrs: _Optional[_Iterable[float]] = ..., skipped_steps: _Optional[int] = ..., last_total_norm: _Optional[float] = ..., waiting_for: _Optional[str] = ..., param_groups_json: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., last_step: _Optional[_Union[StepReport, _Mapping]] = ...) -> None: ...
 
 class LeaveJobRequest(_message.Message):
     __slots__ = ("job", "worker")
