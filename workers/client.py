@@ -1,9 +1,10 @@
 """The lower-level client: a job's flat per-shard buffers over gRPC, for trainers that manage them.
 
-Every call has a deadline. Wire errors come back as Python errors: INVALID_ARGUMENT as ``ValueError``,
-a stale or future step as ``StaleStepError`` / ``FutureStepError`` carrying the server's version,
-NOT_FOUND as ``LookupError``, UNAUTHENTICATED as ``PermissionError``, DEADLINE_EXCEEDED as ``TimeoutError``,
-anything else as ``ConnectionError``.
+Every call has a deadline. Wire errors come back as the Python errors the server raised, by the table in
+``paramserver.wire.errors``: a stale or future step as ``StaleStepError`` / ``FutureStepError`` carrying the
+server's version, an unknown job as ``JobNotFoundError`` (a ``LookupError``), bad input as ``ValueError``,
+a wrong token as ``UnauthenticatedError`` (a ``PermissionError``), a deadline as ``DeadlineExceededError``
+(a ``TimeoutError``); transport failures (UNAVAILABLE, ...) as ``ConnectionError``.
 """
 
 from __future__ import annotations
@@ -16,40 +17,24 @@ from typing import Any, TypeVar
 import grpc
 import torch
 
-from paramserver.core.errors import FutureStepError, StaleStepError
 from paramserver.core.params import ParamInfo
 from paramserver.core.sharding import ShardingPlan, Slice
 from paramserver.wire import codec, json_values
+from paramserver.wire import errors as wire_errors
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
 from paramserver.wire.proto.v1 import paramserver_pb2_grpc as pb_grpc
 from paramserver.wire.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     SHARD_SERVICE,
-    VERSION_METADATA_KEY,
 )
 
 T = TypeVar("T")
 
 
 def error_from_rpc(exc: grpc.RpcError) -> Exception:
-    code, details = exc.code(), exc.details()
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        version = dict(exc.trailing_metadata() or ()).get(VERSION_METADATA_KEY)
-        if version is not None:
-            kind = StaleStepError if "already closed" in details else FutureStepError
-            return kind(details, int(version))
-        return ValueError(details)
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
-        return ValueError(details)
-    if code == grpc.StatusCode.NOT_FOUND:
-        return LookupError(details)
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-        return PermissionError(details)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return TimeoutError(details)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ValueError(f"message too large: {details}")
-    return ConnectionError(f"{code.name}: {details}")
+    """The Python error of a failed call: the class named by the server's ErrorInfo reason (with the
+    version of a stale or future step), or, for errors gRPC made itself, the class of the code."""
+    return wire_errors.to_exception(exc.code(), exc.details(), exc.trailing_metadata())
 
 
 def plan_from_info(info: pb.JobInfo) -> ShardingPlan:

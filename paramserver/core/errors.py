@@ -1,4 +1,9 @@
-"""Errors of the step engine. User errors are ``ValueError`` subclasses; the wire layer maps each to a status."""
+"""Every error the service raises on purpose, as plain Python classes (no gRPC here).
+
+Each stays a subclass of the builtin it was before (``ValueError``, ``LookupError``, ...), so callers that
+catch the builtin keep working. ``paramserver.wire.errors`` maps each class to a gRPC status code and a
+reason string, and the client rebuilds the same class from that reason.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,9 @@ class StepMismatchError(ValueError):
     def __init__(self, message: str, version: int) -> None:
         super().__init__(message)
         self.version = version
+
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:  # pickles (Ray) with its version
+        return type(self), (str(self), self.version)
 
 
 class StaleStepError(StepMismatchError):
@@ -37,3 +45,15 @@ class JobExistsError(ValueError):
 
 class JobFailedError(RuntimeError):
     """A step's update failed part-way, so the shards disagree; the job takes no step until a state is loaded."""
+
+
+class DeadlineExceededError(TimeoutError):
+    """A wait ran out: on the server (for a version, a job, initial weights) or the call's own deadline."""
+
+
+class UnauthenticatedError(PermissionError):
+    """The call lacks the right bearer token."""
+
+
+class InternalError(RuntimeError):
+    """The server failed in a way it did not expect (a bug); its log has the traceback."""

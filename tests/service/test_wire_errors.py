@@ -24,13 +24,15 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from paramserver.core.errors import FutureStepError, JobNotFoundError, StaleStepError, UnauthenticatedError
 from paramserver.service.local import serve_local as serve
 from paramserver.service.server import TLSConfig
+from paramserver.wire import errors as wire_errors
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
 from paramserver.wire.proto.v1 import paramserver_pb2_grpc as pb_grpc
 from tests.helpers.reference import Reference, make_model, worker_grads
 from tests.helpers.tls_certs import make_other_client, make_tls_material
-from workers.client import ServiceClient
+from workers.client import ServiceClient, error_from_rpc
 from workers.remote_optimizer import RemoteOptimizer
 
 T = 5.0  # the deadline of every call, in seconds
@@ -92,9 +94,23 @@ def rpc_error(fn: Callable[[], object]) -> grpc.RpcError:
     return info.value
 
 
-def assert_status(exc: grpc.RpcError, code: grpc.StatusCode, pattern: str) -> None:
+# codes gRPC may make itself (a message too large, a deadline passed, no connection): no ErrorInfo there
+GRPC_MADE = {Code.RESOURCE_EXHAUSTED, Code.DEADLINE_EXCEEDED, Code.UNAVAILABLE}
+
+
+def reason_of(exc: grpc.RpcError) -> str | None:
+    """The ErrorInfo reason the server sent with the status (None: none)."""
+    info = wire_errors.error_info(exc.code(), exc.trailing_metadata())
+    return None if info is None else info.reason
+
+
+def assert_status(exc: grpc.RpcError, code: grpc.StatusCode, pattern: str, reason: str | None = None) -> None:
     assert exc.code() == code, f"expected {code.name}, got {exc.code().name}: {exc.details()}"
     assert re.search(pattern, exc.details() or ""), f"{exc.details()!r} does not match {pattern!r}"
+    if code not in GRPC_MADE:  # the server's own errors carry the reason of their row in the table
+        got = reason_of(exc)
+        assert got is not None and wire_errors.kind_by_reason(got).code == code, f"reason {got!r} for {code.name}"
+        assert reason is None or got == reason, f"expected reason {reason}, got {got}"
 
 
 SHAPES = {"w": (4, 3), "b": (5,)}  # on two shards: w (48 bytes) on shard 0, b on shard 1
@@ -359,9 +375,13 @@ def test_bad_push_is_refused_and_changes_nothing(wire, job_name, case, stream, c
     assert n == 12
     before = m.job.snapshot()
     exc = rpc_error(lambda: m.job.shard(0).PushGradients(iter(stream(job_name, n)), timeout=T))
-    assert_status(exc, code, pattern)
+    reason = {Code.NOT_FOUND: "JOB_NOT_FOUND", Code.INVALID_ARGUMENT: "INVALID_ARGUMENT", Code.FAILED_PRECONDITION: "FUTURE_STEP"}[code]
+    assert_status(exc, code, pattern, reason)
     trailing = dict(exc.trailing_metadata() or ())
     assert trailing.get("ps-version") == version
+    err = error_from_rpc(exc)
+    assert type(err) is {"JOB_NOT_FOUND": JobNotFoundError, "INVALID_ARGUMENT": ValueError, "FUTURE_STEP": FutureStepError}[reason]
+    assert getattr(err, "version", None) == (None if version is None else int(version))
     assert_same_snapshot(before, m.job.snapshot())
     m.finish()
 
@@ -380,7 +400,7 @@ def test_push_before_initial_weights_is_refused(wire, job_name):
     assert not job.info.ready
     grads = [torch.ones(s) for s in SHAPES.values()]
     exc = rpc_error(lambda: job.push(0, 0, grads, shards=[0]))
-    assert_status(exc, Code.FAILED_PRECONDITION, r"shard 0: the job's initial weights are not in place yet")
+    assert_status(exc, Code.FAILED_PRECONDITION, r"shard 0: the job's initial weights are not in place yet", "NOT_READY")
     assert "ps-version" not in dict(exc.trailing_metadata() or ())
     st = job.status()
     assert st.version == 0 and [list(s.pushed_workers) for s in st.shards] == [[], []]
@@ -466,7 +486,7 @@ def test_pull_errors(wire, job_name):
     job.init(initial_weights())
     stub = job.shard(0)
     exc = rpc_error(lambda: stub.PullParameters(pb.PullRequest(job="no-such-job", shard=0), timeout=T))
-    assert_status(exc, Code.NOT_FOUND, r"no job 'no-such-job' on shard 0")
+    assert_status(exc, Code.NOT_FOUND, r"no job 'no-such-job' on shard 0", "JOB_NOT_FOUND")
     exc = rpc_error(lambda: stub.PullParameters(pb.PullRequest(job=job_name, shard=1), timeout=T))
     assert_status(exc, Code.INVALID_ARGUMENT, r"this is shard 0, the pull is for shard 1")
 
@@ -503,7 +523,7 @@ def test_coordinator_calls_on_unknown_jobs_and_workers(wire, job_name):
         lambda: c.ReportMetrics(pb.ReportMetricsRequest(job="no-such-job", worker=0, step=0, metrics={"metric": 1.0}), timeout=T),
         lambda: c.GetState(pb.StateRequest(job="no-such-job"), timeout=T),
     ):
-        assert_status(rpc_error(call), Code.NOT_FOUND, r"no job 'no-such-job'")
+        assert_status(rpc_error(call), Code.NOT_FOUND, r"no job 'no-such-job'", "JOB_NOT_FOUND")
     job = create(wire, job_name)
     job.init(initial_weights())
     before = job.snapshot()
@@ -564,7 +584,7 @@ def test_create_is_idempotent_and_a_different_config_already_exists(wire, job_na
     before = job.snapshot()
     for other in (job_config(num_workers=3), job_config(optimizer="Adam"), job_config(shapes={"w": (4, 3)})):
         exc = rpc_error(lambda: wire.coordinator.CreateJob(pb.CreateJobRequest(job=job_name, config=other), timeout=T))
-        assert_status(exc, Code.ALREADY_EXISTS, rf"job '{re.escape(job_name)}' exists already with another configuration")
+        assert_status(exc, Code.ALREADY_EXISTS, rf"job '{re.escape(job_name)}' exists already with another configuration", "JOB_EXISTS")
     assert_same_snapshot(before, job.snapshot())
     again = create(wire, job_name).info
     assert again.ready and again.version == 0 and again.config == job.info.config and again.shards == job.info.shards
@@ -600,8 +620,10 @@ def test_retried_push_is_applied_once(wire, job_name):
     assert_same_snapshot(before, job.snapshot())
     # an older step is a stale step, with the version in the trailers; nothing changes
     exc = rpc_error(lambda: job.push(1, 0, grads[1], shards=[1]))
-    assert_status(exc, Code.FAILED_PRECONDITION, r"step 0 has already closed \(now at 2\)")
+    assert_status(exc, Code.FAILED_PRECONDITION, r"step 0 has already closed \(now at 2\)", "STALE_STEP")
     assert dict(exc.trailing_metadata() or ()).get("ps-version") == "2"
+    err = error_from_rpc(exc)
+    assert type(err) is StaleStepError and err.version == 2
     assert_same_snapshot(before, job.snapshot())
 
 
@@ -697,6 +719,8 @@ def test_auth_refuses_calls_without_the_right_token(auth_svc, job_name, metadata
             exc = rpc_error(call)
             assert exc.code() == Code.UNAUTHENTICATED, f"{name}: {exc.code()} {exc.details()}"
             assert "missing or wrong bearer token" in exc.details(), name
+            assert reason_of(exc) == "UNAUTHENTICATED", name
+            assert type(error_from_rpc(exc)) is UnauthenticatedError, name
         assert_same_snapshot(before, job.snapshot())
         assert rpc_error(lambda: good.coordinator.GetStatus(pb.StatusRequest(job=job_name + "-x"), timeout=T, metadata=AUTH)).code() == Code.NOT_FOUND
         # with the token, health and reflection answer
@@ -735,14 +759,14 @@ def test_client_maps_unauthenticated_to_permission_error(auth_svc, job_name):
     for token in (None, "nope"):
         client = ServiceClient(auth_svc.address, job_name, auth_token=token, timeout=T)
         try:
-            with pytest.raises(PermissionError, match="missing or wrong bearer token"):
+            with pytest.raises(UnauthenticatedError, match="missing or wrong bearer token"):
                 client.status()
-            with pytest.raises(PermissionError):
+            with pytest.raises(UnauthenticatedError):
                 client.create_job(job_config())
         finally:
             client.close()
         model = make_model(3)
-        with pytest.raises(PermissionError):
+        with pytest.raises(UnauthenticatedError):
             RemoteOptimizer(model.named_parameters(), torch.optim.SGD, lr=LR, address=auth_svc.address, job=job_name, auth_token=token, timeout=T)
     with Wire(auth_svc.address, AUTH) as good:
         assert rpc_error(lambda: good.coordinator.GetStatus(pb.StatusRequest(job=job_name), timeout=T, metadata=AUTH)).code() == Code.NOT_FOUND
