@@ -136,6 +136,10 @@ class ServiceClient:
     def report_metric(self, worker: int, step: int, metric: float) -> None:
         self._call(self.coordinator.ReportMetrics, pb.ReportMetricsRequest(job=self.job, worker=worker, step=step, metrics={"metric": metric}))
 
+    def stop(self) -> None:
+        """Ask the process running the service to stop it (``paramserver stop``)."""
+        self._call(self.coordinator.Stop, pb.StopRequest())
+
     def leave(self, worker: int) -> None:
         self._call(self.coordinator.LeaveJob, pb.LeaveJobRequest(job=self.job, worker=worker))
 

@@ -246,7 +246,7 @@ class RemoteOptimizer:
     def close(self) -> None:
         try:
             self.client.leave(self.rank)
-        except (ConnectionError, LookupError, TimeoutError, ValueError):
+        except (ConnectionError, LookupError, TimeoutError, ValueError, RuntimeError):
             pass  # the server may be gone already; closing must not fail
         finally:
             self.client.close()
