@@ -1,4 +1,4 @@
-"""Aggregate: the sum of one step's gradients from W workers, then their mean.
+"""Aggregate: the sum of one step's gradients from up to W workers, then their mean over the contributors.
 
 The sum lives in preallocated flat buffers, one per dtype, and the optimizer's ``param.grad`` are views
 into them, so the mean feeds the update without a copy. In deterministic mode contributions are folded in
@@ -8,7 +8,7 @@ added as they arrive and no worker's buffer is kept.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -22,9 +22,11 @@ class GradientAccumulator:
         self._folded = 0  # how many contributions are in the sums
         self._next_rank = 0
         self._early: dict[int, Sequence[torch.Tensor]] = {}
+        self.contributors: tuple[int, ...] | None = None  # set once the sum became the mean of these workers
 
     @property
     def complete(self) -> bool:
+        """Every one of the W workers' contributions is in the sum."""
         return self._folded == self.num_workers
 
     def add(self, worker: int, buffers: Sequence[torch.Tensor]) -> None:
@@ -51,12 +53,23 @@ class GradientAccumulator:
             total.copy_(g) if first else total.add_(g)
         self._folded += 1
 
-    def mean(self) -> list[torch.Tensor]:
-        """Turn the complete sum into the mean, in place, and return the buffers."""
-        assert self.complete
-        if self.num_workers > 1:
+    def mean(self, contributors: Collection[int] | None = None) -> list[torch.Tensor]:
+        """Turn the sum into the mean over ``contributors`` (default: all W workers), in place, and return the
+        buffers. The step policy chose the contributors; they must be exactly the workers that pushed."""
+        assert self.contributors is None, "the mean of this step was taken already"
+        who = frozenset(range(self.num_workers) if contributors is None else contributors)
+        if who != self.received:
+            raise ValueError(f"the mean is over workers {sorted(who)} but workers {sorted(self.received)} pushed")
+        assert who, "a mean over no workers"
+        # In deterministic mode a contribution whose lower ranks did not push is still held: fold the rest
+        # in rank order (with all W in, nothing is held and this is a no-op).
+        for rank in sorted(self._early):
+            self._fold(self._early.pop(rank))
+        assert self._folded == len(who)
+        if len(who) > 1:
             for total in self.sums:
-                total.div_(self.num_workers)
+                total.div_(len(who))
+        self.contributors = tuple(sorted(who))
         return self.sums
 
     def reset(self) -> None:
@@ -64,3 +77,4 @@ class GradientAccumulator:
         self._early.clear()
         self._folded = 0
         self._next_rank = 0
+        self.contributors = None

@@ -1,7 +1,13 @@
 """The coordinator of a job's steps: the one place where the order of a step's stages is written.
 
-    push (shards accumulate) -> aggregate (mean, per-tensor norms) -> clip (total norm, coefficient)
+    push (shards accumulate) -> the step policy decides the step closes, over which workers
+    -> aggregate (mean over them, per-tensor norms) -> clip (total norm, coefficient)
     -> update (each shard's optimizer) -> schedule (the global scheduler) -> broadcast (weights, version t+1)
+
+Three counters, with separate names: ``step`` (the open training step: how many have closed), ``version``
+(of the weights: what a pull waits for) and ``epoch`` (of the job's membership and shard map: workers
+re-resolve shards when it changes). Under synchronous steps every closed step, skipped or not, publishes a
+version, so ``version == step``; other policies may part them.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from paramserver.core.errors import (
     StaleStepError,
 )
 from paramserver.core.job import JobSpec
+from paramserver.core.policy import CloseStep, StepPolicy, SyncPolicy
 from paramserver.core.registry import is_elementwise
 from paramserver.core.sharding import pack, unpack
 from paramserver.core.shards import ShardGroup
@@ -48,6 +55,7 @@ class StepResult:
     lrs: list[float]
     error: str | None = None  # set when the step was refused (non-finite norm with error_if_nonfinite)
     seconds: dict[str, float] = field(default_factory=dict)  # time spent in each stage the coordinator runs
+    contributors: tuple[int, ...] = ()  # the workers whose gradients the step averaged
 
 
 class StageTimer:
@@ -65,27 +73,29 @@ class StageTimer:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
-@dataclass
-
-
 class Coordinator:
-    """Coordinates one job's synchronous steps over its shards.
+    """Coordinates one job's steps over its shards.
 
-    Shards receive the pushes; each tells the coordinator when it holds all W workers' gradients for the
-    open step (``shard_ready``), and the call that completes the set runs the rest of the step.
+    Shards receive the pushes; each tells the coordinator when it holds the gradients it waits for in the
+    open step (``shard_ready``). The step policy (``SyncPolicy`` unless given: all W workers on every shard)
+    decides which report closes the step and over which workers it averages; that call runs the rest of it.
     """
 
-    def __init__(self, job: JobSpec, shards: ShardGroup) -> None:
+    def __init__(self, job: JobSpec, shards: ShardGroup, policy: StepPolicy | None = None) -> None:
+        if len(shards) != job.plan.num_shards:
+            raise ValueError(f"the job's plan has {job.plan.num_shards} shards, the group {len(shards)}")
         self.job = job
         self.config = job.config
         self.plan = job.plan
         self.schedule = job.schedule
         self.shards = shards
-        self.version = 0
+        self.policy: StepPolicy = policy if policy is not None else SyncPolicy(job.plan.num_shards, job.config.num_workers)
+        self.step = 0  # the open training step: every step before it has closed (updated or skipped)
+        self.version = 0  # of the weights: pulls wait for it (min_version)
+        self.epoch = 0  # of the membership and shard map; bump_epoch() when either changes
         self.skipped_steps = 0
         self.last_result: StepResult | None = None
         self._metrics: dict[int, dict[int, float]] = {}  # step -> worker -> metric
-        self._ready: dict[int, set[int]] = {}  # step -> shards holding all gradients
         self.on_step: Callable[[StepResult], None] | None = None  # told of every closed step (metrics, logs)
         self.failed: str | None = None  # set when an update failed part-way; cleared by load_state_dict
         self._lock = threading.RLock()
@@ -97,10 +107,17 @@ class Coordinator:
     def check_step(self, step: int) -> None:
         if self.failed is not None:
             raise JobFailedError(self.failed)
-        if step < self.version:
-            raise StaleStepError(f"step {step} has already closed (now at {self.version})", self.version)
-        if step > self.version:
-            raise FutureStepError(f"step {step} is not open yet (now at {self.version})", self.version)
+        # the errors carry the step to go on from (the wire calls it the current version)
+        if step < self.step:
+            raise StaleStepError(f"step {step} has already closed (now at {self.step})", self.step)
+        if step > self.step:
+            raise FutureStepError(f"step {step} is not open yet (now at {self.step})", self.step)
+
+    def bump_epoch(self) -> int:
+        """The membership or the shard map changed; returns the new epoch."""
+        with self._lock:
+            self.epoch += 1
+            return self.epoch
 
     def record_metric(self, worker: int, step: int, metric: float) -> None:
         """A worker's metric for ``step`` (ReduceLROnPlateau steps on the workers' mean)."""
@@ -112,23 +129,25 @@ class Coordinator:
             self._metrics.setdefault(step, {})[worker] = float(metric)
 
     def shard_ready(self, shard: int, step: int) -> StepResult | None:
-        """Shard ``shard`` holds every worker's gradients for ``step``; the last shard to say so closes it."""
+        """Shard ``shard`` holds the gradients it waits for in ``step``; if the policy then closes the step,
+        this call runs it and returns its result."""
         with self._lock:
             self.check_step(step)
-            ready = self._ready.setdefault(step, set())
-            ready.add(shard)
-            if len(ready) < self.plan.num_shards:
+            close = self.policy.on_shard_ready(shard, step)
+            if close is None:
                 return None
-            del self._ready[step]
-            return self._close_step(step)
+            if close.step != step:
+                raise ValueError(f"the step policy closed step {close.step} on a report for step {step}")
+            return self._close_step(close)
 
     # -- the order of the stages ------------------------------------------------------------------------------
 
-    def _close_step(self, step: int) -> StepResult:
+    def _close_step(self, close: CloseStep) -> StepResult:
+        step, contributors = close.step, close.contributors
         clip = self.config.clip
         timer = StageTimer()
         with timer("aggregate"):
-            norms = self.shards.reduce(step, clip.norm_type, clip.clip_value)
+            norms = self.shards.reduce(step, clip.norm_type, clip.clip_value, contributors)
         with timer("clip"):
             total = self._total_norm(norms)
         metrics = self._metrics.pop(step, {})
@@ -143,7 +162,7 @@ class Coordinator:
             with timer("update"):
                 self.shards.skip(step)
             self.skipped_steps += 1
-            return self._closed(StepResult(step, float(total), None, True, self.schedule.lrs(), error, timer.seconds))
+            return self._closed(StepResult(step, float(total), None, True, self.schedule.lrs(), error, timer.seconds, contributors))
         with timer("clip"):
             coef = clipping.clip_coefficient(total, clip.max_norm) if clip.max_norm is not None else None
         with timer("update"):
@@ -162,11 +181,14 @@ class Coordinator:
                 error = f"the scheduler did not step after step {step}: {type(exc).__name__}: {exc}"
                 log.error("%s", error)
         return self._closed(
-            StepResult(step, float(total), None if coef is None else float(coef), False, self.schedule.lrs(), error, timer.seconds)
+            StepResult(
+                step, float(total), None if coef is None else float(coef), False, self.schedule.lrs(), error, timer.seconds, contributors
+            )
         )
 
     def _closed(self, result: StepResult) -> StepResult:
-        self.version += 1  # broadcast: pulls for version t+1 may now be served
+        self.step += 1
+        self.version += 1  # broadcast: the shards published version t+1 (a skipped step's too), pulls may be served
         self.last_result = result
         if self.on_step is not None:
             self.on_step(result)

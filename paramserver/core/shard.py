@@ -160,12 +160,16 @@ class Shard:
     # -- aggregate, then the norms the coordinator needs ------------------------------------------------------
 
     @_locked
-    def reduce(self, step: int, norm_type: float, clip_value: float | None = None) -> list[torch.Tensor]:
-        """Turn the step's sum into the mean (clamped to ``clip_value`` if given) and return one norm per slice."""
+    def reduce(
+        self, step: int, norm_type: float, clip_value: float | None = None, contributors: Collection[int] | None = None
+    ) -> list[torch.Tensor | None]:
+        """Turn the step's sum into the mean over ``contributors`` (the step policy's choice; default all W
+        workers), clamped to ``clip_value`` if given, and return one norm per slice."""
         self.check_step(step)
-        assert self.ready, f"shard {self.shard_id}: reduce before all {self.num_workers} workers pushed"
+        if contributors is None:
+            assert self.ready, f"shard {self.shard_id}: reduce before all {self.num_workers} workers pushed"
         self._restore_grad_views()
-        means = self.accumulator.mean()
+        means = self.accumulator.mean(contributors)
         if clip_value is not None:
             for buf in means:
                 buf.clamp_(min=-clip_value, max=clip_value)
@@ -184,7 +188,7 @@ class Shard:
     def apply(self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]]) -> None:
         """Scale the mean by the clip coefficient, take the group hyperparameters, run the optimizer's step."""
         self.check_step(step)
-        assert self.ready, f"shard {self.shard_id}: apply before all {self.num_workers} workers pushed"
+        assert self.accumulator.contributors is not None, f"shard {self.shard_id}: apply before reduce (the mean) of step {step}"
         if clip_coef is not None:
             coef = clip_coef.to(self.device)
             for buf in self.accumulator.sums:

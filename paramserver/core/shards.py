@@ -1,61 +1,129 @@
-"""The coordinator's view of a job's shards: the calls it makes on them, here on shards in this process."""
+"""The coordinator's control plane: the typed calls it makes on one shard (``ShardControl``) and on all shards
+of a job (``ShardGroup``), here over shards in this process.
+
+Pushes and pulls are the data plane and do not pass through here (the servicers call the shard's host). A
+plain ``Shard`` is a ``ShardControl``; ``paramserver.hosting.actors.ActorShard`` is one over a Ray actor.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 
 from paramserver.core.shard import Shard
 
+T = TypeVar("T")
 
-class ShardGroup:
-    """The coordinator's view of a job's shards, here plain ``Shard`` objects in this process.
 
-    Every call goes through ``_all`` (the same call on every shard) or ``_each`` (one argument list per
-    shard); ``paramserver.hosting.actors.RayShardGroup`` sends the same calls to shard actors in parallel.
-    """
+@runtime_checkable
+class ShardControl(Protocol):
+    """The calls a coordinator makes on one shard of one job, in the order a step uses them."""
 
-    def __init__(self, shards: Sequence[Shard]) -> None:
-        self.shards = list(shards)
+    @property
+    def ready(self) -> bool:
+        """Whether the shard holds every worker's gradients for the open step."""
+        ...
 
-    def _all(self, method: str, *args: Any) -> list[Any]:
-        return [getattr(s, method)(*args) for s in self.shards]
-
-    def _each(self, method: str, args_per_shard: Sequence[tuple[Any, ...]]) -> list[Any]:
-        return [getattr(s, method)(*args) for s, args in zip(self.shards, args_per_shard, strict=True)]
-
-    # used by the in-process StepEngine only
-    def push(self, shard: int, worker: int, step: int, grads: Sequence[torch.Tensor], missing: Sequence[int] = ()) -> bool:
-        return self.shards[shard].push(worker, step, grads, missing)
-
-    def all_ready(self) -> bool:
-        return all(s.ready for s in self.shards)
-
-    def reduce(self, step: int, norm_type: float, clip_value: float | None) -> list[list[torch.Tensor]]:
-        return self._all("reduce", step, norm_type, clip_value)
+    def reduce(
+        self, step: int, norm_type: float, clip_value: float | None = None, contributors: Collection[int] | None = None
+    ) -> list[torch.Tensor | None]:
+        """The mean over ``contributors`` (clamped to ``clip_value``); one norm per slice, None for a slice
+        no worker sent a gradient for."""
+        ...
 
     def apply(self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]]) -> None:
-        self._all("apply", step, clip_coef, hyperparameters)
+        """Scale the mean, set the groups' hyperparameters, run the optimizer; closes ``step``."""
+        ...
 
     def skip(self, step: int) -> None:
-        self._all("skip", step)
+        """Close ``step`` without an update."""
+        ...
+
+    def weight_copies(self) -> list[torch.Tensor]:
+        """The shard's flat weights, copied."""
+        ...
+
+    def load_weights(self, buffers: Sequence[torch.Tensor]) -> None: ...
+
+    def optimizer_state(self) -> list[dict[str, Any]]:
+        """The optimizer state of each slice (live tensors in process: callers copy what they keep)."""
+        ...
+
+    def load_optimizer_state(self, slice_states: Sequence[dict[str, Any]], param_groups: list[dict[str, Any]]) -> None: ...
+
+    def status(self) -> dict[str, Any]:
+        """``version``, ``pushed`` (workers), ``initialized``, ``placement``."""
+        ...
+
+    def wait_for_version(self, min_version: int, timeout: float) -> int:
+        """Wait until initialized and at ``min_version``; raises ``TimeoutError`` after ``timeout`` seconds."""
+        ...
+
+
+class ShardGroup:
+    """All shards of one job, called together; here one call after another on shards in this process.
+
+    Every group call goes through ``_each``; ``paramserver.hosting.actors.RayShardGroup`` overrides it to start
+    every shard's call before waiting for any.
+    """
+
+    def __init__(self, shards: Sequence[ShardControl]) -> None:
+        self.shards = list(shards)
+        if not self.shards:
+            raise ValueError("a shard group needs at least one shard")  # else "all shards ready" would hold vacuously
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def _each(self, call: Callable[[int, ShardControl], T], wait_s: float = 0.0) -> list[T]:
+        """``call(j, shard j)`` for every shard, the results in shard order. ``wait_s``: how long the call
+        itself may block on purpose (a group over remote shards adds it to its deadline)."""
+        return [call(j, s) for j, s in enumerate(self.shards)]
+
+    def _per_shard(self, values: Sequence[Any], what: str) -> None:
+        if len(values) != len(self.shards):
+            raise ValueError(f"{what}: expected one per shard ({len(self.shards)}), got {len(values)}")
+
+    # used by the in-process StepEngine only: served shards take pushes over gRPC
+    def push(self, shard: int, worker: int, step: int, grads: Sequence[torch.Tensor], missing: Sequence[int] = ()) -> bool:
+        target = self.shards[shard]
+        if not isinstance(target, Shard):
+            raise TypeError(f"shard {shard} is not in this process ({type(target).__name__}); push to it over the wire")
+        return target.push(worker, step, grads, missing)
+
+    def all_ready(self) -> bool:
+        return all(self._each(lambda _, s: s.ready))
+
+    def reduce(
+        self, step: int, norm_type: float, clip_value: float | None, contributors: Collection[int] | None = None
+    ) -> list[list[torch.Tensor | None]]:
+        who = None if contributors is None else tuple(contributors)  # a tuple travels to remote shards cheaply
+        return self._each(lambda _, s: s.reduce(step, norm_type, clip_value, who))
+
+    def apply(self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]]) -> None:
+        self._each(lambda _, s: s.apply(step, clip_coef, hyperparameters))
+
+    def skip(self, step: int) -> None:
+        self._each(lambda _, s: s.skip(step))
 
     def weights(self) -> list[list[torch.Tensor]]:
-        return self._all("weight_copies")
+        return self._each(lambda _, s: s.weight_copies())
 
     def load_weights(self, buffers: Sequence[Sequence[torch.Tensor]]) -> None:
-        self._each("load_weights", [(b,) for b in buffers])
+        self._per_shard(buffers, "weights")
+        self._each(lambda j, s: s.load_weights(buffers[j]))
 
     def optimizer_states(self) -> list[list[dict[str, Any]]]:
-        return self._all("optimizer_state")  # live state: the caller copies (state.join_param_state)
+        return self._each(lambda _, s: s.optimizer_state())  # live state: the caller copies (state.join_param_state)
 
     def load_optimizer_states(self, states: Sequence[Sequence[dict[str, Any]]], param_groups: list[dict[str, Any]]) -> None:
-        self._each("load_optimizer_state", [(st, param_groups) for st in states])
+        self._per_shard(states, "optimizer states")
+        self._each(lambda j, s: s.load_optimizer_state(states[j], param_groups))
 
     def statuses(self) -> list[dict[str, Any]]:
-        return self._all("status")
+        return self._each(lambda _, s: s.status())
 
     def wait_initialized(self, timeout: float) -> None:
-        self._all("wait_for_version", 0, timeout)
+        self._each(lambda _, s: s.wait_for_version(0, timeout), wait_s=timeout)

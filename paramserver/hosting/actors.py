@@ -8,12 +8,15 @@ the coordinator's reduce/apply calls); gRPC is the data plane (workers' pushes a
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, TypeVar
+
+import torch
 
 from paramserver.core.coordinator import Coordinator
 from paramserver.core.job import JobSpec
-from paramserver.core.shards import ShardGroup
+from paramserver.core.shard import Shard
+from paramserver.core.shards import ShardControl, ShardGroup
 from paramserver.service.coordinator_host import CoordinatorHost
 from paramserver.service.metrics import start_metrics_server
 from paramserver.service.server import (
@@ -27,6 +30,8 @@ from paramserver.wire.proto.v1 import paramserver_pb2 as pb
 
 # Every control-plane call has a deadline too.
 CONTROL_TIMEOUT_S = 120.0
+
+T = TypeVar("T")
 
 
 def _advertised(bind_host: str) -> str:
@@ -74,9 +79,42 @@ class ShardProcess:
     def connect(self, name: str, coordinator: Any) -> None:
         self.host.set_coordinator(name, RemoteCoordinator(coordinator, name))
 
-    def call(self, name: str, method: str, *args: Any) -> Any:
-        """A coordinator's call on this shard's part of job ``name`` (reduce, apply, status, ...)."""
-        return getattr(self.host.shard(name), method)(*args)
+    # -- the coordinator's calls on this shard's part of job ``name`` (``ShardControl``, through ``ActorShard``)
+
+    def _shard(self, name: str) -> Shard:
+        return self.host.shard(name)
+
+    def ready(self, name: str) -> bool:
+        return self._shard(name).ready
+
+    def reduce(
+        self, name: str, step: int, norm_type: float, clip_value: float | None, contributors: Collection[int] | None
+    ) -> list[torch.Tensor | None]:
+        return self._shard(name).reduce(step, norm_type, clip_value, contributors)
+
+    def apply(self, name: str, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]]) -> None:
+        self._shard(name).apply(step, clip_coef, hyperparameters)
+
+    def skip(self, name: str, step: int) -> None:
+        self._shard(name).skip(step)
+
+    def weight_copies(self, name: str) -> list[torch.Tensor]:
+        return self._shard(name).weight_copies()
+
+    def load_weights(self, name: str, buffers: Sequence[torch.Tensor]) -> None:
+        self._shard(name).load_weights(buffers)
+
+    def optimizer_state(self, name: str) -> list[dict[str, Any]]:
+        return self._shard(name).optimizer_state()
+
+    def load_optimizer_state(self, name: str, slice_states: Sequence[dict[str, Any]], param_groups: list[dict[str, Any]]) -> None:
+        self._shard(name).load_optimizer_state(slice_states, param_groups)
+
+    def status(self, name: str) -> dict[str, Any]:
+        return self._shard(name).status()
+
+    def wait_for_version(self, name: str, min_version: int, timeout: float) -> int:
+        return self._shard(name).wait_for_version(min_version, timeout)
 
     def delete_job(self, name: str) -> None:
         self.host.remove_job(name)
@@ -98,24 +136,79 @@ class RemoteCoordinator:
         ray.get(self.actor.shard_ready.remote(self.name, shard, step), timeout=CONTROL_TIMEOUT_S)
 
 
+class ActorShard:
+    """Job ``name``'s shard in a ``ShardProcess`` actor, as a ``ShardControl``: each call is the actor's typed
+    method of the same name, awaited with the control deadline.
+
+    ``deferred()`` is the same shard with calls that return the Ray ``ObjectRef`` at once instead of the result,
+    so that a group can start every shard's call before it waits for any (``RayShardGroup._each``).
+    """
+
+    def __init__(self, actor: Any, name: str, *, wait: bool = True) -> None:
+        self.actor = actor
+        self.name = name
+        self._wait = wait
+
+    def deferred(self) -> ActorShard:
+        return ActorShard(self.actor, self.name, wait=False)
+
+    def _done(self, ref: Any, wait_s: float = 0.0) -> Any:
+        if not self._wait:
+            return ref
+        import ray
+
+        return ray.get(ref, timeout=CONTROL_TIMEOUT_S + wait_s)
+
+    @property
+    def ready(self) -> bool:
+        return self._done(self.actor.ready.remote(self.name))
+
+    def reduce(
+        self, step: int, norm_type: float, clip_value: float | None = None, contributors: Collection[int] | None = None
+    ) -> list[torch.Tensor | None]:
+        who = None if contributors is None else tuple(contributors)
+        return self._done(self.actor.reduce.remote(self.name, step, norm_type, clip_value, who))
+
+    def apply(self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]]) -> None:
+        return self._done(self.actor.apply.remote(self.name, step, clip_coef, hyperparameters))
+
+    def skip(self, step: int) -> None:
+        return self._done(self.actor.skip.remote(self.name, step))
+
+    def weight_copies(self) -> list[torch.Tensor]:
+        return self._done(self.actor.weight_copies.remote(self.name))
+
+    def load_weights(self, buffers: Sequence[torch.Tensor]) -> None:
+        return self._done(self.actor.load_weights.remote(self.name, buffers))
+
+    def optimizer_state(self) -> list[dict[str, Any]]:
+        return self._done(self.actor.optimizer_state.remote(self.name))
+
+    def load_optimizer_state(self, slice_states: Sequence[dict[str, Any]], param_groups: list[dict[str, Any]]) -> None:
+        return self._done(self.actor.load_optimizer_state.remote(self.name, slice_states, param_groups))
+
+    def status(self) -> dict[str, Any]:
+        return self._done(self.actor.status.remote(self.name))
+
+    def wait_for_version(self, min_version: int, timeout: float) -> int:
+        return self._done(self.actor.wait_for_version.remote(self.name, min_version, timeout), wait_s=timeout)
+
+
 class RayShardGroup(ShardGroup):
-    """A job's shards as actors: every call goes to all of them in parallel."""
+    """A job's shards as actors: a group call starts on all of them, then waits for all (one deadline)."""
 
     def __init__(self, actors: Sequence[Any], name: str) -> None:
-        super().__init__([])
+        self.actor_shards = [ActorShard(a, name) for a in actors]
+        super().__init__(self.actor_shards)
         self.actors = list(actors)
         self.name = name
 
-    def _all(self, method: str, *args: Any) -> list[Any]:
+    def _each(self, call: Callable[[int, ShardControl], T], wait_s: float = 0.0) -> list[T]:
         import ray
 
-        return ray.get([a.call.remote(self.name, method, *args) for a in self.actors], timeout=CONTROL_TIMEOUT_S)
-
-    def _each(self, method: str, args_per_shard: Sequence[tuple[Any, ...]]) -> list[Any]:
-        import ray
-
-        calls = [a.call.remote(self.name, method, *args) for a, args in zip(self.actors, args_per_shard, strict=True)]
-        return ray.get(calls, timeout=CONTROL_TIMEOUT_S)
+        # deferred shards make ``call`` return an ObjectRef, not T: the results are T once ray.get has them
+        refs = [call(j, s.deferred()) for j, s in enumerate(self.actor_shards)]
+        return ray.get(refs, timeout=CONTROL_TIMEOUT_S + wait_s)
 
 
 class RayFleet:

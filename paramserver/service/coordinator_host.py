@@ -11,6 +11,7 @@ from typing import Any
 from paramserver.core.coordinator import Coordinator, StepResult
 from paramserver.core.errors import JobExistsError, JobNotFoundError
 from paramserver.core.job import JobSpec
+from paramserver.core.shard import Shard
 from paramserver.core.shards import ShardGroup
 from paramserver.service import metrics
 from paramserver.service.shard_host import MAX_WAIT_S, ShardHost
@@ -31,7 +32,8 @@ class LocalFleet:
         return ShardGroup([spec.make_shard(j) for j in range(len(self.hosts))])
 
     def connect(self, name: str, group: ShardGroup, coordinator: Coordinator) -> None:
-        for host, shard in zip(self.hosts, group.shards):
+        for host, shard in zip(self.hosts, group.shards, strict=True):
+            assert isinstance(shard, Shard), "a local fleet's group holds the shards themselves"
             host.add_job(name, shard, coordinator)
 
     def delete_job(self, name: str) -> None:
@@ -49,6 +51,11 @@ class Job:
     @property
     def ready(self) -> bool:
         return all(s["initialized"] for s in self.coordinator.shards.statuses())
+
+    @property
+    def epoch(self) -> int:
+        """Of the membership and the shard map (kept by the coordinator, which owns the shard group)."""
+        return self.coordinator.epoch
 
 
 class CoordinatorHost:
@@ -104,13 +111,19 @@ class CoordinatorHost:
             job = self._jobs[name]
         job.coordinator.check_worker(rank)
         job.coordinator.shards.wait_initialized(wait)
-        job.members.add(rank)
+        with self._changed:
+            if rank not in job.members:  # a retried join changes nothing
+                job.members.add(rank)
+                job.coordinator.bump_epoch()
         return job
 
     def leave_job(self, name: str, worker: int) -> None:
         job = self.job(name)
         job.coordinator.check_worker(worker)
-        job.members.discard(worker)
+        with self._changed:
+            if worker in job.members:
+                job.members.discard(worker)
+                job.coordinator.bump_epoch()
 
     def delete_job(self, name: str) -> None:
         with self._changed:
@@ -124,15 +137,17 @@ class CoordinatorHost:
         job = self.job(name)
         coordinator = job.coordinator
         shards = [{"shard": j, "address": self.shard_addresses[j], **s} for j, s in enumerate(coordinator.shards.statuses())]
-        version = coordinator.version
+        step = coordinator.step
         waiting = []
         for s in shards:
             missing = [w for w in range(coordinator.config.num_workers) if w not in s["pushed"]]
-            if missing and s["version"] == version:
+            if missing and s["version"] == step:  # a shard's version counts its closed steps
                 waiting.append(f"shard {s['shard']} waits for workers {missing}")
         last: StepResult | None = coordinator.last_result
         return {
-            "version": version,
+            "version": coordinator.version,
+            "step": step,
+            "epoch": job.epoch,
             "num_workers": coordinator.config.num_workers,
             "members": sorted(job.members),
             "shards": shards,
@@ -140,5 +155,5 @@ class CoordinatorHost:
             "hyperparameters": coordinator.schedule.hyperparameters(),
             "skipped_steps": coordinator.skipped_steps,
             "last_total_norm": last.total_norm if last is not None else 0.0,
-            "waiting_for": f"step {version}: " + "; ".join(waiting) if waiting else "",
+            "waiting_for": f"step {step}: " + "; ".join(waiting) if waiting else "",
         }
