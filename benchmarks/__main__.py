@@ -49,6 +49,10 @@ def machine() -> dict:
     }
 
 
+# Workers on one shard (threads with a client each, a tiny model): the shard server's cost per worker.
+SHARD_WORKERS = (1, 8, 32, 128)
+
+
 def run(quick: bool) -> list[Row]:
     mib = 2**20
     nbytes = (16 if quick else 64) * mib
@@ -99,6 +103,10 @@ def run(quick: bool) -> list[Row]:
         Row("worker_peak_rss_MB", e2e["worker_peak_rss_mb"], "MB", "model_and_grads_MB", model_and_grads_mb),
         Row("worker_peak_rss_over_idle_MB", e2e["worker_peak_rss_mb"] - e2e["worker_idle_rss_mb"], "MB", "model_and_grads_MB", model_and_grads_mb),
     ]
+    timed("workers per shard")
+    per_shard = service.shard_steps_per_s(SHARD_WORKERS, 5 if quick else 20)
+    rows += [Row(f"shard_steps_per_s_w{w}", v, "steps/s", "shard_steps_per_s_w1", per_shard[1]) for w, v in per_shard.items()]
+
     if not quick:
         timed("chunk size")
         for chunk_mib in (0.5, 1, 2, 4, 8):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from benchmarks.common import batch, make_mlp, param_count, peak_rss_mb
 from paramserver import StepEngine
-from paramserver.core.config import ClipConfig, EngineConfig
+from paramserver.core.config import ClipConfig, JobConfig
 from paramserver.core.params import normalize_params
 from paramserver.service.local import serve_local
 from paramserver.wire.jobconfig import describe_job
@@ -52,7 +53,7 @@ def update_mparams_per_s(num_params: int, repeats: int) -> tuple[float, float]:
     """Adam's step over ``num_params`` fp32 parameters: inside the service (a shard's update stage, as the
     coordinator times it) and standalone torch.optim.Adam on the same device. Mean over ``repeats``."""
     weights = torch.zeros(num_params)
-    engine = StepEngine([("w", weights)], "Adam", config=EngineConfig(num_shards=1, num_workers=1), lr=1e-3)
+    engine = StepEngine([("w", weights)], "Adam", config=JobConfig(num_workers=1), lr=1e-3)
     grad = [torch.randn(num_params)]
     seconds = []
     for step in range(repeats + 1):
@@ -139,3 +140,79 @@ def e2e(num_workers: int, num_shards: int, steps: int, batch_size: int, grad_dty
         "worker_idle_rss_mb": max(r["idle_rss_mb"] for r in results),
         "num_params": param_count(make_mlp()),
     }
+
+
+
+def _serve_one_shard(conn: Any) -> None:
+    """The server process of ``shard_steps_per_s``: a service with one shard, until the parent says stop."""
+    with serve_local(1) as service:
+        conn.send(service.address)
+        conn.recv()
+
+
+def _shard_job_steps_per_s(address: str, num_workers: int, steps: int, num_params: int) -> float:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    weights = torch.zeros(num_params)
+    grads = [[torch.randn(num_params)] for _ in range(num_workers)]
+    config = describe_job(normalize_params([("w", weights)]), "SGD", {"lr": 1e-3}, num_workers=num_workers, clip=ClipConfig())
+    clients = [ServiceClient(address, f"scale-w{num_workers}", timeout=120) for _ in range(num_workers)]
+    try:
+        clients[0].create_job(config)
+        clients[0].push_initial_weights([[weights]])
+        times: list[float] = []
+        ready = threading.Barrier(num_workers, timeout=120)
+
+        def worker(rank: int) -> None:
+            client = clients[rank]
+            if rank:
+                client.join_job(rank)
+            ready.wait()
+            for step in range(steps + 1):  # step 0 warms up
+                client.push(rank, step, [grads[rank]])
+                client.pull(rank, step + 1)
+                if rank == 0 and step in (0, steps):
+                    times.append(time.perf_counter())
+
+        with ThreadPoolExecutor(num_workers) as pool:
+            for f in [pool.submit(worker, r) for r in range(num_workers)]:
+                f.result(600)
+    finally:
+        for client in clients:
+            client.close()
+    return steps / (times[1] - times[0])
+
+
+def shard_steps_per_s(worker_counts: Sequence[int], steps: int, num_params: int = 1000) -> dict[int, float]:
+    """W workers on one shard, for each W of ``worker_counts``: steps/s of a tiny model (``num_params``
+    fp32, SGD), so the figure is the shard server's cost per worker (a push and a waiting pull each step)
+    rather than the update's.
+
+    The service (coordinator and the shard) runs in a process of its own, as a shard does in a deployment; the
+    workers are threads of this process, each with its own ``ServiceClient``, so the workers' side (one
+    process, one GIL) is part of what is measured. Every step each worker pushes its gradients and pulls the
+    next version; timed from the end of a warmup step to the end of the last.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    server = ctx.Process(target=_serve_one_shard, args=(child,), daemon=True)
+    server.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not parent.poll(0.1):
+            if not server.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the shard's server process did not start (exit code {server.exitcode})")
+        address = parent.recv()
+        return {w: _shard_job_steps_per_s(address, w, steps, num_params) for w in worker_counts}
+    finally:
+        try:
+            parent.send("stop")
+        except OSError:
+            pass
+        server.join(30)
+        if server.is_alive():
+            server.kill()
+            server.join(10)

@@ -67,6 +67,8 @@ class Shard:
         # load) never interleave; waiting for a version releases it.
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
+        # Called (no arguments) after every version change, the lock held: they must not block (see add_version_listener).
+        self._version_listeners: tuple[Callable[[], None], ...] = ()
         sums = [torch.zeros(layout.numel, dtype=layout.dtype, device=self.device) for layout in self.layouts]
         self.accumulator = GradientAccumulator(sums, num_workers, deterministic)
 
@@ -223,6 +225,20 @@ class Shard:
             self._with_grad = set()
             self.version += 1
             self._changed.notify_all()
+            self._notify_version_listeners()
+
+    def add_version_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` whenever the version changes or the weights are loaded, on whichever thread
+        made the change, with the shard's lock held: it must only hand the news on (an asyncio server wakes
+        its waiting pulls with ``loop.call_soon_threadsafe``), never block or call back into the shard."""
+        self._version_listeners = (*self._version_listeners, callback)
+
+    def remove_version_listener(self, callback: Callable[[], None]) -> None:
+        self._version_listeners = tuple(c for c in self._version_listeners if c != callback)
+
+    def _notify_version_listeners(self) -> None:
+        for callback in self._version_listeners:
+            callback()
 
     def holds(self, buffers: Sequence[torch.Tensor]) -> bool:
         """Whether pushed ``buffers`` are kept to be folded in later (so the receiver must not reuse them)."""
@@ -273,6 +289,7 @@ class Shard:
         with self._changed:
             self.initialized = True
             self._changed.notify_all()
+            self._notify_version_listeners()
 
     @_locked
     def optimizer_state(self) -> list[dict[str, Any]]:

@@ -88,11 +88,6 @@ class CoordinatorHost:
                 if existing.config != config:
                     raise JobExistsError(f"job {name!r} exists already with another configuration")
                 return existing
-            if self.shard_threads is not None and 2 * config.num_workers + 2 > self.shard_threads:
-                raise ValueError(
-                    f"num_workers={config.num_workers} needs {2 * config.num_workers + 2} gRPC threads per shard server "
-                    f"(a push and a waiting pull per worker); this service has {self.shard_threads} (ServerOptions.max_workers)"
-                )
             spec: JobSpec = build_job(config, len(self.fleet), self.trusted_modules)
             group = self.fleet.create_job(name, config, spec)
             coordinator = Coordinator(spec, group)

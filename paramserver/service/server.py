@@ -2,6 +2,10 @@
 
 ``create_*_server(address, ...) -> (server, port)`` follow gRPC's examples: bind ``host:0`` in tests and
 read the port back. Every server also answers gRPC health checks and reflection.
+
+A shard server is a ``grpc.aio`` server on its own event loop (``AioServer``): a pull waiting for its step
+holds no thread, so one shard serves any number of workers; its CPU work runs on ``SHARD_COMPUTE_THREADS``
+threads. The coordinator's server is a thread-pool server of ``ServerOptions.max_workers`` threads.
 """
 
 from __future__ import annotations
@@ -9,14 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import grpc
+import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from paramserver.core.malloc import fix_mmap_threshold
-from paramserver.service.auth import BearerTokenInterceptor
+from paramserver.service.aio_server import AioServer
+from paramserver.service.auth import AsyncBearerTokenInterceptor, BearerTokenInterceptor
 from paramserver.service.coordinator_host import CoordinatorHost
 from paramserver.service.coordinator_servicer import CoordinatorServicer
 from paramserver.service.shard_host import ShardHost
@@ -29,8 +34,6 @@ from paramserver.wire.protocol import (
     SHARD_SERVICE,
 )
 
-if TYPE_CHECKING:
-    pass
 
 @dataclass(frozen=True)
 class TLSConfig:
@@ -47,8 +50,8 @@ class ServerOptions:
     tls: TLSConfig | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES
-    # gRPC threads per server. A worker's pull holds one on each shard server until its step closes, so a
-    # job of W workers needs about 2 W of them (pushes and pulls): jobs that need more are refused.
+    # gRPC threads of the coordinator's server (shard servers are asyncio servers: a waiting pull holds no
+    # thread there).
     max_workers: int = 64
     # Expose Prometheus metrics over HTTP on this port (None: do not); shard actors use any free port.
     metrics_port: int | None = None
@@ -68,16 +71,14 @@ class ServerOptions:
         ]
 
 
-def _start(address: str, options: ServerOptions, add: Callable[[grpc.Server], None], service_names: Sequence[str]) -> tuple[grpc.Server, int]:
-    fix_mmap_threshold()
-    interceptors = [BearerTokenInterceptor(options.auth_token)] if options.auth_token else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.max_workers), interceptors=interceptors, options=options.grpc_options())
-    add(server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in [*service_names, ""]:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+# Threads of a shard server for CPU work only (folding pushes, the update); never for waiting.
+SHARD_COMPUTE_THREADS = 4
+
+# Either kind of server: both have ``stop(grace) -> threading.Event``.
+AnyServer = grpc.Server | AioServer
+
+
+def _bind(server: grpc.Server | grpc.aio.Server, address: str, options: ServerOptions) -> int:
     if options.tls is not None:
         creds = grpc.ssl_server_credentials(
             [(options.tls.private_key, options.tls.certificate_chain)],
@@ -89,13 +90,59 @@ def _start(address: str, options: ServerOptions, add: Callable[[grpc.Server], No
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {address}")
+    return port
+
+
+def _start(address: str, options: ServerOptions, add: Callable[[grpc.Server], None], service_names: Sequence[str]) -> tuple[grpc.Server, int]:
+    fix_mmap_threshold()
+    interceptors = [BearerTokenInterceptor(options.auth_token)] if options.auth_token else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.max_workers), interceptors=interceptors, options=options.grpc_options())
+    add(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in [*service_names, ""]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = _bind(server, address, options)
     server.start()
     return server, port
 
 
-def create_shard_server(host: ShardHost, address: str, options: ServerOptions = ServerOptions()) -> tuple[grpc.Server, int]:
-    servicer = ShardServicer(host, options.chunk_bytes)
-    return _start(address, options, lambda s: s.add_generic_rpc_handlers((shard_handler(servicer),)), [SHARD_SERVICE])
+def _start_aio(address: str, options: ServerOptions, add: Callable[[grpc.aio.Server], None], service_names: Sequence[str],
+               name: str) -> AioServer:
+    """``_start`` for a ``grpc.aio`` server, built and run on its own event loop thread."""
+    fix_mmap_threshold()
+
+    async def build() -> tuple[grpc.aio.Server, int]:
+        interceptors = [AsyncBearerTokenInterceptor(options.auth_token)] if options.auth_token else []
+        server = grpc.aio.server(interceptors=interceptors, options=options.grpc_options())
+        add(server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for service in [*service_names, ""]:
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        port = _bind(server, address, options)
+        await server.start()
+        return server, port
+
+    return AioServer(build, name)
+
+
+def create_shard_server(host: ShardHost, address: str, options: ServerOptions = ServerOptions()) -> tuple[AioServer, int]:
+    """Shard ``host.shard_id``'s server (asyncio). The returned server's ``stop(grace)`` returns an event to
+    ``wait(timeout)`` on, as ``grpc.Server.stop`` does."""
+    compute = futures.ThreadPoolExecutor(SHARD_COMPUTE_THREADS, thread_name_prefix=f"shard{host.shard_id}-compute")
+    servicer = ShardServicer(host, options.chunk_bytes, compute)
+    try:
+        server = _start_aio(address, options, lambda s: s.add_generic_rpc_handlers((shard_handler(servicer),)), [SHARD_SERVICE],
+                            f"shard{host.shard_id}-grpc")
+    except BaseException:
+        compute.shutdown(wait=False)
+        raise
+    server.on_stop(lambda: host.close_watches(server.loop))
+    server.on_stop(lambda: compute.shutdown(wait=False))
+    return server, server.port
 
 
 def create_coordinator_server(host: CoordinatorHost, address: str, options: ServerOptions = ServerOptions()) -> tuple[grpc.Server, int]:
@@ -106,7 +153,7 @@ def create_coordinator_server(host: CoordinatorHost, address: str, options: Serv
 class Service:
     """A running service: ``address`` is the coordinator's front door; ``shutdown()`` stops every server."""
 
-    def __init__(self, coordinator: CoordinatorHost, servers: list[grpc.Server], address: str) -> None:
+    def __init__(self, coordinator: CoordinatorHost, servers: list[AnyServer], address: str) -> None:
         self.coordinator = coordinator
         self._servers = servers
         self.address = address

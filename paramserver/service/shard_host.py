@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +24,8 @@ class ShardHost:
         self._shards: dict[str, Shard] = {}
         self._coordinators: dict[str, Coordinator] = {}
         self._locks: dict[str, threading.Lock] = {}
+        # asyncio pulls wait on these: per shard and event loop, one listener on the shard wakes them all
+        self._watches: weakref.WeakKeyDictionary[Shard, dict[asyncio.AbstractEventLoop, _VersionWatch]] = weakref.WeakKeyDictionary()
 
     def add_job(self, job: str, shard: Shard, coordinator: Any) -> None:
         """Host ``shard`` of ``job``; ``coordinator`` (anything with ``shard_ready(shard, step)``) may come
@@ -71,3 +75,67 @@ class ShardHost:
         shard = self.shard(job)
         version = shard.wait_for_version(min_version, MAX_WAIT_S if timeout is None else min(timeout, MAX_WAIT_S))
         return version, shard.weight_buffers()
+
+    async def pull_async(self, job: str, min_version: int, timeout: float | None) -> tuple[int, list[torch.Tensor]]:
+        """``pull`` for an asyncio server: the wait holds no thread (the shard's version listener wakes it
+        through the event loop). Raises ``TimeoutError`` when ``timeout`` (capped by ``MAX_WAIT_S``) passes."""
+        shard = self.shard(job)
+        wait = MAX_WAIT_S if timeout is None else min(timeout, MAX_WAIT_S)
+        loop = asyncio.get_running_loop()
+        watches = self._watches.setdefault(shard, {})
+        watch = watches.get(loop)
+        if watch is None:
+            watch = watches[loop] = _VersionWatch(shard, loop)
+        deadline = loop.time() + wait
+        # The check and the registration of the future run in one go on the loop, and every change is
+        # handed to the loop after it is made: no wake-up falls between them.
+        while not (shard.initialized and shard.version >= min_version):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"shard {shard.shard_id}: still at version {shard.version}"
+                    f"{'' if shard.initialized else ' (not initialized)'} after {wait:.1f}s waiting for {min_version}"
+                )
+            changed = loop.create_future()
+            watch.waiters.add(changed)
+            try:
+                await asyncio.wait_for(changed, remaining)
+            except asyncio.TimeoutError:
+                pass  # the loop's condition says what it was
+            finally:
+                watch.waiters.discard(changed)
+        return shard.version, shard.weight_buffers()
+
+    def waiting_pulls(self, job: str) -> int:
+        """How many asyncio pulls of ``job`` wait for a version now (all event loops)."""
+        return sum(len(w.waiters) for w in self._watches.get(self.shard(job), {}).values())
+
+    def close_watches(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Unhook ``loop``'s listeners from every shard (its server stopped)."""
+        for shard, watches in list(self._watches.items()):
+            watch = watches.pop(loop, None)
+            if watch is not None:
+                shard.remove_version_listener(watch.changed)
+
+
+class _VersionWatch:
+    """The pulls of one event loop that wait for one shard's version: one listener wakes them all."""
+
+    def __init__(self, shard: Shard, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.waiters: set[asyncio.Future[None]] = set()
+        self.changed = self._changed  # one bound method, so that remove_version_listener finds it
+        shard.add_version_listener(self.changed)
+
+    def _changed(self) -> None:
+        # on the thread that changed the shard, its lock held: hand the news to the loop, nothing more
+        try:
+            self.loop.call_soon_threadsafe(self._wake)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits on it any more
+
+    def _wake(self) -> None:
+        waiters, self.waiters = self.waiters, set()
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)

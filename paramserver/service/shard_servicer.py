@@ -1,12 +1,22 @@
-"""The Shard service: workers push gradients and pull weights; raw chunks in, raw chunks out."""
+"""The Shard service: workers push gradients and pull weights; raw chunks in, raw chunks out.
+
+It runs on a ``grpc.aio`` server: a pull that waits for its version is a suspended coroutine, not a held
+thread, so one shard server serves as many workers as there are connections. What costs CPU (folding a push
+into the step's sum, which may close the step and run the optimizer; loading the initial weights) runs on a
+small thread pool, ``compute``, so the event loop keeps serving the other streams meanwhile; no thread of it
+ever waits for another worker.
+"""
 
 from __future__ import annotations
 
-import itertools
+import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Executor
 
 import grpc
+import grpc.aio
+import torch
 
 from paramserver.service import metrics
 from paramserver.service.shard_host import ShardHost
@@ -20,15 +30,21 @@ log = logging.getLogger("paramserver")
 
 
 class ShardServicer(pb_grpc.ShardServicer):
-    def __init__(self, host: ShardHost, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES) -> None:
+    def __init__(self, host: ShardHost, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES, compute: Executor | None = None) -> None:
         self.host = host
         self.chunk_bytes = chunk_bytes
         self.pool = codec.BufferPool()
+        self.compute = compute  # None: the event loop's default executor
 
-    def _receive(self, request_iterator: Iterator[codec.Chunk], context: grpc.ServicerContext, check_step: bool) -> tuple[pb.ChunkHeader, list]:
-        first = next(request_iterator, None)
-        if first is None:
-            raise ValueError("empty stream: no chunks")
+    async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
+        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+
+    async def _receive(self, request_iterator: AsyncIterator[codec.Chunk], check_step: bool) -> tuple[pb.ChunkHeader, list]:
+        chunks = request_iterator.__aiter__()
+        try:
+            first = await chunks.__anext__()
+        except StopAsyncIteration:
+            raise ValueError("empty stream: no chunks") from None
         head = first.header
         if head.shard != self.host.shard_id:
             raise ValueError(f"this is shard {self.host.shard_id}, the chunks are for shard {head.shard}")
@@ -37,51 +53,80 @@ class ShardServicer(pb_grpc.ShardServicer):
             shard.check_step(head.step)  # fail a stale or future push before its bytes stream in
         layouts = shard.layouts
         assembler = codec.Assembler([layout.numel for layout in layouts], [layout.dtype for layout in layouts], allocate=self.pool.take)
+        key = (head.job, head.worker, head.step, head.shard)
         try:
-            for chunk in itertools.chain([first], request_iterator):
+            chunk = first
+            while True:
                 h = chunk.header
-                if (h.job, h.worker, h.step, h.shard) != (head.job, head.worker, head.step, head.shard):
+                if (h.job, h.worker, h.step, h.shard) != key:
                     raise ValueError("chunks of one stream disagree on job, worker, step or shard")
-                assembler.add(chunk)
+                assembler.add(chunk)  # one copy of at most a chunk into the receive buffer
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
             return head, assembler.result()
         except BaseException:
             self.pool.give_back([b for b in assembler.buffers if b is not None])
             raise
 
-    @translate_errors
-    def PushGradients(self, request_iterator: Iterator[codec.Chunk], context: grpc.ServicerContext) -> pb.PushReply:
-        head, grads = self._receive(request_iterator, context, check_step=True)
+    def _push(self, head: pb.ChunkHeader, grads: list[torch.Tensor]) -> tuple[bool, int]:
+        # on the compute pool: it takes the shard's lock, and the last push of a step runs its update
         try:
-            applied, version = self.host.push(head.job, head.worker, head.step, grads, list(head.missing_params))
+            return self.host.push(head.job, head.worker, head.step, grads, list(head.missing_params))
         finally:
             # folded into the sum (or refused): the receive buffers can take the next push
             if not self.host.shard(head.job).holds(grads):
                 self.pool.give_back(grads)
-        metrics.BYTES_IN.labels(head.job, str(head.shard)).inc(sum(g.numel() * g.element_size() for g in grads))
+
+    @translate_errors
+    async def PushGradients(self, request_iterator: AsyncIterator[codec.Chunk], context: grpc.aio.ServicerContext) -> pb.PushReply:
+        head, grads = await self._receive(request_iterator, check_step=True)
+        nbytes = _nbytes(grads)
+        applied, version = await self._run(self._push, head, grads)
+        metrics.BYTES_IN.labels(head.job, str(head.shard)).inc(nbytes)
         log.debug("job %s step %d: worker %d pushed to shard %d%s", head.job, head.step, head.worker, head.shard,
                   "" if applied else " (already applied)")
         return pb.PushReply(already_applied=not applied, version=version)
 
-    @translate_errors
-    def PushParameters(self, request_iterator: Iterator[codec.Chunk], context: grpc.ServicerContext) -> pb.PushReply:
-        head, weights = self._receive(request_iterator, context, check_step=False)
-        if head.worker != 0:
-            raise ValueError(f"initial weights come from rank 0, not rank {head.worker}")
+    def _initial_weights(self, job: str, weights: list[torch.Tensor]) -> None:
         try:
-            self.host.initial_weights(head.job, weights)  # copied into the shard's weights
+            self.host.initial_weights(job, weights)  # copied into the shard's weights
         finally:
             self.pool.give_back(weights)
-        metrics.BYTES_IN.labels(head.job, str(head.shard)).inc(sum(w.numel() * w.element_size() for w in weights))
+
+    @translate_errors
+    async def PushParameters(self, request_iterator: AsyncIterator[codec.Chunk], context: grpc.aio.ServicerContext) -> pb.PushReply:
+        head, weights = await self._receive(request_iterator, check_step=False)
+        if head.worker != 0:
+            self.pool.give_back(weights)
+            raise ValueError(f"initial weights come from rank 0, not rank {head.worker}")
+        nbytes = _nbytes(weights)
+        await self._run(self._initial_weights, head.job, weights)
+        metrics.BYTES_IN.labels(head.job, str(head.shard)).inc(nbytes)
         log.info("job %s: shard %d has its initial weights", head.job, head.shard)
         return pb.PushReply(version=0)
 
     @translate_errors
-    def PullParameters(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[codec.Chunk]:
+    async def PullParameters(self, request: pb.PullRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[codec.Chunk]:
         if request.shard != self.host.shard_id:
             raise ValueError(f"this is shard {self.host.shard_id}, the pull is for shard {request.shard}")
-        version, weights = self.host.pull(request.job, request.min_version, context.time_remaining())
-        yield from codec.encode(weights, self.chunk_bytes, job=request.job, worker=request.worker, step=version, shard=self.host.shard_id)
-        metrics.BYTES_OUT.labels(request.job, str(self.host.shard_id)).inc(sum(w.numel() * w.element_size() for w in weights))
+        # waits on the event loop (no thread) until the version is there or the call's deadline passes
+        version, weights = await self.host.pull_async(request.job, request.min_version, context.time_remaining())
+        if any(w.device.type != "cpu" for w in weights):
+            # the copy waits for the update's kernels: not on the event loop
+            weights = await self._run(_to_cpu, weights)
+        for chunk in codec.encode(weights, self.chunk_bytes, job=request.job, worker=request.worker, step=version, shard=self.host.shard_id):
+            yield chunk
+        metrics.BYTES_OUT.labels(request.job, str(self.host.shard_id)).inc(_nbytes(weights))
+
+
+def _to_cpu(buffers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [b.cpu() for b in buffers]
+
+
+def _nbytes(buffers: Sequence[torch.Tensor]) -> int:
+    return sum(b.numel() * b.element_size() for b in buffers)
 
 
 def shard_handler(servicer: ShardServicer) -> grpc.GenericRpcHandler:
