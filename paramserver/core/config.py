@@ -219,7 +219,7 @@ class ServerConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     """Payload bytes per wire chunk of weights and state."""
     grpc_threads: int = 64
-    """Threads of the front door's gRPC server (shard servers wait without threads)."""
+    """Threads for the front door's blocking work (creating jobs, state); waits hold none."""
     metrics_port: int | None = None
     """Expose Prometheus metrics over HTTP on this port (shard actors use any free port); None: do not."""
 

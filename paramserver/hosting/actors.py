@@ -7,29 +7,30 @@ the coordinator's reduce/apply calls); gRPC is the data plane (workers' pushes a
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import torch
 
+from paramserver.core.config import ServerConfig
 from paramserver.core.coordinator import Coordinator
 from paramserver.core.job import JobSpec
 from paramserver.core.shard import Shard
 from paramserver.core.shards import ShardControl, ShardGroup
 from paramserver.service.coordinator_host import CoordinatorHost
 from paramserver.service.metrics import start_metrics_server
-from paramserver.service.server import (
-    ServerOptions,
-    create_coordinator_server,
-    create_shard_server,
-)
+from paramserver.service.server import create_coordinator_server, create_shard_server
 from paramserver.service.shard_host import ShardHost
 from paramserver.wire.jobconfig import build_job
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
 
 # Every control-plane call has a deadline too.
 CONTROL_TIMEOUT_S = 120.0
+# A join waiting for the shard actors' initial weights asks them again every this many seconds (a shard
+# actor's thread waits meanwhile: one per shard and job, however many workers wait).
+INIT_POLL_S = 5.0
 
 T = TypeVar("T")
 
@@ -44,20 +45,21 @@ def _advertised(bind_host: str) -> str:
 
 
 class ShardProcess:
-    """What runs inside shard actor j: a ``ShardHost`` and its gRPC server."""
+    """What runs inside shard actor j: a ``ShardHost`` and its gRPC server, bound to ``config.host``."""
 
-    def __init__(self, shard_id: int, num_shards: int, bind_host: str, options: ServerOptions, trusted_modules: Sequence[str], device: str) -> None:
+    def __init__(self, shard_id: int, config: ServerConfig, device: str) -> None:
         self.shard_id = shard_id
-        self.num_shards = num_shards
-        self.trusted_modules = tuple(trusted_modules)
+        self.num_shards = config.num_shards
+        self.trusted_modules = config.trusted_modules
         self.device = device
         import ray
 
+        bind_host = config.host
         self.host = ShardHost(shard_id, placement=f"node {ray.get_runtime_context().get_node_id()[:12]} ({_advertised('0.0.0.0')})")
-        self.server, port = create_shard_server(self.host, f"{bind_host}:0", options)
+        self.server, port = create_shard_server(self.host, f"{bind_host}:0", config)
         self._address = f"{_advertised(bind_host)}:{port}"
         self.metrics_address = None
-        if options.metrics_port is not None:
+        if config.metrics_port is not None:
             self.metrics_address = f"{_advertised(bind_host)}:{start_metrics_server(0, bind_host)}"
 
     def address(self) -> str:
@@ -216,6 +218,9 @@ class RayFleet:
 
     def __init__(self, actors: Sequence[Any]) -> None:
         self.actors = list(actors)
+        self._initialized: set[str] = set()  # jobs whose shards all have their initial weights
+        # per job and event loop, the one round of wait_for_version calls the waiting joins share
+        self._init_polls: dict[tuple[str, asyncio.AbstractEventLoop], asyncio.Task[None]] = {}
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -235,21 +240,57 @@ class RayFleet:
     def delete_job(self, name: str) -> None:
         import ray
 
+        self._initialized.discard(name)
+        for key in list(self._init_polls):  # (a copy: the loop may add one meanwhile)
+            if key[0] == name:
+                self._init_polls.pop(key, None)
         ray.get([a.delete_job.remote(name) for a in self.actors], timeout=CONTROL_TIMEOUT_S)
+
+    async def wait_initialized_async(self, name: str, timeout: float) -> bool:
+        """Wait on the running event loop, holding no thread, until every shard actor of job ``name`` has its
+        initial weights; False if ``timeout`` seconds pass first. However many joins wait, one round of
+        ``wait_for_version(0, INIT_POLL_S)`` calls at a time asks the actors (their results awaited as
+        futures), round after round while anyone waits."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while name not in self._initialized:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            key = (name, loop)
+            poll = self._init_polls.get(key)
+            if poll is None or poll.done():
+                poll = self._init_polls[key] = loop.create_task(self._poll_initialized(name))
+                poll.add_done_callback(_retrieve)
+            await asyncio.wait({poll}, timeout=remaining)  # neither cancels the shared round nor raises
+            if poll.done() and not poll.cancelled() and poll.exception() is not None:
+                raise poll.exception()  # type: ignore[misc]
+        self._init_polls.pop((name, loop), None)
+        return True
+
+    async def _poll_initialized(self, name: str) -> None:
+        refs = [a.wait_for_version.remote(name, 0, INIT_POLL_S) for a in self.actors]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(r.future()) for r in refs)), INIT_POLL_S + CONTROL_TIMEOUT_S)
+        except TimeoutError:  # a shard has no initial weights yet (a RayTaskError is an instance of its cause)
+            return
+        self._initialized.add(name)
 
 
 class CoordinatorProcess:
-    """What runs inside the coordinator actor: every job's coordinator and the front-door gRPC server."""
+    """What runs inside the coordinator actor: every job's coordinator and the front-door gRPC server, on
+    ``config.host:config.port``."""
 
-    def __init__(self, shard_actors: Sequence[Any], bind_host: str, port: int, options: ServerOptions, trusted_modules: Sequence[str]) -> None:
+    def __init__(self, shard_actors: Sequence[Any], config: ServerConfig) -> None:
         import ray
 
+        bind_host = config.host
         addresses = ray.get([a.address.remote() for a in shard_actors], timeout=CONTROL_TIMEOUT_S)
-        self.host = CoordinatorHost(RayFleet(shard_actors), addresses, trusted_modules, options.max_workers)
-        self.server, bound = create_coordinator_server(self.host, f"{bind_host}:{port}", options)
+        self.host = CoordinatorHost(RayFleet(shard_actors), addresses, config.trusted_modules)
+        self.server, bound = create_coordinator_server(self.host, f"{bind_host}:{config.port}", config)
         self._address = f"{_advertised(bind_host)}:{bound}"
-        if options.metrics_port is not None:
-            start_metrics_server(options.metrics_port, bind_host)
+        if config.metrics_port is not None:
+            start_metrics_server(config.metrics_port, bind_host)
 
     def address(self) -> str:
         return self._address
@@ -262,3 +303,9 @@ class CoordinatorProcess:
 
     def stop(self) -> None:
         self.server.stop(1.0).wait(5.0)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    # a round's error reaches the joins that wait on it; with none left, it is not "never retrieved"
+    if not task.cancelled():
+        task.exception()

@@ -13,7 +13,6 @@ from paramserver.hosting.actors import (
     CoordinatorProcess,
     ShardProcess,
 )
-from paramserver.service.local import server_options
 
 
 class RayService:
@@ -71,8 +70,7 @@ def serve(num_shards: int = 1, *, config: ServerConfig | None = None, ray_config
         raise TypeError("give the options either as configs or as keywords, not both")
     config = ServerConfig(num_shards=num_shards, **server_fields) if config is None else config
     ray_config = RayConfig(**ray_fields) if ray_config is None else ray_config
-    options_ = server_options(config)
-    num_shards, host, port, trusted_modules = config.num_shards, config.host, config.port, config.trusted_modules
+    num_shards = config.num_shards
     placement, placement_timeout = ray_config.placement, ray_config.placement_timeout
     gpus_per_shard, cpus_per_shard, ray_address = ray_config.gpus_per_shard, ray_config.cpus_per_shard, ray_config.ray_address
     import ray
@@ -112,7 +110,7 @@ def serve(num_shards: int = 1, *, config: ServerConfig | None = None, ray_config
             num_gpus=gpus_per_shard,
             max_concurrency=32,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=j),
-        ).remote(j, num_shards, host, options_, trusted_modules, device)
+        ).remote(j, config, device)
         for j in range(num_shards)
     ]
     # The front door lives on this (the driver's) node, where users and `ray up` expect it.
@@ -120,7 +118,7 @@ def serve(num_shards: int = 1, *, config: ServerConfig | None = None, ray_config
         num_cpus=0,
         max_concurrency=64,
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
-    ).remote(shards, host, port, options_, trusted_modules)
+    ).remote(shards, config)
     deadline = time.monotonic() + placement_timeout
     address = ray.get(coordinator.address.remote(), timeout=max(1.0, deadline - time.monotonic()))
     return RayService(coordinator, shards, pg, started_ray, address)

@@ -1,10 +1,16 @@
-"""The coordinator's host: every job's ``Coordinator``; it creates the jobs' shards through a fleet. No gRPC, no Ray."""
+"""The coordinator's host: every job's ``Coordinator``; it creates the jobs' shards through a fleet. No gRPC, no Ray.
+
+A join waits for rank 0 (the job created, its initial weights in place). ``wait_joinable`` waits on an asyncio
+event loop without holding a thread: a job listener hands "job created" to the loop, and the fleet waits for
+the shards' version 0 its own way (in-process shards' version listeners; Ray futures for shard actors).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +30,7 @@ class LocalFleet:
 
     def __init__(self, hosts: Sequence[ShardHost]) -> None:
         self.hosts = list(hosts)
+        self._initialized: dict[str, _Initialized] = {}
 
     def __len__(self) -> int:
         return len(self.hosts)
@@ -32,13 +39,82 @@ class LocalFleet:
         return ShardGroup([spec.make_shard(j) for j in range(len(self.hosts))])
 
     def connect(self, name: str, group: ShardGroup, coordinator: Coordinator) -> None:
-        for host, shard in zip(self.hosts, group.shards, strict=True):
-            assert isinstance(shard, Shard), "a local fleet's group holds the shards themselves"
+        shards = group.shards
+        assert all(isinstance(shard, Shard) for shard in shards), "a local fleet's group holds the shards themselves"
+        self._initialized[name] = _Initialized(shards)  # type: ignore[arg-type]
+        for host, shard in zip(self.hosts, shards, strict=True):
             host.add_job(name, shard, coordinator)
 
     def delete_job(self, name: str) -> None:
         for host in self.hosts:
             host.remove_job(name)
+        self._initialized.pop(name, None)
+
+    async def wait_initialized_async(self, name: str, timeout: float) -> bool:
+        """Wait on the running event loop, holding no thread, until every shard of job ``name`` has its
+        initial weights; False if ``timeout`` seconds pass first."""
+        try:
+            initialized = self._initialized[name]
+        except KeyError:
+            raise JobNotFoundError(f"no job {name!r}") from None
+        return await initialized.wait(timeout)
+
+
+class _Initialized:
+    """Whether every shard of a job has its initial weights, for asyncio waiters on any event loop.
+
+    One version listener per shard, added before the shard is reachable (so it never races the shard
+    servers' own listeners) and left there: once all are initialized it returns at once.
+    """
+
+    def __init__(self, shards: Sequence[Shard]) -> None:
+        self._shards = list(shards)
+        self._lock = threading.Lock()  # of done and the waiters; held for moments only
+        self._done = False
+        self._waiters: dict[asyncio.Future[None], asyncio.AbstractEventLoop] = {}
+        for shard in self._shards:
+            shard.add_version_listener(self._changed)
+
+    def _all(self) -> bool:
+        return all(s.initialized for s in self._shards)  # each shard sets its flag before it calls its listeners
+
+    def _changed(self) -> None:
+        # on the thread that changed a shard, its lock held: hand the news to the loops, nothing more
+        if self._done or not self._all():
+            return
+        with self._lock:
+            self._done = True
+            waiters, self._waiters = self._waiters, {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        for future, loop in waiters.items():
+            by_loop.setdefault(loop, []).append(future)
+        for loop, futures in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, futures)
+            except RuntimeError:
+                pass  # the loop is closed: nobody waits on it any more
+
+    async def wait(self, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:  # the check and the registration in one go: no wake-up falls between them
+            if self._done or self._all():
+                return True
+            self._waiters[future] = loop
+        try:
+            await asyncio.wait_for(future, timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            with self._lock:
+                self._waiters.pop(future, None)
+
+
+def _resolve(futures: Sequence[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
 
 
 @dataclass
@@ -60,17 +136,23 @@ class Job:
 
 class CoordinatorHost:
     """Every job's coordinator; ``fleet`` makes and reaches the jobs' shards (``LocalFleet`` or, on Ray,
-    ``paramserver.hosting.actors.RayFleet``)."""
+    ``paramserver.hosting.actors.RayFleet``): ``create_job``, ``connect``, ``delete_job`` and
+    ``wait_initialized_async`` (the asyncio wait for a job's initial weights)."""
 
-    def __init__(self, fleet: Any, shard_addresses: Sequence[str], trusted_modules: Sequence[str] = (), shard_threads: int | None = None) -> None:
+    def __init__(self, fleet: Any, shard_addresses: Sequence[str], trusted_modules: Sequence[str] = ()) -> None:
         assert len(fleet) == len(shard_addresses)
-        self.shard_threads = shard_threads
         self.fleet = fleet
         self.shard_addresses = list(shard_addresses)
         self.trusted_modules = tuple(trusted_modules)
         self._jobs: dict[str, Job] = {}
         self._changed = threading.Condition()
         self.stop_requested = threading.Event()  # set by a Stop call; whoever runs the service ends it
+        # Called (no arguments) after a job is created, on the creating thread: they must not block.
+        self._job_listeners: tuple[Callable[[], None], ...] = ()
+        # the asyncio joins waiting for a job to be created: per event loop, one listener wakes them all
+        self._watches: dict[asyncio.AbstractEventLoop, _JobWatch] = {}
+        self._waiting_joins: dict[str, int] = {}
+        self._waiting_lock = threading.Lock()  # of the two above and the listeners; held for moments only
 
     def job(self, name: str) -> Job:
         try:
@@ -95,10 +177,23 @@ class CoordinatorHost:
             self.fleet.connect(name, group, coordinator)
             job = self._jobs[name] = Job(name, config, coordinator, {0})
             self._changed.notify_all()
+            for listener in self._job_listeners:
+                listener()
             return job
 
+    def add_job_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after every job creation, on the creating thread with the host's lock held: it
+        must only hand the news on (``loop.call_soon_threadsafe``), never block or call back into the host."""
+        with self._waiting_lock:  # not the host's lock: creating a job holds that one for a while
+            self._job_listeners = (*self._job_listeners, callback)
+
+    def remove_job_listener(self, callback: Callable[[], None]) -> None:
+        with self._waiting_lock:
+            self._job_listeners = tuple(c for c in self._job_listeners if c != callback)
+
     def join_job(self, name: str, rank: int, timeout: float | None) -> Job:
-        """Wait until rank 0 has created the job and put its initial weights in place."""
+        """Wait (blocking this thread) until rank 0 has created the job and put its initial weights in place,
+        then add ``rank`` to its members. Servers use ``wait_joinable`` and ``add_member``."""
         wait = MAX_WAIT_S if timeout is None else min(timeout, MAX_WAIT_S)
         with self._changed:
             if not self._changed.wait_for(lambda: name in self._jobs, wait):
@@ -106,11 +201,68 @@ class CoordinatorHost:
             job = self._jobs[name]
         job.coordinator.check_worker(rank)
         job.coordinator.shards.wait_initialized(wait)
+        self.add_member(job, rank)
+        return job
+
+    async def wait_joinable(self, name: str, rank: int, timeout: float | None) -> Job:
+        """``join_job``'s wait on the running event loop, holding no thread: until rank 0 has created job
+        ``name`` and its shards have the initial weights. Raises ``TimeoutError`` when ``timeout`` (capped by
+        ``MAX_WAIT_S``) passes first. The caller then adds the member (``add_member``, off the loop)."""
+        wait = MAX_WAIT_S if timeout is None else min(timeout, MAX_WAIT_S)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        with self._waiting_lock:
+            self._waiting_joins[name] = self._waiting_joins.get(name, 0) + 1
+        try:
+            job = await self._wait_created(name, loop, deadline, wait)
+            job.coordinator.check_worker(rank)
+            if not await self.fleet.wait_initialized_async(name, max(0.0, deadline - loop.time())):
+                raise TimeoutError(f"job {name!r}: the shards had no initial weights from rank 0 within {wait:.1f}s")
+            return job
+        finally:
+            with self._waiting_lock:
+                self._waiting_joins[name] -= 1
+                if not self._waiting_joins[name]:
+                    del self._waiting_joins[name]
+
+    async def _wait_created(self, name: str, loop: asyncio.AbstractEventLoop, deadline: float, wait: float) -> Job:
+        watch = self._watches.get(loop)
+        if watch is None:
+            watch = self._watches[loop] = _JobWatch(loop)
+            self.add_job_listener(watch.changed)
+        # The check and the registration of the future run in one go on the loop, and every creation is
+        # handed to the loop after it is made: no wake-up falls between them.
+        while name not in self._jobs:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"job {name!r} was not created within {wait:.1f}s")
+            created = loop.create_future()
+            watch.waiters.add(created)
+            try:
+                await asyncio.wait_for(created, remaining)
+            except asyncio.TimeoutError:
+                pass  # the loop's condition says what it was
+            finally:
+                watch.waiters.discard(created)
+        return self._jobs[name]
+
+    def add_member(self, job: Job, rank: int) -> None:
+        """Rank ``rank`` has joined ``job`` (a retried join changes nothing)."""
         with self._changed:
-            if rank not in job.members:  # a retried join changes nothing
+            if rank not in job.members:
                 job.members.add(rank)
                 job.coordinator.bump_epoch()
-        return job
+
+    def waiting_joins(self, name: str | None = None) -> int:
+        """How many asyncio joins (of job ``name``, or of any job) wait now for rank 0."""
+        with self._waiting_lock:
+            return sum(self._waiting_joins.values()) if name is None else self._waiting_joins.get(name, 0)
+
+    def close_watches(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Unhook ``loop``'s job listener (its server stopped)."""
+        watch = self._watches.pop(loop, None)
+        if watch is not None:
+            self.remove_job_listener(watch.changed)
 
     def leave_job(self, name: str, worker: int) -> None:
         job = self.job(name)
@@ -152,3 +304,24 @@ class CoordinatorHost:
             "last_total_norm": last.total_norm if last is not None else 0.0,
             "waiting_for": f"step {step}: " + "; ".join(waiting) if waiting else "",
         }
+
+
+class _JobWatch:
+    """The joins of one event loop that wait for a job to be created: one listener wakes them all."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.waiters: set[asyncio.Future[None]] = set()
+        self.changed = self._changed  # one bound method, so that remove_job_listener finds it
+
+    def _changed(self) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._wake)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits on it any more
+
+    def _wake(self) -> None:
+        waiters, self.waiters = self.waiters, set()
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)

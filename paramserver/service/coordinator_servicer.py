@@ -1,21 +1,31 @@
-"""The Coordinator service, the front door: jobs, membership, status, state in torch's formats, stop."""
+"""The Coordinator service, the front door: jobs, membership, status, state in torch's formats, stop.
+
+It runs on a ``grpc.aio`` server (``create_coordinator_server``): every method is a coroutine."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Executor
+from typing import Any, TypeVar
 
 import grpc
+import grpc.aio
 
 from paramserver.core.coordinator import StepResult
 from paramserver.service.coordinator_host import CoordinatorHost, Job
+from paramserver.service.shard_host import MAX_WAIT_S
 from paramserver.service.status import translate_errors
 from paramserver.wire import codec, jobconfig, json_values
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
 from paramserver.wire.proto.v1 import paramserver_pb2_grpc as pb_grpc
 
 log = logging.getLogger("paramserver")
+
+T = TypeVar("T")
 
 
 def job_info(job: Job, shard_addresses: list[str]) -> pb.JobInfo:
@@ -40,31 +50,50 @@ def step_report(result: StepResult) -> pb.StepReport:
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, host: CoordinatorHost, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES) -> None:
+    """On a ``grpc.aio`` server. A JoinJob that waits for rank 0 waits on the event loop (no thread); whatever
+    may block or cost CPU (creating a job, which on Ray calls every shard actor; status; state) runs on
+    ``work``, a small thread pool, so the loop keeps serving the other calls meanwhile."""
+
+    def __init__(self, host: CoordinatorHost, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES, work: Executor | None = None) -> None:
         self.host = host
         self.chunk_bytes = chunk_bytes
+        self.work = work  # None: the event loop's default executor
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.work, fn, *args)
 
     @translate_errors
-    def CreateJob(self, request: pb.CreateJobRequest, context: grpc.ServicerContext) -> pb.JobInfo:
+    async def CreateJob(self, request: pb.CreateJobRequest, context: grpc.aio.ServicerContext) -> pb.JobInfo:
+        return await self._run(self._create_job, request)
+
+    def _create_job(self, request: pb.CreateJobRequest) -> pb.JobInfo:
         # defaults written out: a client that leaves a field out means the default, and a retry matches
         job = self.host.create_job(request.job, jobconfig.canonical(request.config))
         log.info("job %s created: %s", request.job, job.coordinator.plan.describe())
         return job_info(job, self.host.shard_addresses)
 
     @translate_errors
-    def JoinJob(self, request: pb.JoinJobRequest, context: grpc.ServicerContext) -> pb.JobInfo:
-        job = self.host.join_job(request.job, request.rank, context.time_remaining())
-        log.info("job %s: worker %d joined", request.job, request.rank)
+    async def JoinJob(self, request: pb.JoinJobRequest, context: grpc.aio.ServicerContext) -> pb.JobInfo:
+        # waits for rank 0's job and initial weights on the loop, until the call's deadline (capped)
+        job = await self.host.wait_joinable(request.job, request.rank, context.time_remaining())
+        return await self._run(self._joined, job, request.rank)
+
+    def _joined(self, job: Job, rank: int) -> pb.JobInfo:
+        self.host.add_member(job, rank)
+        log.info("job %s: worker %d joined", job.name, rank)
         return job_info(job, self.host.shard_addresses)
 
     @translate_errors
-    def ReportMetrics(self, request: pb.ReportMetricsRequest, context: grpc.ServicerContext) -> pb.ReportMetricsReply:
+    async def ReportMetrics(self, request: pb.ReportMetricsRequest, context: grpc.aio.ServicerContext) -> pb.ReportMetricsReply:
         if "metric" in request.metrics:
-            self.host.record_metric(request.job, request.worker, request.step, request.metrics["metric"])
+            await self._run(self.host.record_metric, request.job, request.worker, request.step, request.metrics["metric"])
         return pb.ReportMetricsReply()
 
     @translate_errors
-    def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+    async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
+        return await self._run(self._status, request)
+
+    def _status(self, request: pb.StatusRequest) -> pb.StatusReply:
         st = self.host.status(request.job)
         reply = pb.StatusReply(
             job=request.job,
@@ -85,20 +114,45 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return reply
 
     @translate_errors
-    def LeaveJob(self, request: pb.LeaveJobRequest, context: grpc.ServicerContext) -> pb.LeaveJobReply:
-        self.host.leave_job(request.job, request.worker)
+    async def LeaveJob(self, request: pb.LeaveJobRequest, context: grpc.aio.ServicerContext) -> pb.LeaveJobReply:
+        await self._run(self.host.leave_job, request.job, request.worker)
         return pb.LeaveJobReply()
 
     @translate_errors
-    def GetState(self, request: pb.StateRequest, context: grpc.ServicerContext) -> Iterator[pb.StateChunk]:
-        state = self.host.job(request.job).coordinator.state_dict()
+    async def GetState(self, request: pb.StateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StateChunk]:
+        chunks = await self._run(self._state_chunks, request.job)
+        # each chunk copies its bytes out of a tensor: on the pool, one at a time, as the stream takes them
+        while (chunk := await self._run(next, chunks, None)) is not None:
+            yield chunk
+
+    def _state_chunks(self, job: str) -> Iterator[pb.StateChunk]:
+        state = self.host.job(job).coordinator.state_dict()
         tensors: list = []
         skeleton = json.dumps(json_values.to_wire(state, "state", tensors))
-        yield from codec.encode_state(skeleton, tensors, self.chunk_bytes, job=request.job)
+        return codec.encode_state(skeleton, tensors, self.chunk_bytes, job=job)
 
     @translate_errors
-    def LoadState(self, request_iterator: Iterator[pb.StateChunk], context: grpc.ServicerContext) -> pb.LoadStateReply:
-        job, skeleton, tensors = codec.decode_state(request_iterator)
+    async def LoadState(self, request_iterator: AsyncIterator[pb.StateChunk], context: grpc.aio.ServicerContext) -> pb.LoadStateReply:
+        # The chunks are decoded on the pool as they arrive (one buffer per tensor, as the sync decoder
+        # does); the pool thread takes each next chunk from the stream on the loop, within the deadline.
+        loop = asyncio.get_running_loop()
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + (MAX_WAIT_S if remaining is None else min(remaining, MAX_WAIT_S))
+        stream = request_iterator.__aiter__()
+
+        def next_chunk() -> pb.StateChunk | None:  # on a pool thread
+            future = asyncio.run_coroutine_threadsafe(_next_or_none(stream), loop)
+            try:
+                return future.result(max(0.0, deadline - time.monotonic()))
+            except BaseException:
+                future.cancel()
+                raise
+
+        await self._run(self._load_state, iter(next_chunk, None))
+        return pb.LoadStateReply()
+
+    def _load_state(self, chunks: Iterator[pb.StateChunk]) -> None:
+        job, skeleton, tensors = codec.decode_state(chunks)
         try:
             state = json_values.from_wire(json.loads(skeleton), tensors)
         except json.JSONDecodeError as exc:
@@ -106,11 +160,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if not isinstance(state, dict):
             raise ValueError("a state must be a dict with 'model', 'optimizer' and/or 'scheduler'")
         self.host.job(job).coordinator.load_state_dict(state)
-        return pb.LoadStateReply()
-
 
     @translate_errors
-    def Stop(self, request: pb.StopRequest, context: grpc.ServicerContext) -> pb.StopReply:
+    async def Stop(self, request: pb.StopRequest, context: grpc.aio.ServicerContext) -> pb.StopReply:
         log.info("stop requested")
-        self.host.stop_requested.set()
+        await self._run(self.host.stop_requested.set)
         return pb.StopReply()
+
+
+async def _next_or_none(stream: AsyncIterator[T]) -> T | None:
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None

@@ -6,16 +6,8 @@ from typing import Any
 
 from paramserver.core.config import ServerConfig, split_options
 from paramserver.service.coordinator_host import CoordinatorHost, LocalFleet
-from paramserver.service.server import ServerOptions, Service, create_coordinator_server, create_shard_server
+from paramserver.service.server import Service, create_coordinator_server, create_shard_server
 from paramserver.service.shard_host import ShardHost
-
-
-def server_options(config: ServerConfig) -> ServerOptions:
-    """What each gRPC server of the service is started with."""
-    return ServerOptions(
-        auth_token=config.auth_token, tls=config.tls, max_message_bytes=config.max_message_bytes, chunk_bytes=config.chunk_bytes,
-        max_workers=config.grpc_threads, metrics_port=config.metrics_port,
-    )
 
 
 def serve_local(num_shards: int = 1, *, config: ServerConfig | None = None, **options: Any) -> Service:
@@ -28,7 +20,6 @@ def serve_local(num_shards: int = 1, *, config: ServerConfig | None = None, **op
     if config is not None and fields:
         raise TypeError("give the server's options either as a config or as keywords, not both")
     config = ServerConfig(num_shards=num_shards, **fields) if config is None else config
-    options_ = server_options(config)
     host, port = config.host, config.port
     if config.metrics_port is not None:
         from paramserver.service.metrics import start_metrics_server
@@ -38,11 +29,11 @@ def serve_local(num_shards: int = 1, *, config: ServerConfig | None = None, **op
     servers, addresses = [], []
     try:
         for shard_host in shard_hosts:
-            server, shard_port = create_shard_server(shard_host, f"{host}:0", options_)
+            server, shard_port = create_shard_server(shard_host, f"{host}:0", config)
             servers.append(server)
             addresses.append(f"{host}:{shard_port}")
-        coordinator = CoordinatorHost(LocalFleet(shard_hosts), addresses, config.trusted_modules, options_.max_workers)
-        server, front_port = create_coordinator_server(coordinator, f"{host}:{port}", options_)
+        coordinator = CoordinatorHost(LocalFleet(shard_hosts), addresses, config.trusted_modules)
+        server, front_port = create_coordinator_server(coordinator, f"{host}:{port}", config)
         servers.append(server)
     except BaseException:
         for server in servers:

@@ -1,89 +1,60 @@
 """Start the service: gRPC servers for the coordinator and the shards, and ``serve()`` that runs them all.
 
-``create_*_server(address, ...) -> (server, port)`` follow gRPC's examples: bind ``host:0`` in tests and
-read the port back. Every server also answers gRPC health checks and reflection.
+``create_*_server(host, address, config) -> (server, port)`` follow gRPC's examples: bind ``host:0`` in tests
+and read the port back. Every server also answers gRPC health checks and reflection. ``config`` is the
+service's ``ServerConfig`` (auth token, TLS, message and chunk sizes, the front door's threads).
 
-A shard server is a ``grpc.aio`` server on its own event loop (``AioServer``): a pull waiting for its step
-holds no thread, so one shard serves any number of workers; its CPU work runs on ``SHARD_COMPUTE_THREADS``
-threads. The coordinator's server is a thread-pool server of ``ServerOptions.max_workers`` threads.
+Every server is a ``grpc.aio`` server on its own event loop (``AioServer``): a call that waits holds no thread.
+A shard's pull waits for its step on the loop, its CPU work runs on ``SHARD_COMPUTE_THREADS`` threads; the
+coordinator's JoinJob waits on the loop for rank 0's job and initial weights, its blocking work (creating a
+job, state, status) runs on ``ServerConfig.grpc_threads`` threads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent import futures
-from dataclasses import dataclass
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from paramserver.core.config import ServerConfig, TLSConfig
 from paramserver.core.malloc import fix_mmap_threshold
 from paramserver.service.aio_server import AioServer
-from paramserver.service.auth import AsyncBearerTokenInterceptor, BearerTokenInterceptor
+from paramserver.service.auth import AsyncBearerTokenInterceptor
 from paramserver.service.coordinator_host import CoordinatorHost
 from paramserver.service.coordinator_servicer import CoordinatorServicer
 from paramserver.service.shard_host import ShardHost
 from paramserver.service.shard_servicer import ShardServicer, shard_handler
-from paramserver.wire import codec
 from paramserver.wire.proto.v1 import paramserver_pb2_grpc as pb_grpc
-from paramserver.wire.protocol import (
-    COORDINATOR_SERVICE,
-    DEFAULT_MAX_MESSAGE_BYTES,
-    SHARD_SERVICE,
-)
+from paramserver.wire.protocol import COORDINATOR_SERVICE, SHARD_SERVICE
 
-
-@dataclass(frozen=True)
-class TLSConfig:
-    """PEM bytes. With ``client_ca`` the server also demands a client certificate signed by it (mTLS)."""
-
-    certificate_chain: bytes
-    private_key: bytes
-    client_ca: bytes | None = None
-
-
-@dataclass(frozen=True)
-class ServerOptions:
-    auth_token: str | None = None
-    tls: TLSConfig | None = None
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES
-    # gRPC threads of the coordinator's server (shard servers are asyncio servers: a waiting pull holds no
-    # thread there).
-    max_workers: int = 64
-    # Expose Prometheus metrics over HTTP on this port (None: do not); shard actors use any free port.
-    metrics_port: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.chunk_bytes + 4096 > self.max_message_bytes:
-            raise ValueError(f"chunk_bytes {self.chunk_bytes} must fit in max_message_bytes {self.max_message_bytes}")
-
-    def grpc_options(self) -> list[tuple[str, int]]:
-        return [
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-        ]
-
+__all__ = ["SHARD_COMPUTE_THREADS", "Service", "TLSConfig", "create_coordinator_server", "create_shard_server", "grpc_options"]
 
 # Threads of a shard server for CPU work only (folding pushes, the update); never for waiting.
 SHARD_COMPUTE_THREADS = 4
 
-# Either kind of server: both have ``stop(grace) -> threading.Event``.
-AnyServer = grpc.Server | AioServer
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """The channel arguments every server of the service starts with (message limits, keepalive)."""
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
 
 
-def _bind(server: grpc.Server | grpc.aio.Server, address: str, options: ServerOptions) -> int:
-    if options.tls is not None:
+def _bind(server: grpc.aio.Server, address: str, tls: TLSConfig | None) -> int:
+    if tls is not None:
         creds = grpc.ssl_server_credentials(
-            [(options.tls.private_key, options.tls.certificate_chain)],
-            root_certificates=options.tls.client_ca,
-            require_client_auth=options.tls.client_ca is not None,
+            [(tls.private_key, tls.certificate_chain)],
+            root_certificates=tls.client_ca,
+            require_client_auth=tls.client_ca is not None,
         )
         port = server.add_secure_port(address, creds)
     else:
@@ -93,50 +64,36 @@ def _bind(server: grpc.Server | grpc.aio.Server, address: str, options: ServerOp
     return port
 
 
-def _start(address: str, options: ServerOptions, add: Callable[[grpc.Server], None], service_names: Sequence[str]) -> tuple[grpc.Server, int]:
-    fix_mmap_threshold()
-    interceptors = [BearerTokenInterceptor(options.auth_token)] if options.auth_token else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.max_workers), interceptors=interceptors, options=options.grpc_options())
-    add(server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in [*service_names, ""]:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = _bind(server, address, options)
-    server.start()
-    return server, port
-
-
-def _start_aio(address: str, options: ServerOptions, add: Callable[[grpc.aio.Server], None], service_names: Sequence[str],
-               name: str) -> AioServer:
-    """``_start`` for a ``grpc.aio`` server, built and run on its own event loop thread."""
+def _start(address: str, config: ServerConfig, add: Callable[[grpc.aio.Server], None], service_names: Sequence[str], name: str) -> AioServer:
+    """A ``grpc.aio`` server with ``add``'s services, health, reflection and the token check, built and run on
+    its own event loop thread."""
     fix_mmap_threshold()
 
     async def build() -> tuple[grpc.aio.Server, int]:
-        interceptors = [AsyncBearerTokenInterceptor(options.auth_token)] if options.auth_token else []
-        server = grpc.aio.server(interceptors=interceptors, options=options.grpc_options())
+        interceptors = [AsyncBearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+        server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
         add(server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for service in [*service_names, ""]:
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-        port = _bind(server, address, options)
+        port = _bind(server, address, config.tls)
         await server.start()
         return server, port
 
     return AioServer(build, name)
 
 
-def create_shard_server(host: ShardHost, address: str, options: ServerOptions = ServerOptions()) -> tuple[AioServer, int]:
-    """Shard ``host.shard_id``'s server (asyncio). The returned server's ``stop(grace)`` returns an event to
-    ``wait(timeout)`` on, as ``grpc.Server.stop`` does."""
+def create_shard_server(host: ShardHost, address: str, config: ServerConfig | None = None) -> tuple[AioServer, int]:
+    """Shard ``host.shard_id``'s server (``config``: the service's, default ``ServerConfig()``). The returned
+    server's ``stop(grace)`` returns an event to ``wait(timeout)`` on, as ``grpc.Server.stop`` does."""
+    config = ServerConfig() if config is None else config
     compute = futures.ThreadPoolExecutor(SHARD_COMPUTE_THREADS, thread_name_prefix=f"shard{host.shard_id}-compute")
-    servicer = ShardServicer(host, options.chunk_bytes, compute)
+    servicer = ShardServicer(host, config.chunk_bytes, compute)
     try:
-        server = _start_aio(address, options, lambda s: s.add_generic_rpc_handlers((shard_handler(servicer),)), [SHARD_SERVICE],
-                            f"shard{host.shard_id}-grpc")
+        server = _start(address, config, lambda s: s.add_generic_rpc_handlers((shard_handler(servicer),)), [SHARD_SERVICE],
+                        f"shard{host.shard_id}-grpc")
     except BaseException:
         compute.shutdown(wait=False)
         raise
@@ -145,15 +102,27 @@ def create_shard_server(host: ShardHost, address: str, options: ServerOptions = 
     return server, server.port
 
 
-def create_coordinator_server(host: CoordinatorHost, address: str, options: ServerOptions = ServerOptions()) -> tuple[grpc.Server, int]:
-    servicer = CoordinatorServicer(host, options.chunk_bytes)
-    return _start(address, options, lambda s: pb_grpc.add_CoordinatorServicer_to_server(servicer, s), [COORDINATOR_SERVICE])
+def create_coordinator_server(host: CoordinatorHost, address: str, config: ServerConfig | None = None) -> tuple[AioServer, int]:
+    """The front door. A JoinJob that waits for rank 0 holds no thread; ``config.grpc_threads`` threads do the
+    blocking work (creating jobs, state, status). ``stop(grace)`` as for a shard server."""
+    config = ServerConfig() if config is None else config
+    work = futures.ThreadPoolExecutor(config.grpc_threads, thread_name_prefix="coordinator-work")
+    servicer = CoordinatorServicer(host, config.chunk_bytes, work)
+    try:
+        server = _start(address, config, lambda s: pb_grpc.add_CoordinatorServicer_to_server(servicer, s), [COORDINATOR_SERVICE],
+                        "coordinator-grpc")
+    except BaseException:
+        work.shutdown(wait=False)
+        raise
+    server.on_stop(lambda: host.close_watches(server.loop))
+    server.on_stop(lambda: work.shutdown(wait=False))
+    return server, server.port
 
 
 class Service:
     """A running service: ``address`` is the coordinator's front door; ``shutdown()`` stops every server."""
 
-    def __init__(self, coordinator: CoordinatorHost, servers: list[AnyServer], address: str) -> None:
+    def __init__(self, coordinator: CoordinatorHost, servers: list[AioServer], address: str) -> None:
         self.coordinator = coordinator
         self._servers = servers
         self.address = address

@@ -24,9 +24,9 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from paramserver.core.config import TLSConfig
 from paramserver.core.errors import FutureStepError, JobNotFoundError, StaleStepError, UnauthenticatedError
 from paramserver.service.local import serve_local as serve
-from paramserver.service.server import TLSConfig
 from paramserver.wire import errors as wire_errors
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
 from paramserver.wire.proto.v1 import paramserver_pb2_grpc as pb_grpc
