@@ -69,6 +69,8 @@ class Shard:
         self._changed = threading.Condition(self._lock)
         # Called (no arguments) after every version change, the lock held: they must not block (see add_version_listener).
         self._version_listeners: tuple[Callable[[], None], ...] = ()
+        # Its own lock, not the shard's: adding a listener (an event loop's thread) never waits for an update.
+        self._listeners_lock = threading.Lock()
         sums = [torch.zeros(layout.numel, dtype=layout.dtype, device=self.device) for layout in self.layouts]
         self.accumulator = GradientAccumulator(sums, num_workers, deterministic)
 
@@ -231,10 +233,12 @@ class Shard:
         """Call ``callback()`` whenever the version changes or the weights are loaded, on whichever thread
         made the change, with the shard's lock held: it must only hand the news on (an asyncio server wakes
         its waiting pulls with ``loop.call_soon_threadsafe``), never block or call back into the shard."""
-        self._version_listeners = (*self._version_listeners, callback)
+        with self._listeners_lock:  # copy-on-write under a lock: two threads adding never lose one
+            self._version_listeners = (*self._version_listeners, callback)
 
     def remove_version_listener(self, callback: Callable[[], None]) -> None:
-        self._version_listeners = tuple(c for c in self._version_listeners if c != callback)
+        with self._listeners_lock:
+            self._version_listeners = tuple(c for c in self._version_listeners if c != callback)
 
     def _notify_version_listeners(self) -> None:
         for callback in self._version_listeners:

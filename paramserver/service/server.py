@@ -139,8 +139,3 @@ class Service:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
-
-
-def _check_num_shards(num_shards: int) -> None:
-    if not isinstance(num_shards, int) or isinstance(num_shards, bool) or num_shards < 1:
-        raise ValueError(f"num_shards must be an integer >= 1, got {num_shards!r}")
