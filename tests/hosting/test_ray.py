@@ -132,3 +132,52 @@ def test_training_job_through_a_running_service_on_the_cluster(ray_service):
     assert out["replicas_equal"]
     assert out["test_accuracy"] > 0.6
     assert len(out["history"]["loss"]) == out["steps"]
+
+
+def test_workers_that_join_before_rank_0_creates_the_job_start_from_its_weights(ray_service):
+    """Joins wait on the coordinator actor without a thread (for the job, then for the shard actors' initial
+    weights), and every worker then trains from rank 0's weights."""
+    import threading
+    import time
+
+    num_workers = 4
+    base = make_model(seed=5)
+    models = [copy.deepcopy(base) for _ in range(num_workers)]
+    for m in models[1:]:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.zero_()  # joiners' own weights are replaced by rank 0's
+    ref_model = copy.deepcopy(base)
+    ref = Reference(ref_model.named_parameters(), torch.optim.SGD, {"lr": 0.1})
+    opts: list = [None] * num_workers
+
+    def create(r: int) -> None:
+        opts[r] = RemoteOptimizer(models[r].named_parameters(), "SGD", lr=0.1, address=ray_service.address, job="early-joins",
+                                  num_workers=num_workers, rank=r, timeout=60.0, join_timeout=60.0)
+
+    joiners = [threading.Thread(target=create, args=(r,)) for r in range(1, num_workers)]
+    for t in joiners:
+        t.start()
+    time.sleep(1.0)  # the joins are waiting for a job that does not exist yet
+    try:
+        create(0)
+        for t in joiners:
+            t.join(timeout=60)
+        assert all(o is not None for o in opts), "a join did not complete"
+        for t in range(2):
+            grads = worker_grads(ref.params, t, num_workers)
+
+            def step(r: int) -> None:
+                for p, g in zip(models[r].parameters(), grads[r]):
+                    p.grad = g.clone()
+                opts[r].step()
+
+            run_threads(num_workers, step)
+            ref.step(grads)
+        for m in models:
+            for a, b in zip(m.parameters(), ref.params):
+                assert torch.equal(a, b.detach())
+    finally:
+        for o in opts:
+            if o is not None:
+                o.close()
