@@ -15,11 +15,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from paramserver.core.config import DEFAULT_CHUNK_BYTES  # the tree's default; re-exported for the wire's users
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
 
 assert sys.byteorder == "little", "the wire format is little-endian and so must this host be"
 
-DEFAULT_CHUNK_BYTES = 2 * 2**20
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

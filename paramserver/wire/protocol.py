@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from paramserver.core.config import DEFAULT_MAX_MESSAGE_BYTES
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
 
 SHARD_SERVICE = pb.DESCRIPTOR.services_by_name["Shard"].full_name
@@ -10,4 +11,4 @@ COORDINATOR_SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 # Trailing metadata of a stale or future step: the server's version.
 VERSION_METADATA_KEY = "ps-version"
 
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
+__all__ = ["COORDINATOR_SERVICE", "DEFAULT_MAX_MESSAGE_BYTES", "SHARD_SERVICE", "VERSION_METADATA_KEY"]
