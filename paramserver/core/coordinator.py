@@ -271,6 +271,29 @@ class Coordinator:
             if weights is not None and shard_states is not None:
                 self.failed = None  # every shard holds the same, complete state again
 
+    def restore(self, state_dict: Mapping[str, Any], step: int) -> None:
+        """Start this job, new and untrained, from a checkpoint: ``state_dict`` ("model", "optimizer",
+        "scheduler" in torch's formats) cut for this job's plan (any shard count), at step and version
+        ``step``. The weights go in last: they mark the shards initialized, which lets workers join."""
+        with self._lock:
+            params = self.plan.params
+            tensors = check_model_state(params, state_dict["model"])
+            sd = state_dict["optimizer"]
+            check_optimizer_state(params, len(self.job.params.group_options), sd)
+            saved_ids = [i for group in sd["param_groups"] for i in group["params"]]
+            by_index = {pos: sd["state"].get(saved_id, {}) for pos, saved_id in enumerate(saved_ids)}
+            self._check_state_shapes(by_index)
+            self.schedule.load_state_dict(state_dict["scheduler"])
+            self.schedule.optimizer.load_state_dict({"state": {}, "param_groups": sd["param_groups"]})
+            self.shards.restore_version(step)
+            self.shards.load_optimizer_states(
+                [[cut_param_state(params[s.param], s, self.plan.is_whole(s), by_index[s.param]) for s in slices] for slices in self.plan.shards],
+                self.schedule.hyperparameters(),
+            )
+            self.step = self.version = step
+            self.failed = None
+            self.shards.load_weights([pack(self.plan, j, tensors) for j in range(self.plan.num_shards)])
+
     def _check_state_shapes(self, by_index: Mapping[int, Mapping[str, Any]]) -> None:
         elementwise = is_elementwise(self.job.optimizer_cls)
         for p in self.plan.params:

@@ -7,6 +7,7 @@ weight buffers and their ``.grad`` are views into the gradient sums, so the upda
 
 from __future__ import annotations
 
+import copy
 import functools
 import threading
 from collections.abc import Callable, Collection, Sequence
@@ -301,6 +302,27 @@ class Shard:
         return [self.optimizer.state.get(t, {}) for t in self.tensors]
 
     @_locked
+    def snapshot(self) -> dict[str, Any]:
+        """Copies, on the CPU, of the weights and of every slice's optimizer state: this shard's piece of a
+        checkpoint. The copy is all a step waits for; writing it happens elsewhere."""
+        return {
+            "version": self.version,
+            "weights": [w.detach().to("cpu", copy=True) for w in self.weights],
+            "state": [{k: _cpu_copy(v) for k, v in st.items()} for st in self.optimizer_state()],
+        }
+
+    @_locked
+    def restore_version(self, version: int) -> None:
+        """Start at ``version`` (a job restored from a checkpoint); no push may be in yet."""
+        if self.accumulator.received:
+            raise ValueError(f"shard {self.shard_id}: cannot restore a version while a step has pushes in")
+        with self._changed:
+            self.version = version
+            self._closed_received = frozenset()
+            self._changed.notify_all()
+            self._notify_version_listeners()
+
+    @_locked
     def load_optimizer_state(self, slice_states: Sequence[dict[str, Any]], param_groups: list[dict[str, Any]]) -> None:
         """Load per-slice optimizer state and group hyperparameters through torch's own loader (which casts
         state to each parameter's device and dtype as torch does)."""
@@ -312,3 +334,7 @@ class Shard:
                                  "params": [index[id(t)] for t in group["params"]]})
         state = {i: st for i, st in enumerate(slice_states) if st}
         self.optimizer.load_state_dict({"state": state, "param_groups": local_groups})
+
+
+def _cpu_copy(value: Any) -> Any:
+    return value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else copy.deepcopy(value)

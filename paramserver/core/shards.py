@@ -53,6 +53,14 @@ class ShardControl(Protocol):
 
     def load_optimizer_state(self, slice_states: Sequence[dict[str, Any]], param_groups: list[dict[str, Any]]) -> None: ...
 
+    def snapshot(self) -> dict[str, Any]:
+        """Copies of ``version``, ``weights`` (flat buffers) and ``state`` (per slice): a checkpoint's piece."""
+        ...
+
+    def restore_version(self, version: int) -> None:
+        """Start at ``version`` (a job restored from a checkpoint)."""
+        ...
+
     def status(self) -> dict[str, Any]:
         """``version``, ``pushed`` (workers), ``initialized``, ``placement``."""
         ...
@@ -121,6 +129,12 @@ class ShardGroup:
     def load_optimizer_states(self, states: Sequence[Sequence[dict[str, Any]]], param_groups: list[dict[str, Any]]) -> None:
         self._per_shard(states, "optimizer states")
         self._each(lambda j, s: s.load_optimizer_state(states[j], param_groups))
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        return self._each(lambda _, s: s.snapshot())
+
+    def restore_version(self, version: int) -> None:
+        self._each(lambda _, s: s.restore_version(version))
 
     def statuses(self) -> list[dict[str, Any]]:
         return self._each(lambda _, s: s.status())

@@ -112,6 +112,12 @@ class ShardProcess:
     def load_optimizer_state(self, name: str, slice_states: Sequence[dict[str, Any]], param_groups: list[dict[str, Any]]) -> None:
         self._shard(name).load_optimizer_state(slice_states, param_groups)
 
+    def snapshot(self, name: str) -> dict[str, Any]:
+        return self._shard(name).snapshot()  # copies: Ray serializes them to the coordinator
+
+    def restore_version(self, name: str, version: int) -> None:
+        self._shard(name).restore_version(version)
+
     def status(self, name: str) -> dict[str, Any]:
         return self._shard(name).status()
 
@@ -188,6 +194,12 @@ class ActorShard:
 
     def load_optimizer_state(self, slice_states: Sequence[dict[str, Any]], param_groups: list[dict[str, Any]]) -> None:
         return self._done(self.actor.load_optimizer_state.remote(self.name, slice_states, param_groups))
+
+    def snapshot(self) -> dict[str, Any]:
+        return self._done(self.actor.snapshot.remote(self.name))
+
+    def restore_version(self, version: int) -> None:
+        return self._done(self.actor.restore_version.remote(self.name, version))
 
     def status(self) -> dict[str, Any]:
         return self._done(self.actor.status.remote(self.name))

@@ -28,8 +28,8 @@ def _engine(num_workers: int = 2, num_shards: int = 2, **config: Any) -> tuple[t
 
 def test_the_protocol_lists_the_coordinators_calls():
     assert PROTOCOL_CALLS == [
-        "apply", "load_optimizer_state", "load_weights", "optimizer_state", "ready", "reduce", "skip", "status",
-        "wait_for_version", "weight_copies",
+        "apply", "load_optimizer_state", "load_weights", "optimizer_state", "ready", "reduce", "restore_version", "skip",
+        "snapshot", "status", "wait_for_version", "weight_copies",
     ]
 
 

@@ -1,0 +1,156 @@
+"""The on-disk format: ``ROOT/JOB/step-000000123/`` holds ``coordinator.pt``, one ``shard-00000.pt`` per shard
+(each a ``torch.save`` file) and ``manifest.json``, written last (temp file, fsync, atomic rename, fsync of the
+directories), with the sha256 and size of every other file. A checkpoint is valid iff its manifest exists and
+every file matches it; anything else is a write that did not finish, ignored by readers and removed by the
+next write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io as _bytes_io
+import json
+import os
+import urllib.parse
+from typing import Any
+
+import torch
+
+from paramserver.checkpoint import io as fio
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+COORDINATOR = "coordinator.pt"
+PREFIX = "step-"
+
+
+def shard_file(shard: int) -> str:
+    return f"shard-{shard:05d}.pt"
+
+
+def job_dir(root: str, job: str) -> str:
+    # a job name is any string on the wire: quoted, it is one safe directory name
+    return os.path.join(root, urllib.parse.quote(job, safe=""))
+
+
+def step_dir(root: str, job: str, step: int) -> str:
+    return os.path.join(job_dir(root, job), f"{PREFIX}{step:09d}")
+
+
+def _step_of(name: str) -> int | None:
+    if not name.startswith(PREFIX) or not name[len(PREFIX) :].isdigit():
+        return None
+    return int(name[len(PREFIX) :])
+
+
+def _serialize(obj: Any) -> bytes:
+    buf = _bytes_io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _read_manifest(path: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(path, MANIFEST), "rb") as f:
+            manifest = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+
+
+def steps(root: str, job: str) -> list[int]:
+    """The steps of ``job`` whose checkpoint has a manifest (not yet checked against it), oldest first."""
+    try:
+        names = os.listdir(job_dir(root, job))
+    except FileNotFoundError:
+        return []
+    found = [s for s in map(_step_of, names) if s is not None]
+    return sorted(s for s in found if os.path.exists(os.path.join(step_dir(root, job, s), MANIFEST)))
+
+
+def jobs(root: str) -> list[str]:
+    """The jobs that have at least one checkpoint with a manifest under ``root``."""
+    try:
+        names = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        job = urllib.parse.unquote(name)
+        if os.path.isdir(os.path.join(root, name)) and steps(root, job):
+            out.append(job)
+    return out
+
+
+def read(root: str, job: str, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The coordinator's part and every shard's part of a checkpoint; ``ValueError`` if it is not valid."""
+    path = step_dir(root, job, step)
+    manifest = _read_manifest(path)
+    if manifest is None:
+        raise ValueError(f"checkpoint {path} has no manifest: its write did not finish")
+    loaded: dict[str, Any] = {}
+    for name, meta in manifest["files"].items():
+        try:
+            with open(os.path.join(path, name), "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise ValueError(f"checkpoint {path}: {name} cannot be read ({exc})") from exc
+        if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise ValueError(f"checkpoint {path}: {name} does not match its checksum")
+        # weights_only: a checkpoint is data, never code
+        loaded[name] = torch.load(_bytes_io.BytesIO(data), map_location="cpu", weights_only=True)
+    num_shards = manifest["num_shards"]
+    return loaded[COORDINATOR], [loaded[shard_file(j)] for j in range(num_shards)]
+
+
+def read_latest(root: str, job: str, step: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Checkpoint ``step``, or the newest valid one (an invalid newer one is skipped)."""
+    if step is not None:
+        return read(root, job, step)
+    errors = []
+    for s in reversed(steps(root, job)):
+        try:
+            return read(root, job, s)
+        except ValueError as exc:
+            errors.append(str(exc))
+    raise FileNotFoundError(f"no valid checkpoint of job {job!r} under {root}" + (f" ({'; '.join(errors)})" if errors else ""))
+
+
+def write(root: str, job: str, step: int, coordinator: dict[str, Any], shards: list[dict[str, Any]], keep: int) -> str:
+    """Write one checkpoint (manifest last), then keep only the newest ``keep``; returns its directory."""
+    jd, path = job_dir(root, job), step_dir(root, job, step)
+    _remove_unfinished(jd)
+    if _read_manifest(path) is not None:
+        return path  # already written (a periodic and an on-demand checkpoint of the same step)
+    fio.makedirs(path)
+    files = {}
+    for name, obj in [(COORDINATOR, coordinator), *((shard_file(j), s) for j, s in enumerate(shards))]:
+        data = _serialize(obj)
+        fio.write(os.path.join(path, name), data)
+        files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    manifest = {"format": FORMAT, "job": job, "step": step, "num_shards": len(shards), "files": files}
+    tmp = os.path.join(path, MANIFEST + ".tmp")
+    fio.write(tmp, json.dumps(manifest, indent=1).encode())
+    fio.rename(tmp, os.path.join(path, MANIFEST))  # from here on the checkpoint is valid
+    fio.fsync_dir(path)
+    fio.fsync_dir(jd)
+    _prune(root, job, keep)
+    return path
+
+
+def _remove_unfinished(jd: str) -> None:
+    """Remove what a write that failed left (a step directory without a manifest). One writer per job runs
+    at a time, so nothing here is being written."""
+    try:
+        names = os.listdir(jd)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if _step_of(name) is not None and _read_manifest(os.path.join(jd, name)) is None:
+            fio.remove_tree(os.path.join(jd, name))
+
+
+def _prune(root: str, job: str, keep: int) -> None:
+    # only after the new one is valid: the newest ``keep`` stay
+    for s in steps(root, job)[:-keep] if keep > 0 else []:
+        fio.remove_tree(step_dir(root, job, s))

@@ -1,0 +1,106 @@
+"""The on-disk format: a crash at any file operation of a write leaves the previous checkpoint valid; old
+checkpoints are kept up to ``keep``."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import paramserver as ps
+from paramserver.checkpoint import Checkpointer, io, load_torch_state, steps, store
+from tests.helpers.reference import assert_state_equal, make_model, push_step, worker_grads
+
+
+def _engine() -> ps.StepEngine:
+    return ps.StepEngine(make_model().parameters(), "Adam", lr=1e-2, config=ps.JobConfig(num_workers=2), num_shards=2)
+
+
+def _train(engine: ps.StepEngine, steps_: int) -> None:
+    params = [torch.empty(p.shape, dtype=p.dtype) for p in engine.plan.params]
+    for _ in range(steps_):
+        push_step(engine, engine.step, worker_grads(params, engine.step, 2))
+
+
+class Crash(Exception):
+    pass
+
+
+def _count_ops(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(io, "before", lambda op, path: seen.append((op, os.path.basename(path))))
+    return seen
+
+
+def test_a_crash_at_any_file_operation_leaves_the_previous_checkpoint_valid(tmp_path, monkeypatch):
+    engine = _engine()
+    ckpt = Checkpointer(str(tmp_path), keep=1)
+    _train(engine, 2)
+    assert ckpt.save(engine, "j").result(30) == 2
+    before = load_torch_state(str(tmp_path), "j")
+    _train(engine, 1)
+    ops = _count_ops(monkeypatch)
+    part, shards = ps.checkpoint.take(engine)
+    store.write(str(tmp_path), "j-count", 3, part, shards, keep=1)  # how many operations a write makes
+    write_ops = [op for op in ops if op[0] != "remove"]
+    assert [op for op, _ in write_ops].count("rename") == 1 and len(write_ops) >= 10
+    rename_at = [op for op, _ in write_ops].index("rename")
+    for k in range(len(write_ops)):
+        calls = 0
+
+        def fail_kth(op: str, path: str, k: int = k) -> None:
+            nonlocal calls
+            if op != "remove":
+                calls += 1
+                if calls == k + 1:
+                    raise Crash(f"{op} {path}")
+
+        monkeypatch.setattr(io, "before", fail_kth)
+        with pytest.raises(Crash):
+            store.write(str(tmp_path), "j", 3, part, shards, keep=1)
+        monkeypatch.setattr(io, "before", None)
+        # the old checkpoint is there and loads as it was; the broken one counts only once its manifest is in
+        assert_state_equal(load_torch_state(str(tmp_path), "j", step=2), before)
+        latest = store.read_latest(str(tmp_path), "j")[0]["step"]
+        assert latest == (3 if k > rename_at else 2), f"crash at {write_ops[k]}"
+        if k <= rename_at:
+            assert steps(str(tmp_path), "j") == [2]
+        # the next write cleans up and succeeds
+        store.write(str(tmp_path), "j", 3, part, shards, keep=2)
+        assert steps(str(tmp_path), "j") == [2, 3]
+        assert load_torch_state(str(tmp_path), "j")["scheduler"] is None
+        for name in os.listdir(store.job_dir(str(tmp_path), "j")):
+            if name != store.step_dir(str(tmp_path), "j", 2).rsplit(os.sep, 1)[1]:
+                io.remove_tree(os.path.join(store.job_dir(str(tmp_path), "j"), name))
+    ckpt.close()
+
+
+def test_a_corrupted_file_makes_a_checkpoint_invalid_and_the_older_one_is_used(tmp_path):
+    engine = _engine()
+    ckpt = Checkpointer(str(tmp_path), keep=3)
+    _train(engine, 1)
+    ckpt.save(engine, "j").result(30)
+    _train(engine, 1)
+    ckpt.save(engine, "j").result(30)
+    path = os.path.join(store.step_dir(str(tmp_path), "j", 2), store.shard_file(1))
+    with open(path, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xfe")
+    assert store.read_latest(str(tmp_path), "j")[0]["step"] == 1
+    with pytest.raises(ValueError, match="checksum"):
+        load_torch_state(str(tmp_path), "j", step=2)
+    ckpt.close()
+
+
+def test_keeps_the_newest_checkpoints(tmp_path):
+    engine = _engine()
+    ckpt = Checkpointer(str(tmp_path), keep=2)
+    for _ in range(4):
+        _train(engine, 1)
+        ckpt.save(engine, "a/b")  # any job name is one directory
+    ckpt.close()
+    assert steps(str(tmp_path), "a/b") == [3, 4]
+    assert ps.checkpoint.jobs(str(tmp_path)) == ["a/b"]
+    with pytest.raises(FileNotFoundError):
+        load_torch_state(str(tmp_path), "nope")
