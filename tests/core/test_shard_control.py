@@ -88,6 +88,13 @@ class FakeShard:
     def load_optimizer_state(self, slice_states: Sequence[dict[str, Any]], param_groups: list[dict[str, Any]]) -> None:
         self.calls.append(("load_optimizer_state", list(slice_states), param_groups))
 
+    def snapshot(self) -> dict[str, Any]:
+        self.calls.append(("snapshot",))
+        return {"version": 0, "weights": [], "state": []}
+
+    def restore_version(self, version: int) -> None:
+        self.calls.append(("restore_version", version))
+
     def status(self) -> dict[str, Any]:
         return {"version": 0, "pushed": [], "initialized": True, "placement": f"fake {self.j}"}
 
