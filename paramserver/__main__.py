@@ -4,6 +4,8 @@
     paramserver serve --local --num-shards 2            # the same service in this process, without Ray
     paramserver status --address HOST:PORT --job NAME [--tls-ca CA.pem] [--auth-token-env VAR]
     paramserver stop --address HOST:PORT [--tls-ca CA.pem] [--auth-token-env VAR]
+    paramserver checkpoint --address HOST:PORT --job NAME [--tls-ca CA.pem] [--auth-token-env VAR]
+    paramserver export --checkpoint-dir DIR --job NAME [--step N] --out FILE.pt
 
 ``serve``'s flags are made from the fields of ``ServerConfig`` and ``RayConfig`` (``--grpc-threads``,
 ``--chunk-bytes``, ``--cpus-per-shard``, ...), with their defaults and help texts; the few that cannot be a
@@ -151,6 +153,34 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint(args: argparse.Namespace) -> int:
+    client = _client(args)
+    try:
+        step = client.checkpoint()
+    except Exception as exc:  # noqa: BLE001 - any error is reported in one line, with its class
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    print(f"job {args.job}: checkpoint of step {step} written")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from paramserver.checkpoint import load_torch_state
+
+    try:
+        state = load_torch_state(args.checkpoint_dir, args.job, args.step)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    torch.save(state, args.out)
+    print(f"job {args.job}: wrote {args.out} (model, optimizer, scheduler)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paramserver", description="A distributed optimizer service with sharded state.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -162,7 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-cert", help="the servers' certificate chain (PEM)")
     s.add_argument("--tls-key", help="the servers' private key (PEM)")
     s.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mTLS)")
-    for name, helptext in (("status", "a job's step, members, shards and what a pending step waits for"), ("stop", "stop a running service")):
+    for name, helptext in (
+        ("status", "a job's step, members, shards and what a pending step waits for"),
+        ("stop", "stop a running service"),
+        ("checkpoint", "write a checkpoint of a job now (the service needs --checkpoint-dir)"),
+    ):
         c = commands.add_parser(name, help=helptext)
         c.add_argument("--address", required=True)
         c.add_argument("--auth-token-env", help="name of an environment variable holding the bearer token")
@@ -170,8 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--tls-client-cert", help="this client's certificate (PEM), for a server that demands mTLS")
         c.add_argument("--tls-client-key", help="this client's private key (PEM)")
         c.add_argument("--timeout", type=float, default=10.0, help="deadline of the call in seconds")
-        if name == "status":
+        if name in ("status", "checkpoint"):
             c.add_argument("--job", default="default")
+    e = commands.add_parser("export", help="a job's checkpoint as one torch.save file of {model, optimizer, scheduler}")
+    e.add_argument("--checkpoint-dir", required=True)
+    e.add_argument("--job", default="default")
+    e.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the newest valid one)")
+    e.add_argument("--out", required=True)
     return parser
 
 
@@ -180,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "tls_client_cert", None) and not getattr(args, "tls_ca", None):
         raise SystemExit("--tls-client-cert needs --tls-ca")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return {"serve": _serve, "status": _status, "stop": _stop}[args.command](args)
+    commands = {"serve": _serve, "status": _status, "stop": _stop, "checkpoint": _checkpoint, "export": _export}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,11 @@ class ServiceClient:
         """Ask the process running the service to stop it (``paramserver stop``)."""
         self._call(self.coordinator.Stop, pb.StopRequest())
 
+    def checkpoint(self, timeout: float | None = None) -> int:
+        """Write a checkpoint of the job now (the service needs a ``checkpoint_dir``); returns its step once it
+        is valid on disk."""
+        return self._call(self.coordinator.Checkpoint, pb.CheckpointRequest(job=self.job), timeout).step
+
     def leave(self, worker: int) -> None:
         self._call(self.coordinator.LeaveJob, pb.LeaveJobRequest(job=self.job, worker=worker))
 

@@ -222,6 +222,13 @@ class ServerConfig:
     """Threads for the front door's blocking work (creating jobs, state); waits hold none."""
     metrics_port: int | None = None
     """Expose Prometheus metrics over HTTP on this port (shard actors use any free port); None: do not."""
+    checkpoint_dir: str | None = None
+    """Directory of the jobs' checkpoints; at start every job found there is restored at its newest valid
+    checkpoint. None: no checkpoints."""
+    checkpoint_every: int = 0
+    """Checkpoint every job every this many steps (needs checkpoint_dir); 0: only on demand."""
+    checkpoint_keep: int = 3
+    """Checkpoints kept per job; older ones are removed once a newer one is valid."""
 
     def __post_init__(self) -> None:
         if not _is_int(self.num_shards) or self.num_shards < 1:
@@ -233,6 +240,12 @@ class ServerConfig:
             raise ValueError(f"grpc_threads must be an integer >= 1, got {self.grpc_threads!r}")
         if not _is_int(self.chunk_bytes) or self.chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be a positive integer, got {self.chunk_bytes!r}")
+        if not _is_int(self.checkpoint_every) or self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
+        if not _is_int(self.checkpoint_keep) or self.checkpoint_keep < 1:
+            raise ValueError(f"checkpoint_keep must be an integer >= 1, got {self.checkpoint_keep!r}")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ValueError("checkpoint_every needs checkpoint_dir")
         if self.chunk_bytes + 4096 > self.max_message_bytes:
             raise ValueError(f"chunk_bytes {self.chunk_bytes} must fit in max_message_bytes {self.max_message_bytes}")
 

@@ -19,6 +19,7 @@ from paramserver.core.coordinator import Coordinator
 from paramserver.core.job import JobSpec
 from paramserver.core.shard import Shard
 from paramserver.core.shards import ShardControl, ShardGroup
+from paramserver.service.checkpoints import ServiceCheckpoints
 from paramserver.service.coordinator_host import CoordinatorHost
 from paramserver.service.metrics import start_metrics_server
 from paramserver.service.server import create_coordinator_server, create_shard_server
@@ -299,6 +300,8 @@ class CoordinatorProcess:
         bind_host = config.host
         addresses = ray.get([a.address.remote() for a in shard_actors], timeout=CONTROL_TIMEOUT_S)
         self.host = CoordinatorHost(RayFleet(shard_actors), addresses, config.trusted_modules)
+        if config.checkpoint_dir:
+            ServiceCheckpoints(self.host, config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep).restore_all()
         self.server, bound = create_coordinator_server(self.host, f"{bind_host}:{config.port}", config)
         self._address = f"{_advertised(bind_host)}:{bound}"
         if config.metrics_port is not None:
@@ -315,6 +318,8 @@ class CoordinatorProcess:
 
     def stop(self) -> None:
         self.server.stop(1.0).wait(5.0)
+        if self.host.checkpoints is not None:
+            self.host.checkpoints.close()
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

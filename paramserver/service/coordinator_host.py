@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from paramserver.service.shard_host import MAX_WAIT_S, ShardHost
 from paramserver.wire.jobconfig import build_job
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
 
+log = logging.getLogger("paramserver")
 
 class LocalFleet:
     """Shard hosts in this process: a job's shards are plain objects the coordinator calls directly."""
@@ -123,6 +125,7 @@ class Job:
     config: pb.JobConfig
     coordinator: Coordinator
     members: set[int]
+    restored: bool = False  # started from a checkpoint: rank 0's initial weights do not replace its state
 
     @property
     def ready(self) -> bool:
@@ -153,6 +156,9 @@ class CoordinatorHost:
         self._watches: dict[asyncio.AbstractEventLoop, _JobWatch] = {}
         self._waiting_joins: dict[str, int] = {}
         self._waiting_lock = threading.Lock()  # of the two above and the listeners; held for moments only
+        # Called with (job name, result) after every closed step, the job's coordinator lock held (checkpoints).
+        self.step_hook: Callable[[str, StepResult], None] | None = None
+        self.checkpoints: Any = None  # a paramserver.service.checkpoints.ServiceCheckpoints when checkpointing
 
     def job(self, name: str) -> Job:
         try:
@@ -168,18 +174,40 @@ class CoordinatorHost:
             if name in self._jobs:
                 existing = self._jobs[name]
                 if existing.config != config:
-                    raise JobExistsError(f"job {name!r} exists already with another configuration")
+                    what = "restored from a checkpoint" if existing.restored else "exists already"
+                    raise JobExistsError(f"job {name!r} {what} with another configuration")
+                if existing.restored and 0 not in existing.members:
+                    log.info("job %s was restored at step %d: rank 0's initial weights do not replace its state", name, existing.coordinator.step)
+                    self.add_member(existing, 0)
                 return existing
-            spec: JobSpec = build_job(config, len(self.fleet), self.trusted_modules)
-            group = self.fleet.create_job(name, config, spec)
-            coordinator = Coordinator(spec, group)
-            coordinator.on_step = functools.partial(metrics.record_step, name)
-            self.fleet.connect(name, group, coordinator)
-            job = self._jobs[name] = Job(name, config, coordinator, {0})
-            self._changed.notify_all()
-            for listener in self._job_listeners:
-                listener()
+            return self._add_job(name, config, {0})
+
+    def add_restored_job(self, name: str, config: pb.JobConfig) -> Job:
+        """A job about to be restored from a checkpoint (``Coordinator.restore``): no member yet; joins wait
+        until its shards hold the restored weights."""
+        with self._changed:
+            if name in self._jobs:
+                raise JobExistsError(f"job {name!r} exists already")
+            job = self._add_job(name, config, set())
+            job.restored = True
             return job
+
+    def _add_job(self, name: str, config: pb.JobConfig, members: set[int]) -> Job:
+        spec: JobSpec = build_job(config, len(self.fleet), self.trusted_modules)
+        group = self.fleet.create_job(name, config, spec)
+        coordinator = Coordinator(spec, group)
+        coordinator.on_step = functools.partial(self._stepped, name)
+        self.fleet.connect(name, group, coordinator)
+        job = self._jobs[name] = Job(name, config, coordinator, members)
+        self._changed.notify_all()
+        for listener in self._job_listeners:
+            listener()
+        return job
+
+    def _stepped(self, name: str, result: StepResult) -> None:
+        metrics.record_step(name, result)
+        if self.step_hook is not None:
+            self.step_hook(name, result)
 
     def add_job_listener(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` after every job creation, on the creating thread with the host's lock held: it

@@ -162,6 +162,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.host.job(job).coordinator.load_state_dict(state)
 
     @translate_errors
+    async def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.aio.ServicerContext) -> pb.CheckpointReply:
+        step = await self._run(self._checkpoint, request.job, context.time_remaining())
+        return pb.CheckpointReply(job=request.job, step=step)
+
+    def _checkpoint(self, job: str, remaining: float | None) -> int:
+        if self.host.checkpoints is None:
+            raise ValueError("this service has no checkpoint_dir: start it with one to take checkpoints")
+        # the copy happens now, under the job's lock; the reply waits until the write made it valid
+        return self.host.checkpoints.save(job).result(MAX_WAIT_S if remaining is None else min(remaining, MAX_WAIT_S))
+
+    @translate_errors
     async def Stop(self, request: pb.StopRequest, context: grpc.aio.ServicerContext) -> pb.StopReply:
         log.info("stop requested")
         await self._run(self.host.stop_requested.set)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from paramserver.core.config import ServerConfig, split_options
+from paramserver.service.checkpoints import ServiceCheckpoints
 from paramserver.service.coordinator_host import CoordinatorHost, LocalFleet
 from paramserver.service.server import Service, create_coordinator_server, create_shard_server
 from paramserver.service.shard_host import ShardHost
@@ -33,6 +34,8 @@ def serve_local(num_shards: int = 1, *, config: ServerConfig | None = None, **op
             servers.append(server)
             addresses.append(f"{host}:{shard_port}")
         coordinator = CoordinatorHost(LocalFleet(shard_hosts), addresses, config.trusted_modules)
+        if config.checkpoint_dir:
+            ServiceCheckpoints(coordinator, config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep).restore_all()
         server, front_port = create_coordinator_server(coordinator, f"{host}:{port}", config)
         servers.append(server)
     except BaseException:

@@ -133,6 +133,8 @@ class Service:
     def shutdown(self, grace: float = 1.0) -> None:
         for server in self._servers:
             server.stop(grace).wait(timeout=grace + 5)
+        if self.coordinator.checkpoints is not None:
+            self.coordinator.checkpoints.close()  # the writes already begun finish
 
     def __enter__(self) -> Service:
         return self

@@ -74,6 +74,11 @@ class CoordinatorStub:
                 request_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.StopRequest.SerializeToString,
                 response_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.StopReply.FromString,
                 _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/paramserver.v1.Coordinator/Checkpoint',
+                request_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.CheckpointReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -132,6 +137,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Checkpoint(self, request, context):
+        """Write a checkpoint of the job now (the service needs a checkpoint_dir); returns once it is valid.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -174,6 +186,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Stop,
                     request_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.StopRequest.FromString,
                     response_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.StopReply.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.CheckpointRequest.FromString,
+                    response_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.CheckpointReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -392,6 +409,33 @@ class Coordinator:
             '/paramserver.v1.Coordinator/Stop',
             paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.StopRequest.SerializeToString,
             paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.StopReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.Coordinator/Checkpoint',
+            paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.CheckpointRequest.SerializeToString,
+            paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.CheckpointReply.FromString,
             options,
             channel_credentials,
             insecure,
