@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import peers, service
+from benchmarks import checkpoint, peers, service
 from benchmarks.common import make_mlp, param_count
 
 
@@ -93,6 +93,10 @@ def run(quick: bool) -> list[Row]:
         Row("e2e_steps_per_s", e2e["steps_per_s"], "steps/s", "ddp_gloo_steps_per_s", ddp),
         Row("e2e_steps_per_s", e2e["steps_per_s"], "steps/s", "local_steps_per_s", local),
     ]
+
+    timed("checkpoint stall")
+    stall_ms = checkpoint.checkpoint_stall_ms(3 if quick else 10)
+    rows.append(Row("checkpoint_stall_ms", stall_ms, "ms", "e2e_step_ms", 1000 / e2e["steps_per_s"]))
 
     num_params = param_count(make_mlp())
     shard_state_mb = num_params * 4 * 3 / 2 / mib  # fp32 weights + Adam's two moments, over 2 shards

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import peers, service
+from benchmarks import checkpoint, peers, service
 from benchmarks.__main__ import Row
 
 
@@ -22,3 +22,7 @@ def test_rows_carry_their_ratio_and_serialize():
     assert row.ratio == 0.5
     assert Row("raw_socket_GBps", 3.0, "GB/s").ratio is None
     json.dumps({"name": row.name, "value": row.value, "ratio": row.ratio})
+
+
+def test_checkpoint_stall_measurement_runs():
+    assert checkpoint.checkpoint_stall_ms(1) > 0
