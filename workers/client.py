@@ -10,7 +10,7 @@ a wrong token as ``UnauthenticatedError`` (a ``PermissionError``), a deadline as
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -92,6 +92,10 @@ class ServiceClient:
         self.info: pb.JobInfo | None = None
         self.plan: ShardingPlan | None = None
         self._pool: ThreadPoolExecutor | None = None
+        # The weights generation each shard reported in the last pull (a load starts a new one on every
+        # shard), and the newest of them; None until a pull reported one.
+        self.generations: list[int | None] = []
+        self.generation: int | None = None
 
     def _channel(self, address: str) -> grpc.Channel:
         if self._root_certificates is not None or self._client_certificate is not None:
@@ -157,23 +161,40 @@ class ServiceClient:
         """Rank 0's initial weights, one list of flat buffers per shard."""
         self._on_shards(lambda j: self._call(self.shards[j].PushParameters, self._stream(weights[j], 0, 0, j)))
 
-    def push(self, worker: int, step: int, grads: Sequence[Sequence[torch.Tensor]], missing: Sequence[int] = ()) -> list[pb.PushReply]:
+    def push(
+        self, worker: int, step: int, grads: Sequence[Sequence[torch.Tensor]], missing: Sequence[int] = (), generation: int | None = None
+    ) -> list[pb.PushReply]:
         """``worker``'s gradients for ``step``, one list of flat buffers per shard, to all shards in parallel."""
-        return [f.result() for f in [self.push_shard(worker, step, j, grads[j], missing) for j in range(len(self.shards))]]
+        futures = [self.push_shard(worker, step, j, grads[j], missing, generation) for j in range(len(self.shards))]
+        return [f.result() for f in futures]
 
-    def push_shard(self, worker: int, step: int, shard: int, grads: Sequence[torch.Tensor], missing: Sequence[int] = ()) -> Future:
+    def push_shard(
+        self, worker: int, step: int, shard: int, grads: Sequence[torch.Tensor], missing: Sequence[int] = (), generation: int | None = None
+    ) -> Future:
         """Start pushing one shard's gradients; the future holds its reply (or the error). ``missing``: the
-        parameters this worker has no gradient for (their places hold zeros)."""
+        parameters this worker has no gradient for (their places hold zeros). ``generation``: the weights
+        generation the gradients were computed on (from the pull that brought those weights); a shard in
+        another generation (a state was loaded since) refuses the push with ``StateReloadedError``."""
         assert self._pool is not None
-        stream = codec.encode(grads, self.chunk_bytes, job=self.job, worker=worker, step=step, shard=shard, missing_params=list(missing))
+        extra = {} if generation is None else {"generation": generation}
+        stream = codec.encode(grads, self.chunk_bytes, job=self.job, worker=worker, step=step, shard=shard, missing_params=list(missing), **extra)
         return self._pool.submit(self._call, self.shards[shard].PushGradients, stream)
 
     def pull(
-        self, worker: int, min_version: int, timeout: float | None = None, destinations: Sequence[Sequence[torch.Tensor]] | None = None
+        self,
+        worker: int,
+        min_version: int,
+        timeout: float | None = None,
+        destinations: Sequence[Sequence[torch.Tensor]] | None = None,
+        generation: int | None = None,
     ) -> list[tuple[int, list[torch.Tensor]]]:
         """Every shard's weights once it reaches ``min_version``: (version, flat buffers) per shard, written
-        into ``destinations`` (one list of flat buffers per shard) when given."""
+        into ``destinations`` (one list of flat buffers per shard) when given. ``generation``: the weights
+        generation this worker holds; a shard where a load started another one answers at once, with the
+        loaded weights and version. The generation each shard reported is in ``self.generations``."""
         assert self.plan is not None
+        request = {} if generation is None else {"generation": generation}
+        generations: list[int | None] = [None] * len(self.shards)
 
         def one(j: int) -> tuple[int, list[torch.Tensor]]:
             layouts = self.plan.buffers(j)
@@ -183,17 +204,23 @@ class ServiceClient:
             version = min_version
             try:
                 for chunk in self.shards[j].PullParameters(
-                    pb.PullRequest(job=self.job, shard=j, min_version=min_version, worker=worker),
+                    pb.PullRequest(job=self.job, shard=j, min_version=min_version, worker=worker, **request),
                     timeout=timeout or self.timeout,
                     metadata=self._metadata,
                 ):
                     assembler.add(chunk)
                     version = chunk.header.step
+                    if chunk.header.HasField("generation"):
+                        generations[j] = chunk.header.generation
             except grpc.RpcError as exc:
                 raise error_from_rpc(exc) from None
             return version, assembler.result()
 
-        return self._on_shards(one)
+        replies = self._on_shards(one)
+        self.generations = generations
+        known = [g for g in generations if g is not None]
+        self.generation = max(known) if known else None
+        return replies
 
     # -- state -----------------------------------------------------------------------------------------------
 
@@ -205,13 +232,27 @@ class ServiceClient:
             raise error_from_rpc(exc) from None
         return json_values.from_wire(json.loads(skeleton), tensors)
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def load_state(self, state: dict[str, Any], step: int | None = None) -> None:
+        """Load ``state`` into the job; it goes on from ``step`` (None: the step the state says, else where
+        the job is). The load starts a new weights generation: every worker's next push is refused until it
+        has pulled the loaded weights."""
         tensors: list[torch.Tensor] = []
         skeleton = json.dumps(json_values.to_wire(state, "state", tensors))
-        self._call(self.coordinator.LoadState, codec.encode_state(skeleton, tensors, self.chunk_bytes, job=self.job))
+        chunks = codec.encode_state(skeleton, tensors, self.chunk_bytes, job=self.job)
+        if step is not None:
+            chunks = _with_step(chunks, step)
+        self._call(self.coordinator.LoadState, chunks)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
         for channel in self._channels:
             channel.close()
+
+
+def _with_step(chunks: Iterator[pb.StateChunk], step: int) -> Iterator[pb.StateChunk]:
+    """The chunks of a state with ``step`` on the first."""
+    for i, chunk in enumerate(chunks):
+        if i == 0:
+            chunk.step = step
+        yield chunk

@@ -21,12 +21,15 @@ from typing import Any
 import torch
 
 from paramserver.core.config import SchedulerSpec, default_of, job_config_from_kwargs
-from paramserver.core.errors import NonFiniteGradientError
+from paramserver.core.errors import NonFiniteGradientError, StateReloadedError
 from paramserver.core.malloc import fix_mmap_threshold
 from paramserver.core.params import normalize_params
 from paramserver.wire import jobconfig, json_values
 from workers.buffers import ShardBuffers
 from workers.client import ServiceClient
+
+
+_RESYNC_TRIES = 10
 
 
 class NonFiniteNormError(RuntimeError):
@@ -97,9 +100,14 @@ class RemoteOptimizer:
                 info = self.client.join_job(rank, timeout=join_timeout)
                 self._check_same_params()
                 self.buffers = ShardBuffers(self.plan, self._tensors)
-            self.step_count = info.version
-            if rank != 0 or info.version > 0:
-                self._pull(info.version)
+            # Every worker remembers the generation of its weights (a load starts a new one; a push computed
+            # on another generation's weights is refused): rank 0 that just gave a new job its weights holds
+            # the first one; every other worker starts from the server's weights and their generation.
+            self.generation: int | None = 0
+            if rank == 0 and not info.ready:
+                self.step_count = info.version
+            else:
+                self.step_count = self._resync(info.version)
             # Under nonfinite="error" every shard must refuse the same push, so the check is made here,
             # before anything leaves: a gradient pushed during backward could not be taken back.
             self._refuse_nonfinite = info.config.nonfinite == "error"
@@ -149,7 +157,12 @@ class RemoteOptimizer:
             self._touched.clear()
 
     def step(self, closure: Callable[[], Any] | None = None, *, metric: float | None = None) -> Any:
-        """Push this worker's gradients, wait for the step to close, write the new weights in place."""
+        """Push this worker's gradients, wait for the step to close, write the new weights in place.
+
+        If a state was loaded since this worker's weights were pulled (by another worker, or while this one
+        waited), the gradients are not applied: the loaded weights are pulled into the model, ``step_count``
+        becomes the loaded step and ``StateReloadedError`` is raised, whose ``.step`` is that step. Catch it
+        and go on from ``err.step`` (recompute the gradients on the new weights)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -167,13 +180,28 @@ class RemoteOptimizer:
         for j in range(self.plan.num_shards):
             if j not in self._in_flight:
                 self._in_flight[j] = self._push_shard(step, j)
+        generation = self.generation
+        reloaded: StateReloadedError | None = None
+        error: BaseException | None = None
         try:
-            for future in self._in_flight.values():
-                future.result(timeout=self.timeout + 5)
+            for future in self._in_flight.values():  # every push ends before any error is raised
+                try:
+                    future.result(timeout=self.timeout + 5)
+                except StateReloadedError as exc:
+                    reloaded = exc
+                except Exception as exc:  # noqa: BLE001 - raised below, after the other pushes ended
+                    error = error or exc
         finally:
             self._in_flight = {}
             self._waiting = [len(m) for m in self.buffers.members]
-        self._pull(step + 1)
+        if reloaded is not None:
+            self._reloaded(reloaded.version)
+        if error is not None:
+            raise error
+        replies = self.client.pull(self.rank, step + 1, destinations=self.buffers.weights, generation=generation)
+        if any(g != generation for g in self.client.generations):
+            self._reloaded(min(version for version, _ in replies))  # a load happened while this worker waited
+        self.buffers.scatter_weights()
         self.step_count = step + 1
         if self._error_if_nonfinite:
             self._raise_if_refused(step)
@@ -218,7 +246,7 @@ class RemoteOptimizer:
         # before gather: parameters without a gradient are skipped, as in torch
         missing = self.buffers.missing(shard, self._touched)
         grads = self._wire(self.buffers.gather_grads(shard)[shard])
-        return self.client.push_shard(self.rank, step, shard, grads, missing)
+        return self.client.push_shard(self.rank, step, shard, grads, missing, self.generation)
 
     def _wire(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
         """Gradients in the dtype they travel in (the shard accumulates them in the parameters' dtype)."""
@@ -226,11 +254,31 @@ class RemoteOptimizer:
             return buffers
         return [b.to(self.grad_dtype) if b.is_floating_point() else b for b in buffers]
 
-    def _pull(self, min_version: int) -> None:
-        """Each shard's weights straight into the model (the buffers its parameters are views of), all
-        shards in parallel."""
-        self.client.pull(self.rank, min_version, destinations=self.buffers.weights)
-        self.buffers.scatter_weights()
+    def _resync(self, min_version: int) -> int:
+        """Each shard's weights once at ``min_version``, straight into the model (the buffers its parameters
+        are views of), all shards in parallel, and their generation; returns their version. Pulls again
+        while the shards disagree (a load under way)."""
+        for _ in range(_RESYNC_TRIES):
+            replies = self.client.pull(self.rank, min_version, destinations=self.buffers.weights)
+            generations, versions = set(self.client.generations), {version for version, _ in replies}
+            if len(generations) == 1 and len(versions) == 1:
+                self.buffers.scatter_weights()
+                self.generation = generations.pop()
+                return versions.pop()
+            min_version = max(versions)
+        raise RuntimeError(
+            f"worker {self.rank}: the shards of job {self.client.job!r} kept disagreeing on their weights "
+            f"(versions {sorted(versions)}, generations {sorted(generations, key=str)}) over {_RESYNC_TRIES} pulls"
+        )
+
+    def _reloaded(self, min_version: int) -> None:
+        """A state was loaded since this worker's weights: take the loaded ones and raise, with the step to go on from."""
+        self.step_count = self._resync(min_version)
+        raise StateReloadedError(
+            f"worker {self.rank}: a state was loaded into job {self.client.job!r} since this worker's weights; its gradients "
+            f"were not applied. The model now holds the loaded weights: go on from step {self.step_count}",
+            self.step_count,
+        )
 
     def get_last_lr(self) -> list[float]:
         return list(self.client.status().lrs)
@@ -238,10 +286,13 @@ class RemoteOptimizer:
     def state_dict(self) -> dict[str, Any]:
         return self.client.get_state()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.client.load_state(state_dict)
-        if "model" in state_dict:
-            self._pull(self.step_count)
+    def load_state_dict(self, state_dict: dict[str, Any], step: int | None = None) -> None:
+        """Load a state in torch's formats into the job, for every worker. The job goes on from ``step``
+        (None: the step the state says, its optimizer's per-parameter "step" or its scheduler's last_epoch,
+        else the step it is at). This worker then holds the loaded weights and ``step_count`` says the loaded
+        step; every other worker's next ``step()`` raises ``StateReloadedError`` once it holds them too."""
+        self.client.load_state(state_dict, step)
+        self.step_count = self._resync(0)
 
     def close(self) -> None:
         try:

@@ -93,6 +93,7 @@ class Coordinator:
         self.step = 0  # the open training step: every step before it has closed (updated or skipped)
         self.version = 0  # of the weights: pulls wait for it (min_version)
         self.epoch = 0  # of the membership and shard map; bump_epoch() when either changes
+        self.generation = 0  # of the weights: every load starts a new one on every shard (they move together)
         self.skipped_steps = 0
         self.last_result: StepResult | None = None
         self._metrics: dict[int, dict[int, float]] = {}  # step -> worker -> metric
@@ -128,10 +129,14 @@ class Coordinator:
             self.check_step(step)
             self._metrics.setdefault(step, {})[worker] = float(metric)
 
-    def shard_ready(self, shard: int, step: int) -> StepResult | None:
+    def shard_ready(self, shard: int, step: int, generation: int | None = None) -> StepResult | None:
         """Shard ``shard`` holds the gradients it waits for in ``step``; if the policy then closes the step,
-        this call runs it and returns its result."""
+        this call runs it and returns its result. ``generation``: the weights generation the report is of; a
+        report from before a load (whose pushes the load dropped) is ignored."""
         with self._lock:
+            if generation is not None and generation != self.generation:
+                log.debug("shard %d reported step %d of generation %d, now %d: ignored", shard, step, generation, self.generation)
+                return None
             self.check_step(step)
             close = self.policy.on_shard_ready(shard, step)
             if close is None:
@@ -236,12 +241,16 @@ class Coordinator:
             optimizer = {"state": state, "param_groups": copy.deepcopy(groups)}
             return {"model": model, "optimizer": optimizer, "scheduler": self.schedule.state_dict()}
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, Any], step: int | None = None) -> None:
         """Load any of "model", "optimizer", "scheduler" in torch's formats; everything is checked before
-        anything changes."""
+        anything changes. The job then goes on from ``step`` (None: the step it is at), in a new weights
+        generation: the open step's partial pushes are dropped, pushes computed on the old weights are
+        refused (``StateReloadedError``) and waiting pulls return with the loaded weights."""
         unknown = set(state_dict) - {"model", "optimizer", "scheduler"}
         if unknown:
             raise ValueError(f"unknown state dict keys {sorted(unknown)}; expected 'model', 'optimizer', 'scheduler'")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
         with self._lock:
             params = self.plan.params
             weights = None
@@ -270,6 +279,15 @@ class Coordinator:
                 self.shards.load_weights(weights)
             if weights is not None and shard_states is not None:
                 self.failed = None  # every shard holds the same, complete state again
+            self._start_generation(self.step if step is None else step)
+
+    def _start_generation(self, step: int) -> None:
+        # after the weights are in: a pull that sees the new generation gets the loaded weights
+        self.shards.start_generation(step)
+        self.generation += 1
+        self.step = self.version = step
+        self.policy.reset()
+        self._metrics.clear()
 
     def restore(self, state_dict: Mapping[str, Any], step: int) -> None:
         """Start this job, new and untrained, from a checkpoint: ``state_dict`` ("model", "optimizer",

@@ -27,6 +27,16 @@ class FutureStepError(StepMismatchError):
     """The push is for a step that has not opened yet."""
 
 
+class StateReloadedError(StepMismatchError):
+    """A state was loaded since the weights this call was made from (a new weights generation): a push
+    computed on them is refused. ``version`` (also ``step``) is the loaded step, the step to resume from;
+    ``RemoteOptimizer.step()`` raises it once the model holds that step's weights."""
+
+    @property
+    def step(self) -> int:
+        return self.version
+
+
 class NonFiniteGradientError(ValueError):
     """A pushed gradient holds inf or nan and the job's policy is 'error'."""
 

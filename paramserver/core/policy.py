@@ -47,6 +47,10 @@ class StepPolicy(Protocol):
         runs once even if the close then fails."""
         ...
 
+    def reset(self) -> None:
+        """Forget every record of open steps (a state was loaded: the shards dropped their partial pushes)."""
+        ...
+
 
 class SyncPolicy:
     """Synchronous steps: a step closes when every one of the ``num_shards`` shards holds all ``num_workers``
@@ -68,6 +72,9 @@ class SyncPolicy:
             return None
         del self._ready[step]
         return CloseStep(step, tuple(range(self.num_workers)))
+
+    def reset(self) -> None:
+        self._ready.clear()
 
     def waiting(self, step: int) -> list[int]:
         """The shards whose report ``step`` still waits for."""

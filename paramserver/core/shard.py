@@ -22,6 +22,7 @@ from paramserver.core.errors import (
     NonFiniteGradientError,
     NotReadyError,
     StaleStepError,
+    StateReloadedError,
 )
 from paramserver.core.scheduling import build_optimizer, set_hyperparameters
 from paramserver.core.sharding import ShardingPlan, Slice
@@ -99,6 +100,9 @@ class Shard:
         ]
         self.optimizer = build_optimizer(optimizer_cls, groups, optimizer_kwargs)
         self.version = 0  # number of closed steps; pushes are accepted for step == version
+        # Of the weights: a load starts a new one (start_generation). A push computed on the weights of
+        # another generation is refused, and a pull that holds an older one returns with the new weights.
+        self.generation = 0
         self.placement = "this process"  # where the shard runs, in words; its host fills it in
 
     # -- push -------------------------------------------------------------------------------------------------
@@ -124,9 +128,23 @@ class Shard:
         if step > self.version:
             raise FutureStepError(f"shard {self.shard_id}: step {step} is not open yet (now at {self.version})", self.version)
 
+    def check_generation(self, generation: int | None) -> None:
+        """Refuse a push computed on the weights of another generation (None: not checked)."""
+        if generation is not None and generation != self.generation:
+            raise StateReloadedError(
+                f"shard {self.shard_id}: a state was loaded since these gradients' weights (generation {generation}, "
+                f"now {self.generation}); pull the weights of step {self.version} and go on from there",
+                self.version,
+            )
+
     @_locked
-    def push(self, worker: int, step: int, grads: Sequence[torch.Tensor], missing: Collection[int] = ()) -> bool:
+    def push(
+        self, worker: int, step: int, grads: Sequence[torch.Tensor], missing: Collection[int] = (), generation: int | None = None
+    ) -> bool:
         """Add ``worker``'s flat gradients for ``step``. Returns False if that push was already applied.
+
+        ``generation``: the weights generation the gradients were computed on (None: not checked); another
+        generation's push raises ``StateReloadedError``.
 
         ``missing`` names the parameters this worker has no gradient for (their places hold zeros); one that no
         worker has a gradient for is left out of the step, as torch.optim skips a parameter whose grad is None.
@@ -136,6 +154,7 @@ class Shard:
             raise ValueError(f"shard {self.shard_id}: worker must be in [0, {self.num_workers}), got {worker!r}")
         if not self.initialized:
             raise NotReadyError(f"shard {self.shard_id}: the job's initial weights are not in place yet")
+        self.check_generation(generation)
         if self.is_late_retry(worker, step):
             return False  # a retry whose first try closed the step (its reply was lost): applied already
         self.check_step(step)
@@ -161,6 +180,11 @@ class Shard:
     @property
     def ready(self) -> bool:
         return self.accumulator.complete
+
+    @_locked
+    def ready_in(self) -> tuple[bool, int]:
+        """(``ready``, ``generation``) read together: a report of readiness names the generation it is of."""
+        return self.accumulator.complete, self.generation
 
     # -- aggregate, then the norms the coordinator needs ------------------------------------------------------
 
@@ -256,13 +280,19 @@ class Shard:
         for tensor, view in zip(self.tensors, self._grad_views):
             tensor.grad = view
 
-    def wait_for_version(self, min_version: int, timeout: float) -> int:
-        """Wait until the shard is initialized and at ``min_version`` or later; returns the version.
+    def reached(self, min_version: int, generation: int | None = None) -> bool:
+        """Whether a pull for ``min_version`` by a worker holding ``generation`` can be answered now: the shard
+        is initialized and at ``min_version`` or later, or a load started a generation other than ``generation``."""
+        return self.initialized and (self.version >= min_version or (generation is not None and generation != self.generation))
+
+    def wait_for_version(self, min_version: int, timeout: float, generation: int | None = None) -> int:
+        """Wait until the shard is initialized and at ``min_version`` or later, or (``generation`` given) in
+        another generation than ``generation``; returns the version.
 
         Raises ``TimeoutError`` when ``timeout`` seconds pass first.
         """
         with self._changed:
-            if not self._changed.wait_for(lambda: self.initialized and self.version >= min_version, timeout):
+            if not self._changed.wait_for(lambda: self.reached(min_version, generation), timeout):
                 raise TimeoutError(
                     f"shard {self.shard_id}: still at version {self.version}"
                     f"{'' if self.initialized else ' (not initialized)'} after {timeout:.1f}s waiting for {min_version}"
@@ -275,6 +305,7 @@ class Shard:
     def status(self) -> dict[str, Any]:
         return {
             "version": self.version, "pushed": sorted(self.accumulator.received), "initialized": self.initialized,
+            "generation": self.generation,
             "placement": f"{self.placement}, {self.device}",
         }
 
@@ -319,6 +350,19 @@ class Shard:
         with self._changed:
             self.version = version
             self._closed_received = frozenset()
+            self._changed.notify_all()
+            self._notify_version_listeners()
+
+    @_locked
+    def start_generation(self, step: int) -> None:
+        """A state was loaded: drop the open step's partial pushes, open ``step`` and start a new weights
+        generation, so that pushes computed on the old weights are refused and waiting pulls return."""
+        with self._changed:
+            self.accumulator.reset()
+            self._with_grad = set()
+            self._closed_received = frozenset()
+            self.version = step
+            self.generation += 1
             self._changed.notify_all()
             self._notify_version_listeners()
 

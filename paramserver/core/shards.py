@@ -61,8 +61,12 @@ class ShardControl(Protocol):
         """Start at ``version`` (a job restored from a checkpoint)."""
         ...
 
+    def start_generation(self, step: int) -> None:
+        """A state was loaded: drop the open step's partial pushes, open ``step``, start a new weights generation."""
+        ...
+
     def status(self) -> dict[str, Any]:
-        """``version``, ``pushed`` (workers), ``initialized``, ``placement``."""
+        """``version``, ``pushed`` (workers), ``initialized``, ``generation``, ``placement``."""
         ...
 
     def wait_for_version(self, min_version: int, timeout: float) -> int:
@@ -135,6 +139,9 @@ class ShardGroup:
 
     def restore_version(self, version: int) -> None:
         self._each(lambda _, s: s.restore_version(version))
+
+    def start_generation(self, step: int) -> None:
+        self._each(lambda _, s: s.start_generation(step))
 
     def statuses(self) -> list[dict[str, Any]]:
         return self._each(lambda _, s: s.status())

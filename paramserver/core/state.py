@@ -94,3 +94,26 @@ def check_optimizer_state(params: Sequence[ParamInfo], num_groups: int, state_di
             raise ValueError(f"optimizer state has state for parameter {key!r}, which no param group lists")
         if not isinstance(value, Mapping):
             raise ValueError(f"optimizer state of parameter {key!r} must be a dict")
+
+
+def loaded_step(state_dict: Mapping[str, Any], interval: int = 1) -> int | None:
+    """The step a state in torch's formats was saved at, when it says: the largest per-parameter ``"step"``
+    of its optimizer state, else its scheduler's ``last_epoch`` times the scheduler ``interval`` (the
+    scheduler steps every ``interval`` updates), else None."""
+    optimizer = state_dict.get("optimizer")
+    steps = []
+    if isinstance(optimizer, Mapping) and isinstance(optimizer.get("state"), Mapping):
+        for param_state in optimizer["state"].values():
+            value = param_state.get("step") if isinstance(param_state, Mapping) else None
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                steps.append(int(value))
+    if steps:
+        return max(steps)
+    scheduler = state_dict.get("scheduler")
+    if isinstance(scheduler, Mapping):
+        last_epoch = scheduler.get("last_epoch")
+        if isinstance(last_epoch, int) and not isinstance(last_epoch, bool) and last_epoch >= 0:
+            return last_epoch * interval
+    return None

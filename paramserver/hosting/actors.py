@@ -119,6 +119,9 @@ class ShardProcess:
     def restore_version(self, name: str, version: int) -> None:
         self._shard(name).restore_version(version)
 
+    def start_generation(self, name: str, step: int) -> None:
+        self._shard(name).start_generation(step)
+
     def status(self, name: str) -> dict[str, Any]:
         return self._shard(name).status()
 
@@ -139,10 +142,10 @@ class RemoteCoordinator:
         self.actor = actor
         self.name = name
 
-    def shard_ready(self, shard: int, step: int) -> None:
+    def shard_ready(self, shard: int, step: int, generation: int | None = None) -> None:
         import ray
 
-        ray.get(self.actor.shard_ready.remote(self.name, shard, step), timeout=CONTROL_TIMEOUT_S)
+        ray.get(self.actor.shard_ready.remote(self.name, shard, step, generation), timeout=CONTROL_TIMEOUT_S)
 
 
 class ActorShard:
@@ -201,6 +204,9 @@ class ActorShard:
 
     def restore_version(self, version: int) -> None:
         return self._done(self.actor.restore_version.remote(self.name, version))
+
+    def start_generation(self, step: int) -> None:
+        return self._done(self.actor.start_generation.remote(self.name, step))
 
     def status(self) -> dict[str, Any]:
         return self._done(self.actor.status.remote(self.name))
@@ -310,8 +316,8 @@ class CoordinatorProcess:
     def address(self) -> str:
         return self._address
 
-    def shard_ready(self, name: str, shard: int, step: int) -> None:
-        self.host.job(name).coordinator.shard_ready(shard, step)
+    def shard_ready(self, name: str, shard: int, step: int, generation: int | None = None) -> None:
+        self.host.job(name).coordinator.shard_ready(shard, step, generation)
 
     def stop_requested(self) -> bool:
         return self.host.stop_requested.is_set()

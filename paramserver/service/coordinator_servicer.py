@@ -5,6 +5,7 @@ It runs on a ``grpc.aio`` server (``create_coordinator_server``): every method i
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
@@ -16,6 +17,7 @@ import grpc
 import grpc.aio
 
 from paramserver.core.coordinator import StepResult
+from paramserver.core.state import loaded_step
 from paramserver.service.coordinator_host import CoordinatorHost, Job
 from paramserver.service.shard_host import MAX_WAIT_S
 from paramserver.service.status import translate_errors
@@ -152,14 +154,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.LoadStateReply()
 
     def _load_state(self, chunks: Iterator[pb.StateChunk]) -> None:
-        job, skeleton, tensors = codec.decode_state(chunks)
+        first = next(chunks, None)
+        if first is None:
+            raise ValueError("empty state stream")
+        job, skeleton, tensors = codec.decode_state(itertools.chain([first], chunks))
         try:
             state = json_values.from_wire(json.loads(skeleton), tensors)
         except json.JSONDecodeError as exc:
             raise ValueError(f"malformed state skeleton: {exc}") from exc
         if not isinstance(state, dict):
             raise ValueError("a state must be a dict with 'model', 'optimizer' and/or 'scheduler'")
-        self.host.job(job).coordinator.load_state_dict(state)
+        coordinator = self.host.job(job).coordinator
+        # the step the job goes on from: the client's word, else what the state says, else where the job is
+        step = first.step if first.HasField("step") else loaded_step(state, coordinator.schedule.interval)
+        coordinator.load_state_dict(state, step)
+        log.info("job %s: a state was loaded; the job goes on from step %d in weights generation %d", job, coordinator.step, coordinator.generation)
 
     @translate_errors
     async def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.aio.ServicerContext) -> pb.CheckpointReply:

@@ -51,15 +51,19 @@ class ShardHost:
         except KeyError:
             raise JobNotFoundError(f"no job {job!r} on shard {self.shard_id}") from None
 
-    def push(self, job: str, worker: int, step: int, grads: Sequence[torch.Tensor], missing: Sequence[int] = ()) -> tuple[bool, int]:
-        """Add a worker's gradients; when this shard then holds all of them, tell the coordinator, whose
-        call closes the step if this was the last shard. Returns (applied, version after)."""
+    def push(
+        self, job: str, worker: int, step: int, grads: Sequence[torch.Tensor], missing: Sequence[int] = (), generation: int | None = None
+    ) -> tuple[bool, int]:
+        """Add a worker's gradients (computed on the weights of ``generation``; None: not checked); when this
+        shard then holds all of them, tell the coordinator, whose call closes the step if this was the last
+        shard. The report names the shard's generation, so one from before a load is ignored. Returns
+        (applied, version after)."""
         shard = self.shard(job)
         with self._locks[job]:
-            applied = shard.push(worker, step, grads, missing)
-            ready = applied and shard.ready
-        if ready:
-            self._coordinators[job].shard_ready(self.shard_id, step)
+            applied = shard.push(worker, step, grads, missing, generation)
+            ready, now = shard.ready_in()
+        if applied and ready:
+            self._coordinators[job].shard_ready(self.shard_id, step, now)
         return applied, shard.version
 
     def initial_weights(self, job: str, buffers: Sequence[torch.Tensor]) -> None:
@@ -69,14 +73,20 @@ class ShardHost:
                 raise ValueError(f"shard {self.shard_id}: job {job!r} has begun training; initial weights come before any gradient")
             shard.load_weights(buffers)
 
-    def pull(self, job: str, min_version: int, timeout: float | None) -> tuple[int, list[torch.Tensor]]:
-        """Wait for ``min_version``, then the flat weights. They are the live buffers, and safe to stream:
-        the next update needs this worker's next push, which comes after this pull."""
+    def pull(
+        self, job: str, min_version: int, timeout: float | None, generation: int | None = None
+    ) -> tuple[int, int, list[torch.Tensor]]:
+        """Wait for ``min_version`` (or, ``generation`` given, for a load that started another generation),
+        then (version, generation, flat weights). The weights are the live buffers, and safe to stream: the
+        next update needs this worker's next push, which comes after this pull. The generation is read before
+        them: the weights of a load are in place before its generation starts."""
         shard = self.shard(job)
-        version = shard.wait_for_version(min_version, MAX_WAIT_S if timeout is None else min(timeout, MAX_WAIT_S))
-        return version, shard.weight_buffers()
+        version = shard.wait_for_version(min_version, MAX_WAIT_S if timeout is None else min(timeout, MAX_WAIT_S), generation)
+        return version, shard.generation, shard.weight_buffers()
 
-    async def pull_async(self, job: str, min_version: int, timeout: float | None) -> tuple[int, list[torch.Tensor]]:
+    async def pull_async(
+        self, job: str, min_version: int, timeout: float | None, generation: int | None = None
+    ) -> tuple[int, int, list[torch.Tensor]]:
         """``pull`` for an asyncio server: the wait holds no thread (the shard's version listener wakes it
         through the event loop). Raises ``TimeoutError`` when ``timeout`` (capped by ``MAX_WAIT_S``) passes."""
         shard = self.shard(job)
@@ -89,7 +99,7 @@ class ShardHost:
         deadline = loop.time() + wait
         # The check and the registration of the future run in one go on the loop, and every change is
         # handed to the loop after it is made: no wake-up falls between them.
-        while not (shard.initialized and shard.version >= min_version):
+        while not shard.reached(min_version, generation):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise TimeoutError(
@@ -104,7 +114,7 @@ class ShardHost:
                 pass  # the loop's condition says what it was
             finally:
                 watch.waiters.discard(changed)
-        return shard.version, shard.weight_buffers()
+        return shard.version, shard.generation, shard.weight_buffers()
 
     def waiting_pulls(self, job: str) -> int:
         """How many asyncio pulls of ``job`` wait for a version now (all event loops)."""

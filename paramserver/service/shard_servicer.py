@@ -49,6 +49,8 @@ class ShardServicer(pb_grpc.ShardServicer):
         if head.shard != self.host.shard_id:
             raise ValueError(f"this is shard {self.host.shard_id}, the chunks are for shard {head.shard}")
         shard = self.host.shard(head.job)
+        if check_step and head.HasField("generation"):
+            shard.check_generation(head.generation)  # gradients of weights a load has replaced: refused first
         if check_step and not shard.is_late_retry(head.worker, head.step):
             shard.check_step(head.step)  # fail a stale or future push before its bytes stream in
         layouts = shard.layouts
@@ -73,7 +75,8 @@ class ShardServicer(pb_grpc.ShardServicer):
     def _push(self, head: pb.ChunkHeader, grads: list[torch.Tensor]) -> tuple[bool, int]:
         # on the compute pool: it takes the shard's lock, and the last push of a step runs its update
         try:
-            return self.host.push(head.job, head.worker, head.step, grads, list(head.missing_params))
+            generation = head.generation if head.HasField("generation") else None
+            return self.host.push(head.job, head.worker, head.step, grads, list(head.missing_params), generation)
         finally:
             # folded into the sum (or refused): the receive buffers can take the next push
             if not self.host.shard(head.job).holds(grads):
@@ -112,11 +115,13 @@ class ShardServicer(pb_grpc.ShardServicer):
         if request.shard != self.host.shard_id:
             raise ValueError(f"this is shard {self.host.shard_id}, the pull is for shard {request.shard}")
         # waits on the event loop (no thread) until the version is there or the call's deadline passes
-        version, weights = await self.host.pull_async(request.job, request.min_version, context.time_remaining())
+        generation = request.generation if request.HasField("generation") else None
+        version, generation, weights = await self.host.pull_async(request.job, request.min_version, context.time_remaining(), generation)
         if any(w.device.type != "cpu" for w in weights):
             # the copy waits for the update's kernels: not on the event loop
             weights = await self._run(_to_cpu, weights)
-        for chunk in codec.encode(weights, self.chunk_bytes, job=request.job, worker=request.worker, step=version, shard=self.host.shard_id):
+        for chunk in codec.encode(weights, self.chunk_bytes, job=request.job, worker=request.worker, step=version, shard=self.host.shard_id,
+                                  generation=generation):
             yield chunk
         metrics.BYTES_OUT.labels(request.job, str(self.host.shard_id)).inc(_nbytes(weights))
 

@@ -29,7 +29,7 @@ def _engine(num_workers: int = 2, num_shards: int = 2, **config: Any) -> tuple[t
 def test_the_protocol_lists_the_coordinators_calls():
     assert PROTOCOL_CALLS == [
         "apply", "load_optimizer_state", "load_weights", "optimizer_state", "ready", "reduce", "restore_version", "skip",
-        "snapshot", "status", "wait_for_version", "weight_copies",
+        "snapshot", "start_generation", "status", "wait_for_version", "weight_copies",
     ]
 
 
@@ -97,6 +97,9 @@ class FakeShard:
 
     def status(self) -> dict[str, Any]:
         return {"version": 0, "pushed": [], "initialized": True, "placement": f"fake {self.j}"}
+
+    def start_generation(self, step: int) -> None:
+        self.calls.append(("start_generation", step))
 
     def wait_for_version(self, min_version: int, timeout: float) -> int:
         self.calls.append(("wait_for_version", min_version, timeout))

@@ -206,7 +206,7 @@ class LeaveJobReply(_message.Message):
     def __init__(self) -> None: ...
 
 class ChunkHeader(_message.Message):
-    __slots__ = ("job", "worker", "step", "shard", "buffer", "dtype", "offset", "total", "missing_params")
+    __slots__ = ("job", "worker", "step", "shard", "buffer", "dtype", "offset", "total", "missing_params", "generation")
     JOB_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +216,7 @@ class ChunkHeader(_message.Message):
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     MISSING_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     job: str
     worker: int
     step: int
@@ -225,7 +226,8 @@ class ChunkHeader(_message.Message):
     offset: int
     total: int
     missing_params: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., shard: _Optional[int] = ..., buffer: _Optional[int] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., total: _Optional[int] = ..., missing_params: _Optional[_Iterable[int]] = ...) -> None: ...
+    generation: int
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., shard: _Optional[int] = ..., buffer: _Optional[int] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., total: _Optional[int] = ..., missing_params: _Optional[_Iterable[int]] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -244,16 +246,18 @@ class PushReply(_message.Message):
     def __init__(self, already_applied: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("job", "shard", "min_version", "worker")
+    __slots__ = ("job", "shard", "min_version", "worker", "generation")
     JOB_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     job: str
     shard: int
     min_version: int
     worker: int
-    def __init__(self, job: _Optional[str] = ..., shard: _Optional[int] = ..., min_version: _Optional[int] = ..., worker: _Optional[int] = ...) -> None: ...
+    generation: int
+    def __init__(self, job: _Optional[str] = ..., shard: _Optional[int] = ..., min_version: _Optional[int] = ..., worker: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class StateRequest(_message.Message):
     __slots__ = ("job",)
@@ -262,7 +266,7 @@ class StateRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ...) -> None: ...
 
 class StateChunk(_message.Message):
-    __slots__ = ("job", "skeleton_json", "tensor", "dtype", "shape", "offset", "data")
+    __slots__ = ("job", "skeleton_json", "tensor", "dtype", "shape", "offset", "data", "step")
     JOB_FIELD_NUMBER: _ClassVar[int]
     SKELETON_JSON_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +274,7 @@ class StateChunk(_message.Message):
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     job: str
     skeleton_json: str
     tensor: int
@@ -277,7 +282,8 @@ class StateChunk(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     offset: int
     data: bytes
-    def __init__(self, job: _Optional[str] = ..., skeleton_json: _Optional[str] = ..., tensor: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    step: int
+    def __init__(self, job: _Optional[str] = ..., skeleton_json: _Optional[str] = ..., tensor: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., step: _Optional[int] = ...) -> None: ...
 
 class LoadStateReply(_message.Message):
     __slots__ = ()
