@@ -122,7 +122,7 @@ def e2e(num_workers: int, num_shards: int, steps: int, batch_size: int, grad_dty
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         with paramserver.serve(num_shards, cpus_per_shard=0.01) as service:
-            pids = [p["pid"] for p in service.placements()]
+            pids = [p["pid"] for p in service.placements() if p["role"] == "primary"]
             idle_mb = [_vm_kib(pid, "VmRSS") / 1024 for pid in pids]
             config = {
                 "address": service.address, "steps": steps, "warmup": 2, "batch_size": batch_size, "threads": threads, "grad_dtype": grad_dtype,

@@ -71,8 +71,8 @@ class ShardProcess:
 
         ctx = ray.get_runtime_context()
         return {
-            "shard": self.shard_id, "node_id": ctx.get_node_id(), "address": self._address, "device": self.device,
-            "pid": os.getpid(), "metrics": self.metrics_address,
+            "role": "primary", "shard": self.shard_id, "pid": os.getpid(), "node_id": ctx.get_node_id(),
+            "address": self._address, "device": self.device, "metrics": self.metrics_address,
         }
 
     def create_job(self, name: str, config: bytes) -> None:
@@ -310,11 +310,21 @@ class CoordinatorProcess:
             ServiceCheckpoints(self.host, config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep).restore_all()
         self.server, bound = create_coordinator_server(self.host, f"{bind_host}:{config.port}", config)
         self._address = f"{_advertised(bind_host)}:{bound}"
+        self.metrics_address = None
         if config.metrics_port is not None:
-            start_metrics_server(config.metrics_port, bind_host)
+            self.metrics_address = f"{_advertised(bind_host)}:{start_metrics_server(config.metrics_port, bind_host)}"
 
     def address(self) -> str:
         return self._address
+
+    def placement(self) -> dict[str, Any]:
+        """This process in ``RayService.placements()``: the coordinator (shard None), its front door's address."""
+        import ray
+
+        return {
+            "role": "coordinator", "shard": None, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+            "address": self._address, "device": "cpu", "metrics": self.metrics_address,
+        }
 
     def shard_ready(self, name: str, shard: int, step: int, generation: int | None = None) -> None:
         self.host.job(name).coordinator.shard_ready(shard, step, generation)

@@ -26,9 +26,14 @@ class RayService:
         self.address = address
 
     def placements(self) -> list[dict[str, Any]]:
+        """Every process of the service, the coordinator first, then shard 0, 1, ...: each a dict with ``role``
+        ("coordinator" or "primary"), ``shard`` (None for the coordinator), ``pid``, ``node_id`` (the Ray node),
+        ``address`` (its gRPC server: the front door for the coordinator), ``device`` and ``metrics`` (the
+        address of its metrics endpoint, or None)."""
         import ray
 
-        return ray.get([a.placement.remote() for a in self.shard_actors], timeout=CONTROL_TIMEOUT_S)
+        actors = [self.coordinator_actor, *self.shard_actors]
+        return ray.get([a.placement.remote() for a in actors], timeout=CONTROL_TIMEOUT_S)
 
     def stop_requested(self) -> bool:
         import ray

@@ -22,10 +22,11 @@ def serve_local(num_shards: int = 1, *, config: ServerConfig | None = None, **op
         raise TypeError("give the server's options either as a config or as keywords, not both")
     config = ServerConfig(num_shards=num_shards, **fields) if config is None else config
     host, port = config.host, config.port
+    metrics = None
     if config.metrics_port is not None:
         from paramserver.service.metrics import start_metrics_server
 
-        start_metrics_server(config.metrics_port, host)
+        metrics = f"{host}:{start_metrics_server(config.metrics_port, host)}"
     shard_hosts = [ShardHost(j) for j in range(config.num_shards)]
     servers, addresses = [], []
     try:
@@ -42,4 +43,4 @@ def serve_local(num_shards: int = 1, *, config: ServerConfig | None = None, **op
         for server in servers:
             server.stop(None)
         raise
-    return Service(coordinator, servers, f"{host}:{front_port}")
+    return Service(coordinator, servers, f"{host}:{front_port}", metrics)

@@ -12,8 +12,10 @@ job, state, status) runs on ``ServerConfig.grpc_threads`` threads.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from concurrent import futures
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -122,10 +124,21 @@ def create_coordinator_server(host: CoordinatorHost, address: str, config: Serve
 class Service:
     """A running service: ``address`` is the coordinator's front door; ``shutdown()`` stops every server."""
 
-    def __init__(self, coordinator: CoordinatorHost, servers: list[AioServer], address: str) -> None:
+    def __init__(self, coordinator: CoordinatorHost, servers: list[AioServer], address: str, metrics: str | None = None) -> None:
         self.coordinator = coordinator
         self._servers = servers
         self.address = address
+        self.metrics = metrics
+
+    def placements(self) -> list[dict[str, Any]]:
+        """Every part of the service, as ``RayService.placements()`` gives them: the coordinator first (role
+        "coordinator", shard None, ``address`` the front door), then shard 0, 1, ... (role "primary", ``address``
+        its gRPC server). All run in this process: one ``pid``; ``node_id`` is None (no Ray node)."""
+        common = {"pid": os.getpid(), "node_id": None, "device": "cpu", "metrics": self.metrics}
+        return [
+            {"role": "coordinator", "shard": None, "address": self.address, **common},
+            *({"role": "primary", "shard": j, "address": a, **common} for j, a in enumerate(self.coordinator.shard_addresses)),
+        ]
 
     def stop_requested(self) -> bool:
         return self.coordinator.stop_requested.is_set()

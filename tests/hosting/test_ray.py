@@ -37,12 +37,29 @@ def ray_service(ray_cluster):
 def test_shards_land_on_both_nodes(ray_service):
     import ray
 
-    placements = ray_service.placements()
+    placements = [p for p in ray_service.placements() if p["role"] == "primary"]
     nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
     kinds = sorted(next(k for k in nodes[p["node_id"]] if k.startswith("node_")) for p in placements)
     assert kinds == ["node_head", "node_second"]
     assert all(p["address"].startswith("127.0.0.1:") and p["device"] == "cpu" for p in placements)
     assert ray_service.address.startswith("127.0.0.1:")
+
+
+def test_placements_list_every_process_with_its_role(ray_service):
+    import os
+
+    import ray
+
+    placements = ray_service.placements()
+    assert [(p["role"], p["shard"]) for p in placements] == [("coordinator", None), ("primary", 0), ("primary", 1)]
+    for p in placements:
+        assert set(p) >= {"role", "shard", "pid", "node_id", "address", "device", "metrics"}
+        os.kill(p["pid"], 0)  # a live process (the test's nodes are on this machine)
+    assert len({p["pid"] for p in placements}) == 3
+    assert os.getpid() not in {p["pid"] for p in placements}
+    assert placements[0]["address"] == ray_service.address
+    assert placements[0]["node_id"] == ray.get_runtime_context().get_node_id()  # the driver's node
+    assert len({p["address"] for p in placements}) == 3
 
 
 @pytest.mark.parametrize("optimizer,kwargs,scheduler,sched_kwargs", [

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 def test_main_job_trains_digits_through_the_service(ray_cluster, tmp_path):
     out = train.train(num_workers=2, num_shards=2, epochs=4, progress=False)
-    assert len(out["placements"]) == 2
+    assert [p["role"] for p in out["placements"]] == ["coordinator", "primary", "primary"]
     assert out["steps"] == 4 * (1438 // 64)
     assert len(out["history"]["loss"]) == out["steps"]
     assert out["history"]["loss"][-1] < out["history"]["loss"][0] / 4

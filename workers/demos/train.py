@@ -188,7 +188,8 @@ def main() -> None:
     plot(out["history"], args.out / "training.png")
     (args.out / "metrics.json").write_text(json.dumps({k: v for k, v in out.items()}, indent=1))
     for p in out["placements"]:
-        print(f"shard {p['shard']}: {p['address']} on node {p['node_id'][:12]} ({p['device']})")
+        who = "coordinator" if p["shard"] is None else f"shard {p['shard']}"
+        print(f"{who}: {p['address']} on node {p['node_id'][:12]} ({p['device']}, pid {p['pid']})")
     print(f"{out['steps']} steps in {out['seconds']:.1f}s; worker replicas identical: {out['replicas_equal']}")
     print(f"test accuracy: {out['test_accuracy']:.4f}")
     print(f"plot: {args.out / 'training.png'}")
