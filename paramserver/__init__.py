@@ -12,7 +12,7 @@ from typing import Any
 from paramserver.core.config import ClipConfig, JobConfig, OptimizerConfig, RayConfig, SchedulerSpec, ServerConfig, TLSConfig
 from paramserver.core.coordinator import StepResult
 from paramserver.core.engine import StepEngine
-from paramserver.core.errors import StateReloadedError
+from paramserver.core.errors import RolledBackError, StateReloadedError
 
 # name -> module that defines it, imported when the name is first used
 _LAZY = {
@@ -21,7 +21,7 @@ _LAZY = {
     "serve": "paramserver.hosting.serve",
 }
 
-__all__ = ["ClipConfig", "JobConfig", "OptimizerConfig", "RayConfig", "SchedulerSpec", "ServerConfig", "TLSConfig", "StepEngine", "StepResult", "StateReloadedError", *_LAZY]
+__all__ = ["ClipConfig", "JobConfig", "OptimizerConfig", "RayConfig", "SchedulerSpec", "ServerConfig", "TLSConfig", "StepEngine", "StepResult", "StateReloadedError", "RolledBackError", *_LAZY]
 __version__ = "0.1.0"
 
 

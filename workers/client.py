@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
 import grpc
@@ -87,6 +87,8 @@ class ServiceClient:
             ("grpc.keepalive_timeout_ms", 10_000),
         ]
         self._channels: list[grpc.Channel] = []
+        self._shard_channels: list[grpc.Channel] = []
+        self.moved: list[int] = []  # the shards whose address the last (re)join changed
         self.coordinator = pb_grpc.CoordinatorStub(self._channel(address))
         self.shards: list[pb_grpc.ShardStub] = []
         self.info: pb.JobInfo | None = None
@@ -114,14 +116,29 @@ class ServiceClient:
             raise error_from_rpc(exc) from None
 
     def _on_shards(self, fn: Callable[[int], T]) -> list[T]:
-        """Run ``fn(shard)`` for every shard in parallel, one stream each."""
+        """Run ``fn(shard)`` for every shard in parallel, one stream each. The first error is raised as soon
+        as it happens (a shard that is gone does not wait for the others' pulls)."""
         assert self._pool is not None
-        return list(self._pool.map(fn, range(len(self.shards))))
+        futures = [self._pool.submit(fn, j) for j in range(len(self.shards))]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for f in futures:
+            if f.done() and f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
+        return [f.result() for f in futures]
 
     def _attach(self, info: pb.JobInfo) -> pb.JobInfo:
+        """Use the shards ``info`` names (again after a rejoin: a shard that restarted has a new address)."""
+        old = [s.address for s in self.info.shards] if self.info is not None else []
         self.info = info
         self.plan = plan_from_info(info)
         self.shards = [ShardCalls(self._channel(s.address)) for s in info.shards]
+        if self._shard_channels:  # the old shards' channels and threads (calls still on them end on their own)
+            for channel in self._shard_channels:
+                channel.close()
+        self._shard_channels = self._channels[-len(self.shards):] if self.shards else []
+        self.moved = [j for j, s in enumerate(info.shards) if j < len(old) and old[j] != s.address]
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
         # a push and a pull per shard may be in flight at once
         self._pool = ThreadPoolExecutor(max(1, 2 * len(self.shards)), thread_name_prefix="paramserver-client")
         return info

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from paramserver.core.config import SchedulerSpec, default_of, job_config_from_kwargs
-from paramserver.core.errors import NonFiniteGradientError, StateReloadedError
+from paramserver.core.errors import JobNotFoundError, NonFiniteGradientError, RolledBackError, StateReloadedError
 from paramserver.core.malloc import fix_mmap_threshold
 from paramserver.core.params import normalize_params
 from paramserver.wire import jobconfig, json_values
@@ -86,6 +86,7 @@ class RemoteOptimizer:
             raise ValueError('push_during_backward needs nonfinite="skip": under "error" all gradients are checked before any is pushed')
         self.rank = rank
         self.timeout = timeout
+        self.join_timeout = join_timeout
         self.grad_dtype = grad_dtype
         self.client = ServiceClient(
             address, job, auth_token=auth_token, root_certificates=root_certificates, client_certificate=client_certificate, timeout=timeout
@@ -162,7 +163,12 @@ class RemoteOptimizer:
         If a state was loaded since this worker's weights were pulled (by another worker, or while this one
         waited), the gradients are not applied: the loaded weights are pulled into the model, ``step_count``
         becomes the loaded step and ``StateReloadedError`` is raised, whose ``.step`` is that step. Catch it
-        and go on from ``err.step`` (recompute the gradients on the new weights)."""
+        and go on from ``err.step`` (recompute the gradients on the new weights).
+
+        If a shard died (``replicas=0``), the job rolled back to its newest checkpoint: this worker reconnects
+        to the shards' new addresses, pulls the checkpoint's weights into the model, sets ``step_count`` to
+        its step and raises ``RolledBackError`` (a ``StateReloadedError``) with that ``.step``. Without a
+        checkpoint the job has failed: ``JobFailedError``."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -194,11 +200,16 @@ class RemoteOptimizer:
         finally:
             self._in_flight = {}
             self._waiting = [len(m) for m in self.buffers.members]
+        if error is not None and _shard_lost(error):
+            self._recover(error)
         if reloaded is not None:
             self._reloaded(reloaded.version)
         if error is not None:
             raise error
-        replies = self.client.pull(self.rank, step + 1, destinations=self.buffers.weights, generation=generation)
+        try:
+            replies = self.client.pull(self.rank, step + 1, destinations=self.buffers.weights, generation=generation)
+        except (ConnectionError, JobNotFoundError) as exc:
+            self._recover(exc)
         if any(g != generation for g in self.client.generations):
             self._reloaded(min(version for version, _ in replies))  # a load happened while this worker waited
         self.buffers.scatter_weights()
@@ -271,9 +282,28 @@ class RemoteOptimizer:
             f"(versions {sorted(versions)}, generations {sorted(generations, key=str)}) over {_RESYNC_TRIES} pulls"
         )
 
+    def _recover(self, error: BaseException) -> None:
+        """A shard was unreachable: join again, which has the coordinator check its shards (rolling the job
+        back when one died). If the shard map moved, take the rolled-back weights and raise ``RolledBackError``;
+        else raise ``error``. A job that could not roll back raises its ``JobFailedError``."""
+        self.client.join_job(self.rank, timeout=self.join_timeout)
+        if not self.client.moved:
+            raise error
+        self._check_same_params()
+        self.step_count = self._resync(0)
+        raise RolledBackError(
+            f"worker {self.rank}: shard(s) {self.client.moved} of job {self.client.job!r} died and the job rolled back "
+            f"to its newest checkpoint; this step's gradients were not applied. The model now holds the weights of "
+            f"step {self.step_count}: go on from there",
+            self.step_count,
+        ) from error
+
     def _reloaded(self, min_version: int) -> None:
         """A state was loaded since this worker's weights: take the loaded ones and raise, with the step to go on from."""
-        self.step_count = self._resync(min_version)
+        try:
+            self.step_count = self._resync(min_version)
+        except (ConnectionError, JobNotFoundError) as exc:
+            self._recover(exc)
         raise StateReloadedError(
             f"worker {self.rank}: a state was loaded into job {self.client.job!r} since this worker's weights; its gradients "
             f"were not applied. The model now holds the loaded weights: go on from step {self.step_count}",
@@ -307,3 +337,8 @@ class RemoteOptimizer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _shard_lost(error: BaseException) -> bool:
+    """A push's error that says its shard is gone (unreachable, or a restarted one without the job)."""
+    return isinstance(error, (ConnectionError, JobNotFoundError))

@@ -283,7 +283,7 @@ class Coordinator:
 
     def _start_generation(self, step: int) -> None:
         # after the weights are in: a pull that sees the new generation gets the loaded weights
-        self.shards.start_generation(step)
+        self.shards.start_generation(step, self.generation + 1)
         self.generation += 1
         self.step = self.version = step
         self.policy.reset()

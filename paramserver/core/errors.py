@@ -37,6 +37,14 @@ class StateReloadedError(StepMismatchError):
         return self.version
 
 
+class RolledBackError(StateReloadedError):
+    """A shard of the job died (``replicas=0``) and the job rolled back to its newest checkpoint: every shard
+    holds the checkpoint's state again, in a new weights generation, at step ``step`` (= ``version``).
+    ``RemoteOptimizer.step()`` raises it once the model holds that step's weights and ``step_count == step``;
+    go on from ``step`` with the same data. A subclass of ``StateReloadedError``: a loop that catches that
+    one goes on exactly too."""
+
+
 class NonFiniteGradientError(ValueError):
     """A pushed gradient holds inf or nan and the job's policy is 'error'."""
 

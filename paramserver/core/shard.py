@@ -354,15 +354,17 @@ class Shard:
             self._notify_version_listeners()
 
     @_locked
-    def start_generation(self, step: int) -> None:
+    def start_generation(self, step: int, generation: int | None = None) -> None:
         """A state was loaded: drop the open step's partial pushes, open ``step`` and start a new weights
-        generation, so that pushes computed on the old weights are refused and waiting pulls return."""
+        generation, so that pushes computed on the old weights are refused and waiting pulls return.
+        ``generation``: the job's new generation (a shard re-created after its process died starts over at 0,
+        so the coordinator names it); None: the next one."""
         with self._changed:
             self.accumulator.reset()
             self._with_grad = set()
             self._closed_received = frozenset()
             self.version = step
-            self.generation += 1
+            self.generation = self.generation + 1 if generation is None else generation
             self._changed.notify_all()
             self._notify_version_listeners()
 

@@ -61,8 +61,9 @@ class ShardControl(Protocol):
         """Start at ``version`` (a job restored from a checkpoint)."""
         ...
 
-    def start_generation(self, step: int) -> None:
-        """A state was loaded: drop the open step's partial pushes, open ``step``, start a new weights generation."""
+    def start_generation(self, step: int, generation: int | None = None) -> None:
+        """A state was loaded: drop the open step's partial pushes, open ``step``, start a new weights generation
+        (``generation``, or the next one when None)."""
         ...
 
     def status(self) -> dict[str, Any]:
@@ -140,8 +141,11 @@ class ShardGroup:
     def restore_version(self, version: int) -> None:
         self._each(lambda _, s: s.restore_version(version))
 
-    def start_generation(self, step: int) -> None:
-        self._each(lambda _, s: s.start_generation(step))
+    def start_generation(self, step: int, generation: int | None = None) -> None:
+        if generation is None:
+            self._each(lambda _, s: s.start_generation(step))
+        else:
+            self._each(lambda _, s: s.start_generation(step, generation))
 
     def statuses(self) -> list[dict[str, Any]]:
         return self._each(lambda _, s: s.status())

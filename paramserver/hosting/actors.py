@@ -8,7 +8,11 @@ the coordinator's reduce/apply calls); gRPC is the data plane (workers' pushes a
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import threading
+import time
+import uuid
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
@@ -20,7 +24,7 @@ from paramserver.core.job import JobSpec
 from paramserver.core.shard import Shard
 from paramserver.core.shards import ShardControl, ShardGroup
 from paramserver.service.checkpoints import ServiceCheckpoints
-from paramserver.service.coordinator_host import CoordinatorHost
+from paramserver.service.coordinator_host import RECOVER_TIMEOUT_S, CoordinatorHost
 from paramserver.service.metrics import start_metrics_server
 from paramserver.service.server import create_coordinator_server, create_shard_server
 from paramserver.service.shard_host import ShardHost
@@ -32,8 +36,13 @@ CONTROL_TIMEOUT_S = 120.0
 # A join waiting for the shard actors' initial weights asks them again every this many seconds (a shard
 # actor's thread waits meanwhile: one per shard and job, however many workers wait).
 INIT_POLL_S = 5.0
+# How often the coordinator actor checks that its shard actors are the processes the jobs' state is on (a
+# shard whose process died comes back empty through Ray's max_restarts, and every job rolls back).
+WATCH_S = 0.5
+SHARD_MAX_RESTARTS = -1  # Ray restarts a dead shard actor (in its placement group bundle) whenever it dies
 
 T = TypeVar("T")
+log = logging.getLogger("paramserver")
 
 
 def _advertised(bind_host: str) -> str:
@@ -50,6 +59,8 @@ class ShardProcess:
 
     def __init__(self, shard_id: int, config: ServerConfig, device: str) -> None:
         self.shard_id = shard_id
+        # this process's incarnation: a shard actor that Ray restarted (its process died) has a new one
+        self.incarnation = uuid.uuid4().hex
         self.num_shards = config.num_shards
         self.trusted_modules = config.trusted_modules
         self.device = device
@@ -66,6 +77,10 @@ class ShardProcess:
     def address(self) -> str:
         return self._address
 
+    def identity(self) -> tuple[str, str]:
+        """(incarnation, address): the coordinator's health check (a restarted shard has new ones)."""
+        return self.incarnation, self._address
+
     def placement(self) -> dict[str, Any]:
         import ray
 
@@ -81,6 +96,12 @@ class ShardProcess:
 
     def connect(self, name: str, coordinator: Any) -> None:
         self.host.set_coordinator(name, RemoteCoordinator(coordinator, name))
+
+    def recreate_job(self, name: str, config: bytes, coordinator: Any) -> None:
+        """Job ``name`` anew (empty, uninitialized) on this process, connected: a rollback fills it."""
+        self.host.remove_job(name)
+        self.create_job(name, config)
+        self.connect(name, coordinator)
 
     # -- the coordinator's calls on this shard's part of job ``name`` (``ShardControl``, through ``ActorShard``)
 
@@ -119,8 +140,8 @@ class ShardProcess:
     def restore_version(self, name: str, version: int) -> None:
         self._shard(name).restore_version(version)
 
-    def start_generation(self, name: str, step: int) -> None:
-        self._shard(name).start_generation(step)
+    def start_generation(self, name: str, step: int, generation: int | None = None) -> None:
+        self._shard(name).start_generation(step, generation)
 
     def status(self, name: str) -> dict[str, Any]:
         return self._shard(name).status()
@@ -205,8 +226,8 @@ class ActorShard:
     def restore_version(self, version: int) -> None:
         return self._done(self.actor.restore_version.remote(self.name, version))
 
-    def start_generation(self, step: int) -> None:
-        return self._done(self.actor.start_generation.remote(self.name, step))
+    def start_generation(self, step: int, generation: int | None = None) -> None:
+        return self._done(self.actor.start_generation.remote(self.name, step, generation))
 
     def status(self) -> dict[str, Any]:
         return self._done(self.actor.status.remote(self.name))
@@ -235,8 +256,10 @@ class RayShardGroup(ShardGroup):
 class RayFleet:
     """Shard actors: a job is created on each (each builds the same plan from the same config)."""
 
-    def __init__(self, actors: Sequence[Any]) -> None:
+    def __init__(self, actors: Sequence[Any], incarnations: Sequence[str] | None = None) -> None:
         self.actors = list(actors)
+        # the incarnation of each shard actor the jobs' state is on (``restarted`` compares)
+        self.incarnations: list[str | None] = list(incarnations) if incarnations is not None else [None] * len(self.actors)
         self._initialized: set[str] = set()  # jobs whose shards all have their initial weights
         # per job and event loop, the one round of wait_for_version calls the waiting joins share
         self._init_polls: dict[tuple[str, asyncio.AbstractEventLoop], asyncio.Task[None]] = {}
@@ -264,6 +287,45 @@ class RayFleet:
             if key[0] == name:
                 self._init_polls.pop(key, None)
         ray.get([a.delete_job.remote(name) for a in self.actors], timeout=CONTROL_TIMEOUT_S)
+
+    def restarted(self, timeout: float) -> dict[int, tuple[str, str]]:
+        """The shard actors whose process is not the one the jobs' state is on (Ray restarted it after it
+        died): shard -> (incarnation, address). A shard that does not answer (dead, restarting) is asked
+        again until ``timeout`` seconds have passed, then ``TimeoutError``."""
+        import ray
+
+        deadline = time.monotonic() + timeout
+        refs = [a.identity.remote() for a in self.actors]
+        changed: dict[int, tuple[str, str]] = {}
+        for j, actor in enumerate(self.actors):
+            while True:
+                try:
+                    incarnation, address = ray.get(refs[j], timeout=max(0.1, deadline - time.monotonic()))
+                    break
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"shard {j} did not answer within {timeout:.0f}s ({type(exc).__name__})") from None
+                    time.sleep(0.1)
+                    refs[j] = actor.identity.remote()
+            if self.incarnations[j] is None:
+                self.incarnations[j] = incarnation
+            elif incarnation != self.incarnations[j]:
+                changed[j] = (incarnation, address)
+        return changed
+
+    def acknowledge(self, changed: dict[int, tuple[str, str]]) -> None:
+        """The jobs are back on these restarted shards (``restarted``'s answer)."""
+        for j, (incarnation, _) in changed.items():
+            self.incarnations[j] = incarnation
+
+    def recreate_job(self, name: str, config: pb.JobConfig, shards: Sequence[int]) -> None:
+        """Job ``name`` anew, empty, on the restarted shard actors ``shards`` (a rollback then fills it)."""
+        import ray
+
+        me = ray.get_runtime_context().current_actor
+        self._initialized.discard(name)
+        data = config.SerializeToString()
+        ray.get([self.actors[j].recreate_job.remote(name, data, me) for j in shards], timeout=CONTROL_TIMEOUT_S)
 
     async def wait_initialized_async(self, name: str, timeout: float) -> bool:
         """Wait on the running event loop, holding no thread, until every shard actor of job ``name`` has its
@@ -304,8 +366,9 @@ class CoordinatorProcess:
         import ray
 
         bind_host = config.host
-        addresses = ray.get([a.address.remote() for a in shard_actors], timeout=CONTROL_TIMEOUT_S)
-        self.host = CoordinatorHost(RayFleet(shard_actors), addresses, config.trusted_modules)
+        identities = ray.get([a.identity.remote() for a in shard_actors], timeout=CONTROL_TIMEOUT_S)
+        fleet = RayFleet(shard_actors, [incarnation for incarnation, _ in identities])
+        self.host = CoordinatorHost(fleet, [address for _, address in identities], config.trusted_modules)
         if config.checkpoint_dir:
             ServiceCheckpoints(self.host, config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep).restore_all()
         self.server, bound = create_coordinator_server(self.host, f"{bind_host}:{config.port}", config)
@@ -313,6 +376,19 @@ class CoordinatorProcess:
         self.metrics_address = None
         if config.metrics_port is not None:
             self.metrics_address = f"{_advertised(bind_host)}:{start_metrics_server(config.metrics_port, bind_host)}"
+        # A shard actor that died comes back empty (Ray restarts it): a watcher notices within WATCH_S and rolls
+        # every job back to its newest checkpoint (workers that see the shard unavailable check at once too).
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="paramserver-shard-watch", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(WATCH_S):
+            try:
+                self.host.recover_shards(RECOVER_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - logged; the next round tries again
+                if not self._stopping.is_set():
+                    log.error("checking the shard actors failed: %s: %s", type(exc).__name__, exc)
 
     def address(self) -> str:
         return self._address
@@ -333,6 +409,7 @@ class CoordinatorProcess:
         return self.host.stop_requested.is_set()
 
     def stop(self) -> None:
+        self._stopping.set()
         self.server.stop(1.0).wait(5.0)
         if self.host.checkpoints is not None:
             self.host.checkpoints.close()

@@ -10,6 +10,7 @@ from typing import Any
 from paramserver.core.config import RayConfig, ServerConfig, split_options
 from paramserver.hosting.actors import (
     CONTROL_TIMEOUT_S,
+    SHARD_MAX_RESTARTS,
     CoordinatorProcess,
     ShardProcess,
 )
@@ -114,6 +115,7 @@ def serve(num_shards: int = 1, *, config: ServerConfig | None = None, ray_config
             num_cpus=cpus_per_shard,
             num_gpus=gpus_per_shard,
             max_concurrency=32,
+            max_restarts=SHARD_MAX_RESTARTS,  # a shard that dies comes back empty; the coordinator rolls back
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=j),
         ).remote(j, config, device)
         for j in range(num_shards)

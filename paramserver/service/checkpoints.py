@@ -8,7 +8,7 @@ import logging
 from concurrent.futures import Future
 
 from paramserver import checkpoint
-from paramserver.core.coordinator import StepResult
+from paramserver.core.coordinator import Coordinator, StepResult
 from paramserver.service.coordinator_host import CoordinatorHost
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
 
@@ -43,6 +43,18 @@ class ServiceCheckpoints:
             log.info("job %s restored at step %d onto %d shards (saved from %d)", name, part["step"], len(self.host.fleet), len(shards))
             restored.append(name)
         return restored
+
+    def roll_back(self, name: str, coordinator: Coordinator) -> int | None:
+        """Load job ``name``'s newest valid checkpoint into its ``coordinator`` (every shard, a new weights
+        generation, the job at the checkpoint's step); returns that step, or None when it has none."""
+        try:
+            part, shards = checkpoint.read_latest(self.directory, name)
+        except FileNotFoundError:
+            return None
+        coordinator.load_state_dict(checkpoint.torch_state(part, shards), step=part["step"])
+        coordinator.schedule.applied_steps = part["applied_steps"]
+        coordinator.skipped_steps = part["skipped_steps"]
+        return part["step"]
 
     def _stepped(self, name: str, result: StepResult) -> None:
         # on the thread that closed the step, its coordinator's lock held: only the copy happens here

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from paramserver.core.coordinator import Coordinator, StepResult
-from paramserver.core.errors import JobExistsError, JobNotFoundError
+from paramserver.core.errors import JobExistsError, JobFailedError, JobNotFoundError
 from paramserver.core.job import JobSpec
 from paramserver.core.shard import Shard
 from paramserver.core.shards import ShardGroup
@@ -26,6 +26,9 @@ from paramserver.wire.jobconfig import build_job
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
 
 log = logging.getLogger("paramserver")
+
+# How long a check of the shards waits for one that died to come back (Ray restarts it) before it gives up.
+RECOVER_TIMEOUT_S = 60.0
 
 class LocalFleet:
     """Shard hosts in this process: a job's shards are plain objects the coordinator calls directly."""
@@ -51,6 +54,10 @@ class LocalFleet:
         for host in self.hosts:
             host.remove_job(name)
         self._initialized.pop(name, None)
+
+    def restarted(self, timeout: float) -> dict[int, tuple[str, str]]:
+        """Shards in this process never restart on their own."""
+        return {}
 
     async def wait_initialized_async(self, name: str, timeout: float) -> bool:
         """Wait on the running event loop, holding no thread, until every shard of job ``name`` has its
@@ -126,6 +133,7 @@ class Job:
     coordinator: Coordinator
     members: set[int]
     restored: bool = False  # started from a checkpoint: rank 0's initial weights do not replace its state
+    lost: str | None = None  # a shard died and there was no checkpoint to roll back to: why the job failed
 
     @property
     def ready(self) -> bool:
@@ -159,6 +167,7 @@ class CoordinatorHost:
         # Called with (job name, result) after every closed step, the job's coordinator lock held (checkpoints).
         self.step_hook: Callable[[str, StepResult], None] | None = None
         self.checkpoints: Any = None  # a paramserver.service.checkpoints.ServiceCheckpoints when checkpointing
+        self._recover_lock = threading.Lock()  # one check of the shards (and rollback) at a time
 
     def job(self, name: str) -> Job:
         try:
@@ -204,6 +213,44 @@ class CoordinatorHost:
             listener()
         return job
 
+    def recover_shards(self, timeout: float) -> list[int]:
+        """Check that every shard process is the one the jobs' state is on; when some died and came back
+        empty (Ray restarted them, ``replicas=0``), roll every job back to its newest checkpoint: the job is
+        re-created on those shards, every shard loads the checkpoint's state in a new weights generation (so
+        every stale push and pull is refused), the job goes on from the checkpoint's step, the shard map has
+        the new addresses and its epoch moves on. A job without a checkpoint fails (``JobFailedError``).
+        Waits at most ``timeout`` seconds for a restarting shard. Returns the restarted shards."""
+        with self._recover_lock:
+            changed = self.fleet.restarted(timeout)
+            if not changed:
+                return []
+            shards = sorted(changed)
+            log.warning("shard%s %s died and restarted empty: rolling back %d job(s)", "s" if len(shards) > 1 else "", shards, len(self._jobs))
+            for j, (_, address) in changed.items():
+                self.shard_addresses[j] = address
+            for job in list(self._jobs.values()):
+                self._roll_back(job, shards)
+            self.fleet.acknowledge(changed)
+            return shards
+
+    def _roll_back(self, job: Job, shards: list[int]) -> None:
+        coordinator = job.coordinator
+        died = f"shard{'s' if len(shards) > 1 else ''} {', '.join(map(str, shards))} of job {job.name!r} died"
+        step = None
+        if job.lost is None:
+            self.fleet.recreate_job(job.name, job.config, shards)
+            if self.checkpoints is not None:
+                step = self.checkpoints.roll_back(job.name, coordinator)
+        if step is None:
+            where = "the service has no checkpoint_dir" if self.checkpoints is None else f"none in {self.checkpoints.directory}"
+            job.lost = job.lost or f"{died} and no checkpoint exists to roll back to ({where}): the job has failed"
+            with coordinator._lock:
+                coordinator.failed = job.lost
+            log.error("%s", job.lost)
+        else:
+            log.warning("%s: job rolled back to its checkpoint of step %d", died, step)
+        coordinator.bump_epoch()
+
     def _stepped(self, name: str, result: StepResult) -> None:
         metrics.record_step(name, result)
         if self.step_hook is not None:
@@ -243,6 +290,8 @@ class CoordinatorHost:
             self._waiting_joins[name] = self._waiting_joins.get(name, 0) + 1
         try:
             job = await self._wait_created(name, loop, deadline, wait)
+            if job.lost is not None:
+                raise JobFailedError(job.lost)
             job.coordinator.check_worker(rank)
             if not await self.fleet.wait_initialized_async(name, max(0.0, deadline - loop.time())):
                 raise TimeoutError(f"job {name!r}: the shards had no initial weights from rank 0 within {wait:.1f}s")

@@ -18,7 +18,7 @@ import grpc.aio
 
 from paramserver.core.coordinator import StepResult
 from paramserver.core.state import loaded_step
-from paramserver.service.coordinator_host import CoordinatorHost, Job
+from paramserver.service.coordinator_host import RECOVER_TIMEOUT_S, CoordinatorHost, Job
 from paramserver.service.shard_host import MAX_WAIT_S
 from paramserver.service.status import translate_errors
 from paramserver.wire import codec, jobconfig, json_values
@@ -76,6 +76,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     @translate_errors
     async def JoinJob(self, request: pb.JoinJobRequest, context: grpc.aio.ServicerContext) -> pb.JobInfo:
+        # a worker that lost a shard joins again: a shard that died and restarted is noticed (and the job
+        # rolled back) before the answer names the shards' addresses
+        await self._run(self.host.recover_shards, RECOVER_TIMEOUT_S)
         # waits for rank 0's job and initial weights on the loop, until the call's deadline (capped)
         job = await self.host.wait_joinable(request.job, request.rank, context.time_remaining())
         return await self._run(self._joined, job, request.rank)

@@ -11,6 +11,7 @@ the status code only when there is no ErrorInfo (errors made by gRPC itself, or 
 | FutureStepError | FAILED_PRECONDITION | FUTURE_STEP | a push for a step that has not opened yet; carries the server's version |
 | StepMismatchError | FAILED_PRECONDITION | STEP_MISMATCH | any other step mismatch (their base class); carries the server's version |
 | StateReloadedError | FAILED_PRECONDITION | STATE_RELOADED | a push computed on weights a load has replaced (another generation); carries the loaded step |
+| RolledBackError | ABORTED | ROLLED_BACK | a shard died and the job rolled back to its newest checkpoint; carries that step |
 | NotReadyError | FAILED_PRECONDITION | NOT_READY | a push to a shard whose initial weights are not in place yet |
 | JobFailedError | FAILED_PRECONDITION | JOB_FAILED | a step's update failed part-way: no step until a state is loaded |
 | NonFiniteGradientError | INVALID_ARGUMENT | NONFINITE_GRADIENT | a gradient holds inf or nan and the job's policy is 'error' |
@@ -53,6 +54,7 @@ from paramserver.core.errors import (
     JobNotFoundError,
     NonFiniteGradientError,
     NotReadyError,
+    RolledBackError,
     StaleStepError,
     StateReloadedError,
     StepMismatchError,
@@ -86,6 +88,8 @@ TABLE: tuple[ErrorKind, ...] = (
               "any other step mismatch (their base class); carries the server's version"),
     ErrorKind(StateReloadedError, Code.FAILED_PRECONDITION, "STATE_RELOADED",
               "a push computed on weights a load has replaced (another generation); carries the loaded step"),
+    ErrorKind(RolledBackError, Code.ABORTED, "ROLLED_BACK",
+              "a shard died and the job rolled back to its newest checkpoint; carries that step"),
     ErrorKind(NotReadyError, Code.FAILED_PRECONDITION, "NOT_READY",
               "a push to a shard whose initial weights are not in place yet"),
     ErrorKind(JobFailedError, Code.FAILED_PRECONDITION, "JOB_FAILED",

@@ -98,7 +98,7 @@ class FakeShard:
     def status(self) -> dict[str, Any]:
         return {"version": 0, "pushed": [], "initialized": True, "placement": f"fake {self.j}"}
 
-    def start_generation(self, step: int) -> None:
+    def start_generation(self, step: int, generation: int | None = None) -> None:
         self.calls.append(("start_generation", step))
 
     def wait_for_version(self, min_version: int, timeout: float) -> int:
