@@ -24,7 +24,8 @@ import signal
 import sys
 import threading
 import typing
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from paramserver.core.config import PLACEMENT_STRATEGIES, RayConfig, ServerConfig, TLSConfig, field_docs
 
@@ -37,6 +38,8 @@ _BY_OTHER_MEANS = {
 _CLI_DEFAULTS = {"port": 50051}  # the service's well-known port; the Python API's default is 0 (any free one)
 # Short spellings kept for existing scripts.
 _ALIASES = {"num_shards": ["--shards"]}
+
+T = TypeVar("T")
 
 
 def _token(env: str | None) -> str | None:
@@ -123,15 +126,22 @@ def _client(args: argparse.Namespace):  # noqa: ANN202 - a workers.client.Servic
     )
 
 
-def _status(args: argparse.Namespace) -> int:
+def _ask(args: argparse.Namespace, call: Callable[[Any], T]) -> T | None:
+    """``call(client)`` on a client of ``args.address``; any error is reported in one line, with its class (None)."""
     client = _client(args)
     try:
-        st = client.status()
-    except Exception as exc:  # noqa: BLE001 - any error is reported in one line, with its class
+        return call(client)
+    except Exception as exc:  # noqa: BLE001 - reported, and the command exits 1
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        return None
     finally:
         client.close()
+
+
+def _status(args: argparse.Namespace) -> int:
+    st = _ask(args, lambda client: client.status())
+    if st is None:
+        return 1
     print(f"job {st.job}: step {st.version}, members {list(st.members)} of {st.num_workers} workers (epoch {st.epoch}), "
           f"{st.skipped_steps} skipped, last total norm {st.last_total_norm:.4g}, lrs {[round(x, 8) for x in st.lrs]}")
     for s in st.shards:
@@ -141,27 +151,16 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    client = _client(args)
-    try:
-        client.stop()
-    except Exception as exc:  # noqa: BLE001 - any error is reported in one line, with its class
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+    if _ask(args, lambda client: client.stop() or True) is None:
         return 1
-    finally:
-        client.close()
     print("stop requested")
     return 0
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
-    client = _client(args)
-    try:
-        step = client.checkpoint()
-    except Exception as exc:  # noqa: BLE001 - any error is reported in one line, with its class
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+    step = _ask(args, lambda client: client.checkpoint())
+    if step is None:
         return 1
-    finally:
-        client.close()
     print(f"job {args.job}: checkpoint of step {step} written")
     return 0
 

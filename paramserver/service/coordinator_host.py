@@ -22,6 +22,7 @@ from paramserver.core.shard import Shard
 from paramserver.core.shards import ShardGroup
 from paramserver.service import metrics
 from paramserver.service.shard_host import MAX_WAIT_S, ShardHost
+from paramserver.service.wakeup import LoopWakeup
 from paramserver.wire.jobconfig import build_job
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
 
@@ -161,7 +162,7 @@ class CoordinatorHost:
         # Called (no arguments) after a job is created, on the creating thread: they must not block.
         self._job_listeners: tuple[Callable[[], None], ...] = ()
         # the asyncio joins waiting for a job to be created: per event loop, one listener wakes them all
-        self._watches: dict[asyncio.AbstractEventLoop, _JobWatch] = {}
+        self._watches: dict[asyncio.AbstractEventLoop, LoopWakeup] = {}
         self._waiting_joins: dict[str, int] = {}
         self._waiting_lock = threading.Lock()  # of the two above and the listeners; held for moments only
         # Called with (job name, result) after every closed step, the job's coordinator lock held (checkpoints).
@@ -305,22 +306,10 @@ class CoordinatorHost:
     async def _wait_created(self, name: str, loop: asyncio.AbstractEventLoop, deadline: float, wait: float) -> Job:
         watch = self._watches.get(loop)
         if watch is None:
-            watch = self._watches[loop] = _JobWatch(loop)
+            watch = self._watches[loop] = LoopWakeup(loop)
             self.add_job_listener(watch.changed)
-        # The check and the registration of the future run in one go on the loop, and every creation is
-        # handed to the loop after it is made: no wake-up falls between them.
-        while name not in self._jobs:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError(f"job {name!r} was not created within {wait:.1f}s")
-            created = loop.create_future()
-            watch.waiters.add(created)
-            try:
-                await asyncio.wait_for(created, remaining)
-            except asyncio.TimeoutError:
-                pass  # the loop's condition says what it was
-            finally:
-                watch.waiters.discard(created)
+        if not await watch.wait_until(lambda: name in self._jobs, deadline):
+            raise TimeoutError(f"job {name!r} was not created within {wait:.1f}s")
         return self._jobs[name]
 
     def add_member(self, job: Job, rank: int) -> None:
@@ -381,24 +370,3 @@ class CoordinatorHost:
             "last_total_norm": last.total_norm if last is not None else 0.0,
             "waiting_for": f"step {step}: " + "; ".join(waiting) if waiting else "",
         }
-
-
-class _JobWatch:
-    """The joins of one event loop that wait for a job to be created: one listener wakes them all."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.waiters: set[asyncio.Future[None]] = set()
-        self.changed = self._changed  # one bound method, so that remove_job_listener finds it
-
-    def _changed(self) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self._wake)
-        except RuntimeError:
-            pass  # the loop is closed: nobody waits on it any more
-
-    def _wake(self) -> None:
-        waiters, self.waiters = self.waiters, set()
-        for future in waiters:
-            if not future.done():
-                future.set_result(None)

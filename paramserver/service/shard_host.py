@@ -13,6 +13,7 @@ import torch
 from paramserver.core.coordinator import Coordinator
 from paramserver.core.errors import JobNotFoundError
 from paramserver.core.shard import Shard
+from paramserver.service.wakeup import LoopWakeup
 
 MAX_WAIT_S = 300.0
 
@@ -25,7 +26,7 @@ class ShardHost:
         self._coordinators: dict[str, Coordinator] = {}
         self._locks: dict[str, threading.Lock] = {}
         # asyncio pulls wait on these: per shard and event loop, one listener on the shard wakes them all
-        self._watches: weakref.WeakKeyDictionary[Shard, dict[asyncio.AbstractEventLoop, _VersionWatch]] = weakref.WeakKeyDictionary()
+        self._watches: weakref.WeakKeyDictionary[Shard, dict[asyncio.AbstractEventLoop, LoopWakeup]] = weakref.WeakKeyDictionary()
 
     def add_job(self, job: str, shard: Shard, coordinator: Any) -> None:
         """Host ``shard`` of ``job``; ``coordinator`` (anything with ``shard_ready(shard, step)``) may come
@@ -95,25 +96,13 @@ class ShardHost:
         watches = self._watches.setdefault(shard, {})
         watch = watches.get(loop)
         if watch is None:
-            watch = watches[loop] = _VersionWatch(shard, loop)
-        deadline = loop.time() + wait
-        # The check and the registration of the future run in one go on the loop, and every change is
-        # handed to the loop after it is made: no wake-up falls between them.
-        while not shard.reached(min_version, generation):
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError(
-                    f"shard {shard.shard_id}: still at version {shard.version}"
-                    f"{'' if shard.initialized else ' (not initialized)'} after {wait:.1f}s waiting for {min_version}"
-                )
-            changed = loop.create_future()
-            watch.waiters.add(changed)
-            try:
-                await asyncio.wait_for(changed, remaining)
-            except asyncio.TimeoutError:
-                pass  # the loop's condition says what it was
-            finally:
-                watch.waiters.discard(changed)
+            watch = watches[loop] = LoopWakeup(loop)
+            shard.add_version_listener(watch.changed)
+        if not await watch.wait_until(lambda: shard.reached(min_version, generation), loop.time() + wait):
+            raise TimeoutError(
+                f"shard {shard.shard_id}: still at version {shard.version}"
+                f"{'' if shard.initialized else ' (not initialized)'} after {wait:.1f}s waiting for {min_version}"
+            )
         return shard.version, shard.generation, shard.weight_buffers()
 
     def waiting_pulls(self, job: str) -> int:
@@ -126,26 +115,3 @@ class ShardHost:
             watch = watches.pop(loop, None)
             if watch is not None:
                 shard.remove_version_listener(watch.changed)
-
-
-class _VersionWatch:
-    """The pulls of one event loop that wait for one shard's version: one listener wakes them all."""
-
-    def __init__(self, shard: Shard, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.waiters: set[asyncio.Future[None]] = set()
-        self.changed = self._changed  # one bound method, so that remove_version_listener finds it
-        shard.add_version_listener(self.changed)
-
-    def _changed(self) -> None:
-        # on the thread that changed the shard, its lock held: hand the news to the loop, nothing more
-        try:
-            self.loop.call_soon_threadsafe(self._wake)
-        except RuntimeError:
-            pass  # the loop is closed: nobody waits on it any more
-
-    def _wake(self) -> None:
-        waiters, self.waiters = self.waiters, set()
-        for future in waiters:
-            if not future.done():
-                future.set_result(None)

@@ -9,9 +9,9 @@ import torch
 
 import paramserver as ps
 from paramserver.checkpoint import load_torch_state, steps
-from tests.helpers.reference import Reference, make_model, run_threads, worker_grads
+from tests.helpers.reference import Reference, make_model, worker_grads
+from tests.helpers.training import resume_workers
 from workers.client import ServiceClient
-from workers.remote_optimizer import RemoteOptimizer
 
 pytestmark = pytest.mark.ray
 
@@ -19,24 +19,8 @@ W, STOP_AT, TOTAL, MORE = 2, 4, 8, 2
 JOB = "ray-ckpt"
 OPTIONS = {"lr": 1e-2, "betas": (0.8, 0.9)}
 STEP_LR = {"step_size": 3, "gamma": 0.5}
+WORKER = {"timeout": 60, "optimizer": "Adam", "job": JOB, "scheduler": "StepLR", "scheduler_kwargs": STEP_LR, **OPTIONS}
 RAY = {"cpus_per_shard": 0.25, "placement": "SPREAD", "placement_timeout": 60.0}
-
-
-def _train(address: str, models: list[torch.nn.Module], until: int, starts: list[int]) -> None:
-    """Every worker (a thread) trains ``range(opt.step_count, until)`` on its reference gradients."""
-
-    def worker(rank: int) -> None:
-        model = models[rank]
-        with RemoteOptimizer(model.named_parameters(), "Adam", address=address, job=JOB, rank=rank, num_workers=W,
-                             timeout=60, join_timeout=60, scheduler="StepLR", scheduler_kwargs=STEP_LR, **OPTIONS) as opt:
-            starts[rank] = opt.step_count
-            for step in range(opt.step_count, until):
-                grads = worker_grads(list(model.parameters()), step, W)[rank]
-                for p, g in zip(model.parameters(), grads):
-                    p.grad = g.clone()
-                opt.step()
-
-    run_threads(W, worker, timeout=180)
 
 
 def _reference(total: int) -> tuple[torch.nn.Module, Reference]:
@@ -52,7 +36,7 @@ def test_a_whole_service_restart_on_ray_onto_three_shards_continues_exactly(ray_
     starts = [-1] * W
     service = ps.serve(2, checkpoint_dir=d, checkpoint_every=2, **RAY)
     try:
-        _train(service.address, [make_model() for _ in range(W)], STOP_AT, starts)
+        resume_workers(service.address, [make_model() for _ in range(W)], STOP_AT, starts, **WORKER)
         assert starts == [0, 0]
     finally:
         service.shutdown()
@@ -67,7 +51,7 @@ def test_a_whole_service_restart_on_ray_onto_three_shards_continues_exactly(ray_
             assert client.status().version == STOP_AT
         finally:
             client.close()
-        _train(service.address, models, TOTAL, starts)
+        resume_workers(service.address, models, TOTAL, starts, **WORKER)
         assert starts == [STOP_AT, STOP_AT]
     finally:
         service.shutdown()

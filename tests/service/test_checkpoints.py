@@ -9,30 +9,14 @@ import torch
 from paramserver.__main__ import main
 from paramserver.checkpoint import load_torch_state, steps
 from paramserver.service.local import serve_local
-from tests.helpers.reference import make_model, run_threads, worker_grads
+from tests.helpers.reference import make_model, worker_grads
+from tests.helpers.training import resume_workers
 from workers.client import ServiceClient
-from workers.remote_optimizer import RemoteOptimizer
 
 W, TOTAL, STOP_AT = 2, 9, 6
 OPTIONS = {"lr": 1e-2, "betas": (0.8, 0.9)}
 SCHED = {"scheduler": "StepLR", "scheduler_kwargs": {"step_size": 2, "gamma": 0.5}}
-
-
-def _train(address: str, models: list[torch.nn.Module], until: int, starts: list[int]) -> None:
-    """Every worker trains ``range(opt.step_count, until)`` on the reference gradients (its own worker's)."""
-
-    def worker(rank: int) -> None:
-        model = models[rank]
-        with RemoteOptimizer(model.named_parameters(), "Adam", address=address, job="j", rank=rank, num_workers=W,
-                             timeout=30, join_timeout=30, **SCHED, **OPTIONS) as opt:
-            starts[rank] = opt.step_count
-            for step in range(opt.step_count, until):
-                grads = worker_grads(list(model.parameters()), step, W)[rank]
-                for p, g in zip(model.parameters(), grads):
-                    p.grad = g.clone()
-                opt.step()
-
-    run_threads(W, worker, timeout=120)
+WORKER = {"timeout": 30, "optimizer": "Adam", "job": "j", **SCHED, **OPTIONS}
 
 
 def _reference() -> list[torch.Tensor]:
@@ -53,7 +37,7 @@ def test_a_restarted_service_restores_the_job_onto_other_shards_and_continues_ex
     d = str(tmp_path)
     starts = [-1] * W
     with serve_local(before, checkpoint_dir=d, checkpoint_every=3, checkpoint_keep=2) as service:
-        _train(service.address, [make_model() for _ in range(W)], STOP_AT, starts)
+        resume_workers(service.address, [make_model() for _ in range(W)], STOP_AT, starts, **WORKER)
         assert starts == [0, 0]
     assert steps(d, "j") == [3, 6]  # written by the time shutdown returns
     with serve_local(after, checkpoint_dir=d) as service:
@@ -63,7 +47,7 @@ def test_a_restarted_service_restores_the_job_onto_other_shards_and_continues_ex
         finally:
             client.close()
         models = [make_model(seed=7) for _ in range(W)]  # other initial weights: the restored ones win
-        _train(service.address, models, TOTAL, starts)
+        resume_workers(service.address, models, TOTAL, starts, **WORKER)
         assert starts == [STOP_AT, STOP_AT]
     expected = _reference()
     for model in models:
@@ -74,7 +58,7 @@ def test_a_restarted_service_restores_the_job_onto_other_shards_and_continues_ex
 def test_on_demand_checkpoint_and_export(tmp_path):
     d = str(tmp_path / "ckpt")
     with serve_local(2, checkpoint_dir=d) as service:
-        _train(service.address, [make_model() for _ in range(W)], 2, [-1] * W)
+        resume_workers(service.address, [make_model() for _ in range(W)], 2, [-1] * W, **WORKER)
         client = ServiceClient(service.address, "j", timeout=30)
         try:
             assert client.checkpoint() == 2
@@ -95,7 +79,7 @@ def test_on_demand_checkpoint_and_export(tmp_path):
 
 def test_checkpoint_without_a_directory_is_refused():
     with serve_local(1) as service:
-        _train(service.address, [make_model() for _ in range(W)], 1, [-1] * W)
+        resume_workers(service.address, [make_model() for _ in range(W)], 1, [-1] * W, **WORKER)
         client = ServiceClient(service.address, "j", timeout=10)
         try:
             with pytest.raises(ValueError, match="checkpoint_dir"):

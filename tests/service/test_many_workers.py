@@ -17,6 +17,7 @@ from torch import nn
 
 from paramserver.service.local import serve_local
 from tests.helpers.reference import Reference, worker_grads
+from tests.helpers.training import wait_until
 from workers.remote_optimizer import RemoteOptimizer
 
 W = 128  # workers
@@ -24,13 +25,6 @@ THREADS = 8  # the front door's threads: far fewer than the joins that wait at o
 STEPS = 3
 SGD = {"lr": 0.1, "momentum": 0.9}
 T = 30.0  # the deadline of every call and every wait, in seconds
-
-
-def wait_until(condition, what: str, timeout: float = T) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def test_128_workers_join_before_rank_0_creates_the_job():
@@ -58,7 +52,7 @@ def test_128_workers_join_before_rank_0_creates_the_job():
         try:
             joins = [pool.submit(start, rank) for rank in range(1, W)]
             # every joiner waits at the front door before the job exists (a join that failed ends this early)
-            wait_until(lambda: coordinator.waiting_joins(job) == W - 1 or any(f.done() for f in joins), f"{W - 1} waiting joins")
+            wait_until(lambda: coordinator.waiting_joins(job) == W - 1 or any(f.done() for f in joins), f"{W - 1} waiting joins", T)
             assert not any(f.done() for f in joins) and coordinator.waiting_joins(job) == W - 1
             started = time.perf_counter()
             pool.submit(start, 0).result(T)  # rank 0 creates the job and pushes its initial weights

@@ -19,6 +19,7 @@ from paramserver.service.local import serve_local
 from paramserver.wire import codec
 from paramserver.wire.jobconfig import describe_job
 from tests.helpers.reference import mean_of
+from tests.helpers.training import wait_until
 from workers.client import ServiceClient
 
 W = 128  # workers, all on one shard
@@ -26,13 +27,6 @@ STEPS = 6  # steps 0 to 2 push through streams held open, the others through Ser
 N = 300  # floats in the model
 SGD = {"lr": 0.1, "momentum": 0.9}
 T = 30.0  # the deadline of every call and every wait, in seconds
-
-
-def wait_until(condition, what: str, timeout: float = T) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def test_one_shard_serves_128_concurrent_workers():
@@ -72,7 +66,7 @@ def test_one_shard_serves_128_concurrent_workers():
             started = time.perf_counter()
             for step in range(STEPS):
                 pulls = [pool.submit(clients[r].pull, r, step + 1, T) for r in range(W)]
-                wait_until(lambda: host.waiting_pulls(job) == W, f"{W} pulls waiting for step {step + 1}")
+                wait_until(lambda: host.waiting_pulls(job) == W, f"{W} pulls waiting for step {step + 1}", T, poll=0.005)
                 if step < 3:
                     barrier = threading.Barrier(W, timeout=T)
                     pushes = [pool.submit(held_open_push, r, step, barrier) for r in range(W)]
