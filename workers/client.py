@@ -91,6 +91,9 @@ class ServiceClient:
         self.moved: list[int] = []  # the shards whose address the last (re)join changed
         self.coordinator = pb_grpc.CoordinatorStub(self._channel(address))
         self.shards: list[pb_grpc.ShardStub] = []
+        # The last CreateJob/JoinJob reply; its .generation is the job's weights generation at that time (a
+        # rejoin compares it with its weights' to tell a standby's takeover from a rollback), unlike
+        # self.generation below, the generation of the last pull.
         self.info: pb.JobInfo | None = None
         self.plan: ShardingPlan | None = None
         self._pool: ThreadPoolExecutor | None = None

@@ -30,6 +30,7 @@ from workers.client import ServiceClient
 
 
 _RESYNC_TRIES = 10
+_MAX_RECOVERIES = 5  # shard losses one step() gets over (a shard may die again while it recovers)
 
 
 class NonFiniteNormError(RuntimeError):
@@ -165,10 +166,14 @@ class RemoteOptimizer:
         becomes the loaded step and ``StateReloadedError`` is raised, whose ``.step`` is that step. Catch it
         and go on from ``err.step`` (recompute the gradients on the new weights).
 
-        If a shard died (``replicas=0``), the job rolled back to its newest checkpoint: this worker reconnects
-        to the shards' new addresses, pulls the checkpoint's weights into the model, sets ``step_count`` to
-        its step and raises ``RolledBackError`` (a ``StateReloadedError``) with that ``.step``. Without a
-        checkpoint the job has failed: ``JobFailedError``."""
+        If a shard died, this worker joins again (the coordinator checks its shards) and reconnects to the
+        shards' new addresses. With ``replicas=1`` a standby took over with no step lost (the job's weights
+        generation is unchanged): the step's pushes are made again to the new primaries and the pull retried,
+        and ``step()`` returns as usual; a takeover is invisible to the training loop (up to
+        ``_MAX_RECOVERIES`` of them in one step, then the error is raised). With ``replicas=0`` the job rolled
+        back to its newest checkpoint: this worker pulls the checkpoint's weights into the model, sets
+        ``step_count`` to its step and raises ``RolledBackError`` (a ``StateReloadedError``) with that
+        ``.step``. Without a checkpoint the job has failed: ``JobFailedError``."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -182,34 +187,32 @@ class RemoteOptimizer:
             grads = self.buffers.gather_grads()
             if not all(bool(torch.isfinite(b).all()) for shard in grads for b in shard):
                 raise NonFiniteGradientError(f"worker {self.rank}: gradients of step {step} hold inf or nan; nothing was pushed")
-        # Shards whose gradients were not pushed during backward go now.
-        for j in range(self.plan.num_shards):
-            if j not in self._in_flight:
-                self._in_flight[j] = self._push_shard(step, j)
-        generation = self.generation
-        reloaded: StateReloadedError | None = None
-        error: BaseException | None = None
-        try:
-            for future in self._in_flight.values():  # every push ends before any error is raised
-                try:
-                    future.result(timeout=self.timeout + 5)
-                except StateReloadedError as exc:
-                    reloaded = exc
-                except Exception as exc:  # noqa: BLE001 - raised below, after the other pushes ended
-                    error = error or exc
+        try:  # shards whose gradients were not pushed during backward go now
+            for j in range(self.plan.num_shards):
+                if j not in self._in_flight:
+                    self._in_flight[j] = self._push_shard(step, j)
         finally:
-            self._in_flight = {}
+            pushes, self._in_flight = self._in_flight, {}
             self._waiting = [len(m) for m in self.buffers.members]
-        if error is not None and _shard_lost(error):
-            self._recover(error)
-        if reloaded is not None:
-            self._reloaded(reloaded.version)
-        if error is not None:
-            raise error
-        try:
-            replies = self.client.pull(self.rank, step + 1, destinations=self.buffers.weights, generation=generation)
-        except (ConnectionError, JobNotFoundError) as exc:
-            self._recover(exc)
+        generation = self.generation
+        recoveries = 0
+        while True:
+            failures = self._await_pushes(pushes)
+            lost = next((exc for exc in failures.values() if _shard_lost(exc)), None)
+            if lost is None:
+                self._raise_refusal(failures, after_takeover=recoveries > 0)
+                try:
+                    replies = self.client.pull(self.rank, step + 1, destinations=self.buffers.weights, generation=generation)
+                    break
+                except (ConnectionError, JobNotFoundError) as exc:
+                    lost = exc
+            if recoveries == _MAX_RECOVERIES:
+                raise lost
+            moved = self._recover(lost)  # raises unless a standby took over
+            recoveries += 1
+            # The new primaries lost the open step's pushes; the gradient buffers are intact (a pull writes only
+            # the weights). Pushes are idempotent: one whose step closed already answers "applied".
+            pushes = {j: self._push_shard(step, j) for j in sorted({*failures, *moved})}
         if any(g != generation for g in self.client.generations):
             self._reloaded(min(version for version, _ in replies))  # a load happened while this worker waited
         self.buffers.scatter_weights()
@@ -217,6 +220,28 @@ class RemoteOptimizer:
         if self._error_if_nonfinite:
             self._raise_if_refused(step)
         return loss
+
+    def _await_pushes(self, pushes: dict[int, Future]) -> dict[int, BaseException]:
+        """Wait for every push (each ends before any error is raised); the error of each that failed, by shard."""
+        failures: dict[int, BaseException] = {}
+        for j, future in pushes.items():
+            try:
+                future.result(timeout=self.timeout + 5)
+            except Exception as exc:  # noqa: BLE001 - sorted out by the caller
+                failures[j] = exc
+        return failures
+
+    def _raise_refusal(self, failures: dict[int, BaseException], after_takeover: bool) -> None:
+        """Raise what the shards answered to pushes that failed with their shard alive: a load since this
+        worker's weights first (after a takeover the job's generation did not change, so a shard of another
+        one means the job rolled back after all), then any other error."""
+        for exc in failures.values():
+            if isinstance(exc, StateReloadedError):
+                if after_takeover:
+                    self._rolled_back(exc)
+                self._reloaded(exc.version)
+        if failures:
+            raise next(iter(failures.values()))
 
     def _raise_if_refused(self, step: int) -> None:
         # Under synchronous steps no later step closes before this worker pushes again, so the last
@@ -282,13 +307,23 @@ class RemoteOptimizer:
             f"(versions {sorted(versions)}, generations {sorted(generations, key=str)}) over {_RESYNC_TRIES} pulls"
         )
 
-    def _recover(self, error: BaseException) -> None:
-        """A shard was unreachable: join again, which has the coordinator check its shards (rolling the job
-        back when one died). If the shard map moved, take the rolled-back weights and raise ``RolledBackError``;
-        else raise ``error``. A job that could not roll back raises its ``JobFailedError``."""
-        self.client.join_job(self.rank, timeout=self.join_timeout)
+    def _recover(self, error: BaseException) -> list[int]:
+        """A shard was unreachable: join again, which has the coordinator check its shards (a standby takes
+        over a dead primary under ``replicas=1``; the job rolls back to a checkpoint under ``replicas=0``).
+        Returns the shards whose address changed while the job's weights generation stayed this worker's: a
+        standby took over with no step lost. Raises ``error`` if no shard moved; if the generation changed the
+        job rolled back: takes the rolled-back weights and raises ``RolledBackError``. A job that could not roll
+        back raises its ``JobFailedError``."""
+        info = self.client.join_job(self.rank, timeout=self.join_timeout)
         if not self.client.moved:
             raise error
+        if info.generation != self.generation:
+            self._rolled_back(error)
+        self._check_same_params()
+        return list(self.client.moved)
+
+    def _rolled_back(self, error: BaseException) -> None:
+        """The job rolled back to its newest checkpoint: take its weights and raise ``RolledBackError``."""
         self._check_same_params()
         self.step_count = self._resync(0)
         raise RolledBackError(
@@ -303,7 +338,8 @@ class RemoteOptimizer:
         try:
             self.step_count = self._resync(min_version)
         except (ConnectionError, JobNotFoundError) as exc:
-            self._recover(exc)
+            self._recover(exc)  # raises unless a standby took over: then pull from it
+            self.step_count = self._resync(min_version)
         raise StateReloadedError(
             f"worker {self.rank}: a state was loaded into job {self.client.job!r} since this worker's weights; its gradients "
             f"were not applied. The model now holds the loaded weights: go on from step {self.step_count}",

@@ -268,8 +268,14 @@ class RayConfig:
     """Placement-group strategy of the shards: SPREAD, STRICT_SPREAD, PACK or STRICT_PACK."""
     placement_timeout: float = 60.0
     """Seconds to wait for the shards' placement before giving up."""
+    replicas: int = 0
+    """Standbys per shard: 1 gives each shard a standby (on another node where the cluster has one) that
+    applies the same updates and takes over, with no step lost, when the primary dies; 0: a shard that dies
+    rolls the jobs back to their newest checkpoint."""
 
     def __post_init__(self) -> None:
+        if self.replicas not in (0, 1) or isinstance(self.replicas, bool):
+            raise ValueError(f"replicas must be 0 or 1, got {self.replicas!r}")
         if self.placement not in PLACEMENT_STRATEGIES:
             raise ValueError(f"placement must be one of {', '.join(PLACEMENT_STRATEGIES)}, got {self.placement!r}")
         if not (self.gpus_per_shard >= 0 and self.cpus_per_shard >= 0):

@@ -27,6 +27,7 @@ from paramserver.core import clipping
 from paramserver.core.errors import (
     FutureStepError,
     JobFailedError,
+    ShardLostError,
     StaleStepError,
 )
 from paramserver.core.job import JobSpec
@@ -99,6 +100,7 @@ class Coordinator:
         self._metrics: dict[int, dict[int, float]] = {}  # step -> worker -> metric
         self.on_step: Callable[[StepResult], None] | None = None  # told of every closed step (metrics, logs)
         self.failed: str | None = None  # set when an update failed part-way; cleared by load_state_dict
+        self.interrupted = False  # a step's close stopped at a shard that died: ``recheck`` closes it later
         self._lock = threading.RLock()
 
     def check_worker(self, worker: int) -> None:
@@ -145,14 +147,36 @@ class Coordinator:
                 raise ValueError(f"the step policy closed step {close.step} on a report for step {step}")
             return self._close_step(close)
 
+    def recheck(self) -> StepResult | None:
+        """Ask every shard whether it holds the open step's gradients, as if each reported again, and close the
+        step if the policy then says so. After a standby took over a shard (its reports went to a process that
+        died) or a coordinator restarted (reports sent while it was down are lost); returns the closed step."""
+        with self._lock:
+            if self.failed is not None:
+                return None
+            self.policy.reset()
+            close = None
+            for j, ready in enumerate(self.shards.readiness()):
+                if ready:
+                    close = self.policy.on_shard_ready(j, self.step) or close
+            return None if close is None else self._close_step(close)
+
     # -- the order of the stages ------------------------------------------------------------------------------
 
-    def _close_step(self, close: CloseStep) -> StepResult:
+    def _close_step(self, close: CloseStep) -> StepResult | None:
         step, contributors = close.step, close.contributors
         clip = self.config.clip
         timer = StageTimer()
         with timer("aggregate"):
-            norms = self.shards.reduce(step, clip.norm_type, clip.clip_value, contributors)
+            try:
+                norms = self.shards.reduce(step, clip.norm_type, clip.clip_value, contributors)
+            except ShardLostError as exc:
+                # Nothing was updated: the step stays open, and closes once the shard's standby has taken over
+                # and holds the step's pushes again (``recheck``). A reduce that ran already runs again unchanged.
+                log.warning("step %d did not close: %s; it closes once the shard is back", step, exc)
+                self.interrupted = True
+                return None
+        self.interrupted = False
         with timer("clip"):
             total = self._total_norm(norms)
         metrics = self._metrics.pop(step, {})
@@ -165,14 +189,14 @@ class Coordinator:
                     "the step was skipped"
                 )
             with timer("update"):
-                self.shards.skip(step)
+                self.shards.skip(step, self._record(step, None, None, applied=False, skipped=1))
             self.skipped_steps += 1
             return self._closed(StepResult(step, float(total), None, True, self.schedule.lrs(), error, timer.seconds, contributors))
         with timer("clip"):
             coef = clipping.clip_coefficient(total, clip.max_norm) if clip.max_norm is not None else None
         with timer("update"):
             try:
-                self.shards.apply(step, coef, self.schedule.hyperparameters())
+                self.shards.apply(step, coef, self.schedule.hyperparameters(), self._record(step, coef, metric, applied=True))
             except Exception as exc:
                 # Some shards may have updated and others not: no step can follow from that state.
                 self.failed = f"the update of step {step} failed ({type(exc).__name__}: {exc}); load a saved state to go on"
@@ -190,6 +214,21 @@ class Coordinator:
                 step, float(total), None if coef is None else float(coef), False, self.schedule.lrs(), error, timer.seconds, contributors
             )
         )
+
+    def _record(self, step: int | None, coef: torch.Tensor | None, metric: float | None, *, applied: bool, skipped: int = 0) -> dict[str, Any]:
+        """What the shards keep with a step (or a load, ``step`` None) so that a coordinator that restarts goes
+        on where this one was (``resume``): the job's version and generation after it, the schedule as it was
+        for the step's update, the metric it then steps on (``applied``), and the update itself (to finish it
+        on a shard it did not reach)."""
+        return {
+            "version": self.step + 1 if step is not None else self.step,
+            "generation": self.generation,
+            "schedule": self.schedule.snapshot(),
+            "metric": metric,
+            "applied": applied,
+            "skipped_steps": self.skipped_steps + skipped,
+            "update": None if step is None else {"step": step, "clip_coef": coef, "skipped": not applied},
+        }
 
     def _closed(self, result: StepResult) -> StepResult:
         self.step += 1
@@ -288,6 +327,7 @@ class Coordinator:
         self.step = self.version = step
         self.policy.reset()
         self._metrics.clear()
+        self.shards.keep_records(self._record(None, None, None, applied=False))
 
     def restore(self, state_dict: Mapping[str, Any], step: int) -> None:
         """Start this job, new and untrained, from a checkpoint: ``state_dict`` ("model", "optimizer",
@@ -310,7 +350,48 @@ class Coordinator:
             )
             self.step = self.version = step
             self.failed = None
+            self.shards.keep_records(self._record(None, None, None, applied=False))
             self.shards.load_weights([pack(self.plan, j, tensors) for j in range(self.plan.num_shards)])
+
+    def resume(self) -> StepResult | None:
+        """Go on with a job whose shards trained under a coordinator that is gone (this one is new, at step 0):
+        take the step, generation and schedule from the newest record the shards kept, finish the last update
+        on any shard it did not reach (the coordinator died while sending it), then close the open step if
+        every push is in. Returns the step that closed, if one did."""
+        with self._lock:
+            statuses, records = self.shards.statuses(), self.shards.records()
+            kept = [r for r in records if r is not None]
+            newest = max(kept, key=lambda r: (r["generation"], r["version"])) if kept else None
+            if newest is None:  # no step closed and nothing loaded: a new job
+                self.step = self.version = max(s["version"] for s in statuses)
+                return self.recheck()
+            update = newest["update"]
+            for j, status in enumerate(statuses):
+                if status["generation"] != newest["generation"] or status["version"] == newest["version"]:
+                    continue
+                if update is None or status["version"] != update["step"] or not status["reduced"]:
+                    self.failed = (
+                        f"shard {j} is at version {status['version']} and the job at {newest['version']}; it cannot "
+                        f"catch up (the coordinator died during a load or before the update reached it): load a saved state"
+                    )
+                    log.error("%s", self.failed)
+                    return None
+                shard = self.shards.shards[j]
+                if update["skipped"]:
+                    shard.skip(update["step"], newest)
+                else:
+                    shard.apply(update["step"], update["clip_coef"], newest["schedule"]["hyperparameters"], newest)
+                log.warning("shard %d had not received the update of step %d: applied it now", j, update["step"])
+            self.step = self.version = newest["version"]
+            self.generation = newest["generation"]
+            self.skipped_steps = newest["skipped_steps"]
+            self.schedule.resume(newest["schedule"])
+            if newest["applied"]:
+                try:
+                    self.schedule.after_update(newest["metric"])
+                except Exception as exc:  # noqa: BLE001 - as when the step closed: reported, the step stands
+                    log.error("the scheduler did not step after step %d: %s: %s", self.step - 1, type(exc).__name__, exc)
+            return self.recheck()
 
     def _check_state_shapes(self, by_index: Mapping[int, Mapping[str, Any]]) -> None:
         elementwise = is_elementwise(self.job.optimizer_cls)

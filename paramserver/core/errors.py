@@ -65,6 +65,18 @@ class JobFailedError(RuntimeError):
     """A step's update failed part-way, so the shards disagree; the job takes no step until a state is loaded."""
 
 
+class ShardLostError(ConnectionError):
+    """A shard's process died while the coordinator called it (and no standby answered in its place): the step
+    stays open, and closes once the shard is back (a standby took over) and holds the step's pushes again."""
+
+    def __init__(self, message: str, shard: int | None = None) -> None:
+        super().__init__(message)
+        self.shard = shard  # None when it came over the wire
+
+    def __reduce__(self) -> tuple[type, tuple[str, int | None]]:  # pickles (Ray) with its shard
+        return type(self), (str(self), self.shard)
+
+
 class DeadlineExceededError(TimeoutError):
     """A wait ran out: on the server (for a version, a job, initial weights) or the call's own deadline."""
 

@@ -146,6 +146,20 @@ class Schedule:
     def state_dict(self) -> dict[str, Any] | None:
         return self.scheduler.state_dict() if self.scheduler is not None else None
 
+    def snapshot(self) -> dict[str, Any]:
+        """All of this schedule's state, copied: a coordinator that restarts goes on from it (``resume``)."""
+        return {
+            "scheduler": copy.deepcopy(self.state_dict()), "hyperparameters": copy.deepcopy(self.hyperparameters()),
+            "applied_steps": self.applied_steps, "metrics": list(self._metrics),
+        }
+
+    def resume(self, snapshot: dict[str, Any]) -> None:
+        """Take the state of a ``snapshot()``."""
+        self.load_state_dict(snapshot["scheduler"])
+        set_hyperparameters(self.optimizer, copy.deepcopy(snapshot["hyperparameters"]))
+        self.applied_steps = snapshot["applied_steps"]
+        self._metrics = list(snapshot["metrics"])
+
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         if self.scheduler is None:
             if state is not None:

@@ -24,7 +24,7 @@ from paramserver.core.errors import (
     StaleStepError,
     StateReloadedError,
 )
-from paramserver.core.scheduling import build_optimizer, set_hyperparameters
+from paramserver.core.scheduling import build_optimizer, hyperparameters, set_hyperparameters
 from paramserver.core.sharding import ShardingPlan, Slice
 
 
@@ -104,6 +104,9 @@ class Shard:
         # another generation is refused, and a pull that holds an older one returns with the new weights.
         self.generation = 0
         self.placement = "this process"  # where the shard runs, in words; its host fills it in
+        # What the coordinator sent with the last update (its step, schedule, ...): a coordinator that restarts
+        # goes on from the records of the job's shards (``Coordinator.resume``). None: nothing sent yet.
+        self.record: dict[str, Any] | None = None
 
     # -- push -------------------------------------------------------------------------------------------------
 
@@ -195,13 +198,18 @@ class Shard:
         """Turn the step's sum into the mean over ``contributors`` (the step policy's choice; default all W
         workers), clamped to ``clip_value`` if given, and return one norm per slice."""
         self.check_step(step)
-        if contributors is None:
-            assert self.ready, f"shard {self.shard_id}: reduce before all {self.num_workers} workers pushed"
-        self._restore_grad_views()
-        means = self.accumulator.mean(contributors)
-        if clip_value is not None:
-            for buf in means:
-                buf.clamp_(min=-clip_value, max=clip_value)
+        taken = self.accumulator.contributors
+        if taken is None:
+            if contributors is None:
+                assert self.ready, f"shard {self.shard_id}: reduce before all {self.num_workers} workers pushed"
+            self._restore_grad_views()
+            means = self.accumulator.mean(contributors)
+            if clip_value is not None:
+                for buf in means:
+                    buf.clamp_(min=-clip_value, max=clip_value)
+        elif contributors is not None and tuple(sorted(contributors)) != taken:
+            raise ValueError(f"shard {self.shard_id}: step {step}'s mean is over workers {list(taken)}, not {sorted(contributors)}")
+        # else: a close that was interrupted (a shard died) runs again: the mean is here, only the norms are new
         norms: list[torch.Tensor] = []
         start = 0
         for layout in self.layouts:
@@ -211,11 +219,36 @@ class Shard:
         # None for a slice whose parameter no worker sent a gradient for: it takes no part in the step
         return [n.cpu() if s.param in self._with_grad else None for s, n in zip(self.slices, norms)]
 
+    @_locked
+    def reduced(self, step: int) -> tuple[list[torch.Tensor], list[int], tuple[int, ...]]:
+        """Copies of ``step``'s mean (after ``reduce``), the parameters it has gradients for, and its contributors:
+        what a standby needs to apply the same update (``hold_reduced``)."""
+        self.check_step(step)
+        assert self.accumulator.contributors is not None, f"shard {self.shard_id}: no mean of step {step} taken yet"
+        return [b.clone() for b in self.accumulator.sums], sorted(self._with_grad), self.accumulator.contributors
+
+    @_locked
+    def hold_reduced(self, step: int, means: Sequence[torch.Tensor], with_grad: Collection[int], contributors: Collection[int]) -> None:
+        """Take a primary's mean of ``step`` (``reduced``) as this shard's own, as if its workers had pushed
+        here and it had reduced: the ``apply`` that follows is the primary's update, bit for bit."""
+        self.check_step(step)
+        self._check_buffers(means, "reduced gradients", exact_dtype=True)
+        self.accumulator.reset()
+        for dst, src in zip(self.accumulator.sums, means):
+            dst.copy_(src)
+        self.accumulator.received = set(contributors)
+        self.accumulator.contributors = tuple(sorted(contributors))
+        self._with_grad = set(with_grad)
+        self._restore_grad_views()
+
     # -- update -----------------------------------------------------------------------------------------------
 
     @_locked
-    def apply(self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]]) -> None:
-        """Scale the mean by the clip coefficient, take the group hyperparameters, run the optimizer's step."""
+    def apply(
+        self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]], record: dict[str, Any] | None = None
+    ) -> None:
+        """Scale the mean by the clip coefficient, take the group hyperparameters, run the optimizer's step.
+        ``record``: what the coordinator keeps here with this update (``self.record``)."""
         self.check_step(step)
         assert self.accumulator.contributors is not None, f"shard {self.shard_id}: apply before reduce (the mean) of step {step}"
         if clip_coef is not None:
@@ -229,7 +262,7 @@ class Shard:
         with torch.no_grad():
             self.optimizer.step()
             self._rebind_replaced_weights()
-        self._close_step()
+        self._close_step(record)
 
     def _rebind_replaced_weights(self) -> None:
         # An optimizer may assign ``param.data = new`` instead of updating in place (a common pattern in
@@ -240,13 +273,24 @@ class Shard:
                 tensor.data = view
 
     @_locked
-    def skip(self, step: int) -> None:
+    def skip(self, step: int, record: dict[str, Any] | None = None) -> None:
         """Close ``step`` without an update (a non-finite step): weights and optimizer state stay."""
         self.check_step(step)
-        self._close_step()
+        self._close_step(record)
 
-    def _close_step(self) -> None:
+    @_locked
+    def keep_record(self, record: dict[str, Any] | None) -> None:
+        """Keep the coordinator's ``record`` (sent after a load, which comes with no update)."""
+        self.record = record
+
+    @_locked
+    def last_record(self) -> dict[str, Any] | None:
+        return self.record
+
+    def _close_step(self, record: dict[str, Any] | None) -> None:
         with self._changed:
+            if record is not None:
+                self.record = record
             self._closed_received = frozenset(self.accumulator.received)
             self.accumulator.reset()
             self._with_grad = set()
@@ -305,7 +349,7 @@ class Shard:
     def status(self) -> dict[str, Any]:
         return {
             "version": self.version, "pushed": sorted(self.accumulator.received), "initialized": self.initialized,
-            "generation": self.generation,
+            "generation": self.generation, "reduced": self.accumulator.contributors is not None,
             "placement": f"{self.placement}, {self.device}",
         }
 
@@ -341,6 +385,34 @@ class Shard:
             "weights": [w.detach().to("cpu", copy=True) for w in self.weights],
             "state": [{k: _cpu_copy(v) for k, v in st.items()} for st in self.optimizer_state()],
         }
+
+    @_locked
+    def replica_state(self) -> dict[str, Any]:
+        """Everything a standby needs to become this shard's copy (``adopt``): ``snapshot()`` plus the weights
+        generation, the groups' hyperparameters, who pushed the step that closed last, and the record."""
+        return {
+            **self.snapshot(), "generation": self.generation, "hyperparameters": copy.deepcopy(hyperparameters(self.optimizer)),
+            "closed_received": sorted(self._closed_received), "record": copy.deepcopy(self.record),
+        }
+
+    @_locked
+    def adopt(self, replica: dict[str, Any]) -> None:
+        """Become a copy of the shard whose ``replica_state()`` this is: weights, optimizer state, version and
+        generation, the open step empty (a standby receives no pushes)."""
+        self.load_optimizer_state(replica["state"], replica["hyperparameters"])
+        self._check_buffers(replica["weights"], "replica weights", exact_dtype=True)
+        with self._changed:
+            for dst, src in zip(self.weights, replica["weights"]):
+                dst.copy_(src)
+            self.accumulator.reset()
+            self._with_grad = set()
+            self.version = replica["version"]
+            self.generation = replica["generation"]
+            self._closed_received = frozenset(replica["closed_received"])
+            self.record = replica["record"]
+            self.initialized = True
+            self._changed.notify_all()
+            self._notify_version_listeners()
 
     @_locked
     def restore_version(self, version: int) -> None:

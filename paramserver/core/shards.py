@@ -2,12 +2,13 @@
 of a job (``ShardGroup``), here over shards in this process.
 
 Pushes and pulls are the data plane and do not pass through here (the servicers call the shard's host). A
-plain ``Shard`` is a ``ShardControl``; ``paramserver.hosting.actors.ActorShard`` is one over a Ray actor.
+plain ``Shard`` is a ``ShardControl``; ``paramserver.hosting.replicas.ActorShard`` is one over Ray actors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
@@ -33,12 +34,23 @@ class ShardControl(Protocol):
         no worker sent a gradient for."""
         ...
 
-    def apply(self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]]) -> None:
-        """Scale the mean, set the groups' hyperparameters, run the optimizer; closes ``step``."""
+    def apply(
+        self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]], record: dict[str, Any] | None = None
+    ) -> None:
+        """Scale the mean, set the groups' hyperparameters, run the optimizer; closes ``step``. ``record``: the
+        coordinator's state after this step, kept by the shard for a coordinator that restarts."""
         ...
 
-    def skip(self, step: int) -> None:
+    def skip(self, step: int, record: dict[str, Any] | None = None) -> None:
         """Close ``step`` without an update."""
+        ...
+
+    def keep_record(self, record: dict[str, Any] | None) -> None:
+        """Keep the coordinator's ``record`` (after a load, which has no update to carry it)."""
+        ...
+
+    def last_record(self) -> dict[str, Any] | None:
+        """The record the shard kept last (None: none yet)."""
         ...
 
     def weight_copies(self) -> list[torch.Tensor]:
@@ -67,7 +79,8 @@ class ShardControl(Protocol):
         ...
 
     def status(self) -> dict[str, Any]:
-        """``version``, ``pushed`` (workers), ``initialized``, ``generation``, ``placement``."""
+        """``version``, ``pushed`` (workers), ``initialized``, ``generation``, ``reduced`` (the open step's mean
+        is taken), ``placement``."""
         ...
 
     def wait_for_version(self, min_version: int, timeout: float) -> int:
@@ -115,11 +128,20 @@ class ShardGroup:
         who = None if contributors is None else tuple(contributors)  # a tuple travels to remote shards cheaply
         return self._each(lambda _, s: s.reduce(step, norm_type, clip_value, who))
 
-    def apply(self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]]) -> None:
-        self._each(lambda _, s: s.apply(step, clip_coef, hyperparameters))
+    def readiness(self) -> list[bool]:
+        return self._each(lambda _, s: s.ready)
 
-    def skip(self, step: int) -> None:
-        self._each(lambda _, s: s.skip(step))
+    def apply(self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]], record: dict[str, Any] | None = None) -> None:
+        self._each(lambda _, s: s.apply(step, clip_coef, hyperparameters, record))
+
+    def skip(self, step: int, record: dict[str, Any] | None = None) -> None:
+        self._each(lambda _, s: s.skip(step, record))
+
+    def keep_records(self, record: dict[str, Any] | None) -> None:
+        self._each(lambda _, s: s.keep_record(record))
+
+    def records(self) -> list[dict[str, Any] | None]:
+        return self._each(lambda _, s: s.last_record())
 
     def weights(self) -> list[list[torch.Tensor]]:
         return self._each(lambda _, s: s.weight_copies())
@@ -152,3 +174,17 @@ class ShardGroup:
 
     def wait_initialized(self, timeout: float) -> None:
         self._each(lambda _, s: s.wait_for_version(0, timeout), wait_s=timeout)
+
+
+@dataclass
+class ShardCheck:
+    """What one health check found: ``taken_over`` (shard -> the promoted standby's address), ``lost`` (shard ->
+    the address of its process, restarted empty, with no standby to take over), ``stale`` (job -> shards whose
+    copy of it on the new primary is not current: it rolls back)."""
+
+    taken_over: dict[int, str] = field(default_factory=dict)
+    lost: dict[int, str] = field(default_factory=dict)
+    stale: dict[str, list[int]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.taken_over or self.lost)

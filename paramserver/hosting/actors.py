@@ -7,22 +7,20 @@ the coordinator's reduce/apply calls); gRPC is the data plane (workers' pushes a
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
-import time
 import uuid
-from collections.abc import Callable, Collection, Sequence
-from typing import Any, TypeVar
+from collections.abc import Collection, Sequence
+from typing import Any
 
 import torch
 
 from paramserver.core.config import ServerConfig
-from paramserver.core.coordinator import Coordinator
+from paramserver.core.errors import StaleStepError
 from paramserver.core.job import JobSpec
 from paramserver.core.shard import Shard
-from paramserver.core.shards import ShardControl, ShardGroup
+from paramserver.hosting.replicas import CONTROL_TIMEOUT_S, RayFleet
 from paramserver.service.checkpoints import ServiceCheckpoints
 from paramserver.service.coordinator_host import RECOVER_TIMEOUT_S, CoordinatorHost
 from paramserver.service.metrics import start_metrics_server
@@ -31,17 +29,11 @@ from paramserver.service.shard_host import ShardHost
 from paramserver.wire.jobconfig import build_job
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
 
-# Every control-plane call has a deadline too.
-CONTROL_TIMEOUT_S = 120.0
-# A join waiting for the shard actors' initial weights asks them again every this many seconds (a shard
-# actor's thread waits meanwhile: one per shard and job, however many workers wait).
-INIT_POLL_S = 5.0
 # How often the coordinator actor checks that its shard actors are the processes the jobs' state is on (a
-# shard whose process died comes back empty through Ray's max_restarts, and every job rolls back).
+# primary that died is replaced by its standby, or, with none, comes back empty and the jobs roll back).
 WATCH_S = 0.5
-SHARD_MAX_RESTARTS = -1  # Ray restarts a dead shard actor (in its placement group bundle) whenever it dies
+MAX_RESTARTS = -1  # Ray restarts a dead shard or coordinator actor (in its placement) whenever it dies
 
-T = TypeVar("T")
 log = logging.getLogger("paramserver")
 
 
@@ -55,15 +47,21 @@ def _advertised(bind_host: str) -> str:
 
 
 class ShardProcess:
-    """What runs inside shard actor j: a ``ShardHost`` and its gRPC server, bound to ``config.host``."""
+    """What runs inside a shard actor: a ``ShardHost`` for shard ``shard_id`` of every job and its gRPC server,
+    bound to ``config.host``. Its role is "primary" (it serves the workers; with a standby it hands each
+    step's mean to it) or "standby" (it applies the same updates and takes over when the primary dies)."""
 
-    def __init__(self, shard_id: int, config: ServerConfig, device: str) -> None:
+    def __init__(self, shard_id: int, config: ServerConfig, device: str, role: str = "primary", replicated: bool = False) -> None:
         self.shard_id = shard_id
         # this process's incarnation: a shard actor that Ray restarted (its process died) has a new one
         self.incarnation = uuid.uuid4().hex
         self.num_shards = config.num_shards
         self.trusted_modules = config.trusted_modules
         self.device = device
+        # with standbys, a restarted process comes back as one (empty: the coordinator rebuilds it from the primary)
+        self.role = "standby" if replicated and not _first_start() else role
+        self.standby: Any = None  # the primary's standby actor, which gets each step's mean
+        self.configs: dict[str, bytes] = {}  # each job's config: a coordinator that restarts reads them
         import ray
 
         bind_host = config.host
@@ -81,18 +79,27 @@ class ShardProcess:
         """(incarnation, address): the coordinator's health check (a restarted shard has new ones)."""
         return self.incarnation, self._address
 
+    def describe(self) -> dict[str, Any]:
+        """What a coordinator that restarts needs: role, incarnation, address, and the jobs' configs."""
+        return {"role": self.role, "incarnation": self.incarnation, "address": self._address, "jobs": dict(self.configs)}
+
+    def set_role(self, role: str, standby: Any) -> None:
+        self.role = role
+        self.standby = standby
+
     def placement(self) -> dict[str, Any]:
         import ray
 
         ctx = ray.get_runtime_context()
         return {
-            "role": "primary", "shard": self.shard_id, "pid": os.getpid(), "node_id": ctx.get_node_id(),
+            "role": self.role, "shard": self.shard_id, "pid": os.getpid(), "node_id": ctx.get_node_id(),
             "address": self._address, "device": self.device, "metrics": self.metrics_address,
         }
 
     def create_job(self, name: str, config: bytes) -> None:
         spec: JobSpec = build_job(pb.JobConfig.FromString(config), self.num_shards, self.trusted_modules)
         self.host.add_job(name, spec.make_shard(self.shard_id, self.device), coordinator=None)
+        self.configs[name] = config
 
     def connect(self, name: str, coordinator: Any) -> None:
         self.host.set_coordinator(name, RemoteCoordinator(coordinator, name))
@@ -102,6 +109,17 @@ class ShardProcess:
         self.host.remove_job(name)
         self.create_job(name, config)
         self.connect(name, coordinator)
+
+    def adopt_job(self, name: str, config: bytes, coordinator: Any, replica: dict[str, Any]) -> None:
+        """Job ``name`` anew on this process (a standby), as a copy of the primary whose ``replica_state`` this is."""
+        self.recreate_job(name, config, coordinator)
+        self._shard(name).adopt(replica)
+
+    def initialized(self, name: str) -> bool:
+        return self._shard(name).initialized
+
+    def replica_state(self, name: str) -> dict[str, Any]:
+        return self._shard(name).replica_state()
 
     # -- the coordinator's calls on this shard's part of job ``name`` (``ShardControl``, through ``ActorShard``)
 
@@ -114,13 +132,34 @@ class ShardProcess:
     def reduce(
         self, name: str, step: int, norm_type: float, clip_value: float | None, contributors: Collection[int] | None
     ) -> list[torch.Tensor | None]:
-        return self._shard(name).reduce(step, norm_type, clip_value, contributors)
+        shard = self._shard(name)
+        norms = shard.reduce(step, norm_type, clip_value, contributors)
+        if self.standby is not None:
+            # the standby applies this very mean: the same update, bit for bit
+            import ray
 
-    def apply(self, name: str, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]]) -> None:
-        self._shard(name).apply(step, clip_coef, hyperparameters)
+            try:
+                ray.get(self.standby.hold_reduced.remote(name, step, *shard.reduced(step)), timeout=CONTROL_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - its apply then fails too, and the coordinator rebuilds it
+                log.warning("shard %d: the standby did not take step %d's mean: %s: %s", self.shard_id, step, type(exc).__name__, exc)
+        return norms
 
-    def skip(self, name: str, step: int) -> None:
-        self._shard(name).skip(step)
+    def hold_reduced(self, name: str, step: int, means: list[torch.Tensor], with_grad: list[int], contributors: tuple[int, ...]) -> None:
+        self._shard(name).hold_reduced(step, means, with_grad, contributors)
+
+    def apply(
+        self, name: str, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]], record: dict[str, Any] | None = None
+    ) -> None:
+        self._shard(name).apply(step, clip_coef, hyperparameters, record)
+
+    def skip(self, name: str, step: int, record: dict[str, Any] | None = None) -> None:
+        self._shard(name).skip(step, record)
+
+    def keep_record(self, name: str, record: dict[str, Any] | None) -> None:
+        self._shard(name).keep_record(record)
+
+    def last_record(self, name: str) -> dict[str, Any] | None:
+        return self._shard(name).last_record()
 
     def weight_copies(self, name: str) -> list[torch.Tensor]:
         return self._shard(name).weight_copies()
@@ -151,9 +190,17 @@ class ShardProcess:
 
     def delete_job(self, name: str) -> None:
         self.host.remove_job(name)
+        self.configs.pop(name, None)
 
     def stop(self) -> None:
         self.server.stop(1.0).wait(5.0)
+
+
+def _first_start() -> bool:
+    """Whether this actor process is the first of its actor (not one Ray restarted after a death)."""
+    import ray
+
+    return not ray.get_runtime_context().was_current_actor_reconstructed
 
 
 class RemoteCoordinator:
@@ -166,218 +213,45 @@ class RemoteCoordinator:
     def shard_ready(self, shard: int, step: int, generation: int | None = None) -> None:
         import ray
 
-        ray.get(self.actor.shard_ready.remote(self.name, shard, step, generation), timeout=CONTROL_TIMEOUT_S)
-
-
-class ActorShard:
-    """Job ``name``'s shard in a ``ShardProcess`` actor, as a ``ShardControl``: each call is the actor's typed
-    method of the same name, awaited with the control deadline.
-
-    ``deferred()`` is the same shard with calls that return the Ray ``ObjectRef`` at once instead of the result,
-    so that a group can start every shard's call before it waits for any (``RayShardGroup._each``).
-    """
-
-    def __init__(self, actor: Any, name: str, *, wait: bool = True) -> None:
-        self.actor = actor
-        self.name = name
-        self._wait = wait
-
-    def deferred(self) -> ActorShard:
-        return ActorShard(self.actor, self.name, wait=False)
-
-    def _done(self, ref: Any, wait_s: float = 0.0) -> Any:
-        if not self._wait:
-            return ref
-        import ray
-
-        return ray.get(ref, timeout=CONTROL_TIMEOUT_S + wait_s)
-
-    @property
-    def ready(self) -> bool:
-        return self._done(self.actor.ready.remote(self.name))
-
-    def reduce(
-        self, step: int, norm_type: float, clip_value: float | None = None, contributors: Collection[int] | None = None
-    ) -> list[torch.Tensor | None]:
-        who = None if contributors is None else tuple(contributors)
-        return self._done(self.actor.reduce.remote(self.name, step, norm_type, clip_value, who))
-
-    def apply(self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]]) -> None:
-        return self._done(self.actor.apply.remote(self.name, step, clip_coef, hyperparameters))
-
-    def skip(self, step: int) -> None:
-        return self._done(self.actor.skip.remote(self.name, step))
-
-    def weight_copies(self) -> list[torch.Tensor]:
-        return self._done(self.actor.weight_copies.remote(self.name))
-
-    def load_weights(self, buffers: Sequence[torch.Tensor]) -> None:
-        return self._done(self.actor.load_weights.remote(self.name, buffers))
-
-    def optimizer_state(self) -> list[dict[str, Any]]:
-        return self._done(self.actor.optimizer_state.remote(self.name))
-
-    def load_optimizer_state(self, slice_states: Sequence[dict[str, Any]], param_groups: list[dict[str, Any]]) -> None:
-        return self._done(self.actor.load_optimizer_state.remote(self.name, slice_states, param_groups))
-
-    def snapshot(self) -> dict[str, Any]:
-        return self._done(self.actor.snapshot.remote(self.name))
-
-    def restore_version(self, version: int) -> None:
-        return self._done(self.actor.restore_version.remote(self.name, version))
-
-    def start_generation(self, step: int, generation: int | None = None) -> None:
-        return self._done(self.actor.start_generation.remote(self.name, step, generation))
-
-    def status(self) -> dict[str, Any]:
-        return self._done(self.actor.status.remote(self.name))
-
-    def wait_for_version(self, min_version: int, timeout: float) -> int:
-        return self._done(self.actor.wait_for_version.remote(self.name, min_version, timeout), wait_s=timeout)
-
-
-class RayShardGroup(ShardGroup):
-    """A job's shards as actors: a group call starts on all of them, then waits for all (one deadline)."""
-
-    def __init__(self, actors: Sequence[Any], name: str) -> None:
-        self.actor_shards = [ActorShard(a, name) for a in actors]
-        super().__init__(self.actor_shards)
-        self.actors = list(actors)
-        self.name = name
-
-    def _each(self, call: Callable[[int, ShardControl], T], wait_s: float = 0.0) -> list[T]:
-        import ray
-
-        # deferred shards make ``call`` return an ObjectRef, not T: the results are T once ray.get has them
-        refs = [call(j, s.deferred()) for j, s in enumerate(self.actor_shards)]
-        return ray.get(refs, timeout=CONTROL_TIMEOUT_S + wait_s)
-
-
-class RayFleet:
-    """Shard actors: a job is created on each (each builds the same plan from the same config)."""
-
-    def __init__(self, actors: Sequence[Any], incarnations: Sequence[str] | None = None) -> None:
-        self.actors = list(actors)
-        # the incarnation of each shard actor the jobs' state is on (``restarted`` compares)
-        self.incarnations: list[str | None] = list(incarnations) if incarnations is not None else [None] * len(self.actors)
-        self._initialized: set[str] = set()  # jobs whose shards all have their initial weights
-        # per job and event loop, the one round of wait_for_version calls the waiting joins share
-        self._init_polls: dict[tuple[str, asyncio.AbstractEventLoop], asyncio.Task[None]] = {}
-
-    def __len__(self) -> int:
-        return len(self.actors)
-
-    def create_job(self, name: str, config: pb.JobConfig, spec: JobSpec) -> RayShardGroup:
-        import ray
-
-        ray.get([a.create_job.remote(name, config.SerializeToString()) for a in self.actors], timeout=CONTROL_TIMEOUT_S)
-        return RayShardGroup(self.actors, name)
-
-    def connect(self, name: str, group: ShardGroup, coordinator: Coordinator) -> None:
-        import ray
-
-        me = ray.get_runtime_context().current_actor
-        ray.get([a.connect.remote(name, me) for a in self.actors], timeout=CONTROL_TIMEOUT_S)
-
-    def delete_job(self, name: str) -> None:
-        import ray
-
-        self._initialized.discard(name)
-        for key in list(self._init_polls):  # (a copy: the loop may add one meanwhile)
-            if key[0] == name:
-                self._init_polls.pop(key, None)
-        ray.get([a.delete_job.remote(name) for a in self.actors], timeout=CONTROL_TIMEOUT_S)
-
-    def restarted(self, timeout: float) -> dict[int, tuple[str, str]]:
-        """The shard actors whose process is not the one the jobs' state is on (Ray restarted it after it
-        died): shard -> (incarnation, address). A shard that does not answer (dead, restarting) is asked
-        again until ``timeout`` seconds have passed, then ``TimeoutError``."""
-        import ray
-
-        deadline = time.monotonic() + timeout
-        refs = [a.identity.remote() for a in self.actors]
-        changed: dict[int, tuple[str, str]] = {}
-        for j, actor in enumerate(self.actors):
-            while True:
-                try:
-                    incarnation, address = ray.get(refs[j], timeout=max(0.1, deadline - time.monotonic()))
-                    break
-                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
-                    if time.monotonic() >= deadline:
-                        raise TimeoutError(f"shard {j} did not answer within {timeout:.0f}s ({type(exc).__name__})") from None
-                    time.sleep(0.1)
-                    refs[j] = actor.identity.remote()
-            if self.incarnations[j] is None:
-                self.incarnations[j] = incarnation
-            elif incarnation != self.incarnations[j]:
-                changed[j] = (incarnation, address)
-        return changed
-
-    def acknowledge(self, changed: dict[int, tuple[str, str]]) -> None:
-        """The jobs are back on these restarted shards (``restarted``'s answer)."""
-        for j, (incarnation, _) in changed.items():
-            self.incarnations[j] = incarnation
-
-    def recreate_job(self, name: str, config: pb.JobConfig, shards: Sequence[int]) -> None:
-        """Job ``name`` anew, empty, on the restarted shard actors ``shards`` (a rollback then fills it)."""
-        import ray
-
-        me = ray.get_runtime_context().current_actor
-        self._initialized.discard(name)
-        data = config.SerializeToString()
-        ray.get([self.actors[j].recreate_job.remote(name, data, me) for j in shards], timeout=CONTROL_TIMEOUT_S)
-
-    async def wait_initialized_async(self, name: str, timeout: float) -> bool:
-        """Wait on the running event loop, holding no thread, until every shard actor of job ``name`` has its
-        initial weights; False if ``timeout`` seconds pass first. However many joins wait, one round of
-        ``wait_for_version(0, INIT_POLL_S)`` calls at a time asks the actors (their results awaited as
-        futures), round after round while anyone waits."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while name not in self._initialized:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            key = (name, loop)
-            poll = self._init_polls.get(key)
-            if poll is None or poll.done():
-                poll = self._init_polls[key] = loop.create_task(self._poll_initialized(name))
-                poll.add_done_callback(_retrieve)
-            await asyncio.wait({poll}, timeout=remaining)  # neither cancels the shared round nor raises
-            if poll.done() and not poll.cancelled() and poll.exception() is not None:
-                raise poll.exception()  # type: ignore[misc]
-        self._init_polls.pop((name, loop), None)
-        return True
-
-    async def _poll_initialized(self, name: str) -> None:
-        refs = [a.wait_for_version.remote(name, 0, INIT_POLL_S) for a in self.actors]
         try:
-            await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(r.future()) for r in refs)), INIT_POLL_S + CONTROL_TIMEOUT_S)
-        except TimeoutError:  # a shard has no initial weights yet (a RayTaskError is an instance of its cause)
-            return
-        self._initialized.add(name)
+            ray.get(self.actor.shard_ready.remote(self.name, shard, step, generation), timeout=CONTROL_TIMEOUT_S)
+        except (ray.exceptions.RayActorError, StaleStepError) as exc:
+            # The push is in. A coordinator that died recovers the job from the shards and closes the step
+            # itself once every push is in (one that restarted meanwhile may have closed it already).
+            log.warning("shard %d: step %d's report did not reach the coordinator (%s); it recovers the step", shard, step, type(exc).__name__)
 
 
 class CoordinatorProcess:
     """What runs inside the coordinator actor: every job's coordinator and the front-door gRPC server, on
-    ``config.host:config.port``."""
+    ``config.host:config.port``. Ray restarts it when it dies; the new process takes every job over from the
+    shards (``CoordinatorHost.resume_job``), else from the checkpoints, and serves on the same address."""
 
-    def __init__(self, shard_actors: Sequence[Any], config: ServerConfig) -> None:
+    def __init__(self, primaries: Sequence[Any], standbys: Sequence[Any] | None, config: ServerConfig) -> None:
         import ray
 
         bind_host = config.host
-        identities = ray.get([a.identity.remote() for a in shard_actors], timeout=CONTROL_TIMEOUT_S)
-        fleet = RayFleet(shard_actors, [incarnation for incarnation, _ in identities])
-        self.host = CoordinatorHost(fleet, [address for _, address in identities], config.trusted_modules)
+        actors = [*primaries, *(standbys or [])]
+        described = ray.get([a.describe.remote() for a in actors], timeout=CONTROL_TIMEOUT_S)
+        by_actor = dict(zip(actors, described))
+        if standbys:  # the roles are the processes' own: a standby may have taken over before a restart
+            pairs = [(p, s) if by_actor[p]["role"] == "primary" or by_actor[s]["role"] != "primary" else (s, p) for p, s in zip(primaries, standbys)]
+            primaries, standbys = [p for p, _ in pairs], [s for _, s in pairs]
+        fleet = RayFleet(primaries, standbys, {a: d["incarnation"] for a, d in by_actor.items()})
+        self.host = CoordinatorHost(fleet, [by_actor[p]["address"] for p in primaries], config.trusted_modules)
+        checkpoints = None
         if config.checkpoint_dir:
-            ServiceCheckpoints(self.host, config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep).restore_all()
+            checkpoints = ServiceCheckpoints(self.host, config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep)
+        for name, job_config in by_actor[primaries[0]]["jobs"].items():
+            self.host.resume_job(name, pb.JobConfig.FromString(job_config))
+        if checkpoints is not None:
+            checkpoints.restore_all()  # the jobs the shards do not hold
         self.server, bound = create_coordinator_server(self.host, f"{bind_host}:{config.port}", config)
         self._address = f"{_advertised(bind_host)}:{bound}"
         self.metrics_address = None
         if config.metrics_port is not None:
             self.metrics_address = f"{_advertised(bind_host)}:{start_metrics_server(config.metrics_port, bind_host)}"
-        # A shard actor that died comes back empty (Ray restarts it): a watcher notices within WATCH_S and rolls
-        # every job back to its newest checkpoint (workers that see the shard unavailable check at once too).
+        # A primary that died is noticed within WATCH_S: its standby takes over, or the jobs roll back to their
+        # newest checkpoint (workers that see a shard unavailable have it checked at once too).
         self._stopping = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="paramserver-shard-watch", daemon=True)
         self._watcher.start()
@@ -413,9 +287,3 @@ class CoordinatorProcess:
         self.server.stop(1.0).wait(5.0)
         if self.host.checkpoints is not None:
             self.host.checkpoints.close()
-
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    # a round's error reaches the joins that wait on it; with none left, it is not "never retrieved"
-    if not task.cancelled():
-        task.exception()

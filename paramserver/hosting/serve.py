@@ -3,17 +3,16 @@ as the front door."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import socket
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from paramserver.core.config import RayConfig, ServerConfig, split_options
-from paramserver.hosting.actors import (
-    CONTROL_TIMEOUT_S,
-    SHARD_MAX_RESTARTS,
-    CoordinatorProcess,
-    ShardProcess,
-)
+from paramserver.hosting.actors import MAX_RESTARTS, CoordinatorProcess, ShardProcess
+from paramserver.hosting.replicas import CONTROL_TIMEOUT_S
 
 
 class RayService:
@@ -27,14 +26,25 @@ class RayService:
         self.address = address
 
     def placements(self) -> list[dict[str, Any]]:
-        """Every process of the service, the coordinator first, then shard 0, 1, ...: each a dict with ``role``
-        ("coordinator" or "primary"), ``shard`` (None for the coordinator), ``pid``, ``node_id`` (the Ray node),
-        ``address`` (its gRPC server: the front door for the coordinator), ``device`` and ``metrics`` (the
-        address of its metrics endpoint, or None)."""
+        """Every process of the service, the coordinator first, then each shard's processes: each a dict with
+        ``role`` ("coordinator", "primary" or "standby": the roles are current, a standby that took over is the
+        primary), ``shard`` (None for the coordinator), ``pid``, ``node_id`` (the Ray node), ``address`` (its gRPC
+        server: the front door for the coordinator), ``device`` and ``metrics`` (its metrics endpoint or None).
+        A process that Ray is restarting is left out until it answers."""
         import ray
 
         actors = [self.coordinator_actor, *self.shard_actors]
-        return ray.get([a.placement.remote() for a in actors], timeout=CONTROL_TIMEOUT_S)
+        refs = [a.placement.remote() for a in actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=CONTROL_TIMEOUT_S)
+        found = []
+        for ref in refs:
+            if ref in ready:
+                try:
+                    found.append(ray.get(ref))
+                except ray.exceptions.RayActorError:
+                    continue
+        order = {"coordinator": 0, "primary": 1, "standby": 2}
+        return sorted(found, key=lambda p: (-1 if p["shard"] is None else p["shard"], order[p["role"]]))
 
     def stop_requested(self) -> bool:
         import ray
@@ -96,7 +106,8 @@ def serve(num_shards: int = 1, *, config: ServerConfig | None = None, ray_config
         started_ray = True
 
     bundle = {"CPU": cpus_per_shard, **({"GPU": gpus_per_shard} if gpus_per_shard else {})}
-    pg = placement_group([dict(bundle) for _ in range(num_shards)], strategy=placement)
+    replicas = ray_config.replicas
+    pg = placement_group([dict(bundle) for _ in range(num_shards * (1 + replicas))], strategy=placement)
     try:
         ray.get(pg.ready(), timeout=placement_timeout)
     except ray.exceptions.GetTimeoutError:
@@ -104,28 +115,62 @@ def serve(num_shards: int = 1, *, config: ServerConfig | None = None, ray_config
         if started_ray:
             ray.shutdown()
         raise TimeoutError(
-            f"cannot place {num_shards} shards of {bundle} with strategy {placement} within {placement_timeout:.0f}s; "
-            f"the cluster has {ray.cluster_resources() if ray.is_initialized() else 'no resources'}"
+            f"cannot place {num_shards} shards (x{1 + replicas} with standbys) of {bundle} with strategy {placement} "
+            f"within {placement_timeout:.0f}s; the cluster has {ray.cluster_resources() if ray.is_initialized() else 'no resources'}"
         ) from None
 
     device = "cuda" if gpus_per_shard else "cpu"
     shard_cls = ray.remote(ShardProcess)
-    shards = [
-        shard_cls.options(
+
+    def spawn(j: int, bundle_index: int, role: str) -> Any:
+        return shard_cls.options(
             num_cpus=cpus_per_shard,
             num_gpus=gpus_per_shard,
             max_concurrency=32,
-            max_restarts=SHARD_MAX_RESTARTS,  # a shard that dies comes back empty; the coordinator rolls back
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=j),
-        ).remote(j, config, device)
-        for j in range(num_shards)
-    ]
+            max_restarts=MAX_RESTARTS,  # a shard that dies comes back empty: its standby took over, or the jobs roll back
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index),
+        ).remote(j, config, device, role, bool(replicas))
+
+    if replicas:
+        nodes = ray.util.placement_group_table(pg)["bundles_to_node_id"]
+        pairs = pair_bundles([nodes[i] for i in range(2 * num_shards)])
+        shards = [spawn(j, p, "primary") for j, (p, _) in enumerate(pairs)]
+        standbys = [spawn(j, s, "standby") for j, (_, s) in enumerate(pairs)]
+    else:
+        shards = [spawn(j, j, "primary") for j in range(num_shards)]
+        standbys = []
+    if config.port == 0:
+        # a coordinator that Ray restarts serves on the same address: fix the port now
+        config = dataclasses.replace(config, port=_free_port(config.host))
     # The front door lives on this (the driver's) node, where users and `ray up` expect it.
     coordinator = ray.remote(CoordinatorProcess).options(
         num_cpus=0,
         max_concurrency=64,
+        max_restarts=MAX_RESTARTS,  # it comes back on the same address and takes the jobs over from the shards
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
-    ).remote(shards, config)
+    ).remote(shards, standbys or None, config)
     deadline = time.monotonic() + placement_timeout
     address = ray.get(coordinator.address.remote(), timeout=max(1.0, deadline - time.monotonic()))
-    return RayService(coordinator, shards, pg, started_ray, address)
+    return RayService(coordinator, [*shards, *standbys], pg, started_ray, address)
+
+
+def pair_bundles(nodes: Sequence[str]) -> list[tuple[int, int]]:
+    """Pair the bundles (by the node each is on) into (primary, standby), each pair on two nodes wherever the
+    nodes allow: the next primary comes from the node with the most bundles left, its standby from the
+    other node with the most left."""
+    left: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        left.setdefault(node, []).append(i)
+    pairs = []
+    for _ in range(len(nodes) // 2):
+        by_count = sorted((n for n in left if left[n]), key=lambda n: -len(left[n]))
+        first = by_count[0]
+        second = by_count[1] if len(by_count) > 1 else first
+        pairs.append((left[first].pop(0), left[second].pop(0)))
+    return pairs
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host if host not in ("", "0.0.0.0") else "0.0.0.0", 0))
+        return sock.getsockname()[1]

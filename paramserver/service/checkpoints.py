@@ -29,6 +29,8 @@ class ServiceCheckpoints:
         shards (the plan is rebuilt for their number). Returns the jobs' names."""
         restored = []
         for name in checkpoint.jobs(self.directory):
+            if self.host.has_job(name):
+                continue  # taken over from the shards, which are newer
             try:
                 part, shards = checkpoint.read_latest(self.directory, name)
             except FileNotFoundError as exc:

@@ -19,7 +19,7 @@ from paramserver.core.coordinator import Coordinator, StepResult
 from paramserver.core.errors import JobExistsError, JobFailedError, JobNotFoundError
 from paramserver.core.job import JobSpec
 from paramserver.core.shard import Shard
-from paramserver.core.shards import ShardGroup
+from paramserver.core.shards import ShardCheck, ShardGroup
 from paramserver.service import metrics
 from paramserver.service.shard_host import MAX_WAIT_S, ShardHost
 from paramserver.service.wakeup import LoopWakeup
@@ -56,9 +56,12 @@ class LocalFleet:
             host.remove_job(name)
         self._initialized.pop(name, None)
 
-    def restarted(self, timeout: float) -> dict[int, tuple[str, str]]:
-        """Shards in this process never restart on their own."""
-        return {}
+    def check(self, timeout: float) -> ShardCheck:
+        """Shards in this process never die on their own."""
+        return ShardCheck()
+
+    def out_of_sync(self) -> list[tuple[int, str]]:
+        return []  # no standbys
 
     async def wait_initialized_async(self, name: str, timeout: float) -> bool:
         """Wait on the running event loop, holding no thread, until every shard of job ``name`` has its
@@ -148,7 +151,7 @@ class Job:
 
 class CoordinatorHost:
     """Every job's coordinator; ``fleet`` makes and reaches the jobs' shards (``LocalFleet`` or, on Ray,
-    ``paramserver.hosting.actors.RayFleet``): ``create_job``, ``connect``, ``delete_job`` and
+    ``paramserver.hosting.replicas.RayFleet``): ``create_job``, ``connect``, ``delete_job``, ``check`` and
     ``wait_initialized_async`` (the asyncio wait for a job's initial weights)."""
 
     def __init__(self, fleet: Any, shard_addresses: Sequence[str], trusted_modules: Sequence[str] = ()) -> None:
@@ -169,6 +172,9 @@ class CoordinatorHost:
         self.step_hook: Callable[[str, StepResult], None] | None = None
         self.checkpoints: Any = None  # a paramserver.service.checkpoints.ServiceCheckpoints when checkpointing
         self._recover_lock = threading.Lock()  # one check of the shards (and rollback) at a time
+
+    def has_job(self, name: str) -> bool:
+        return name in self._jobs
 
     def job(self, name: str) -> Job:
         try:
@@ -214,25 +220,58 @@ class CoordinatorHost:
             listener()
         return job
 
+    def resume_job(self, name: str, config: pb.JobConfig) -> Job:
+        """Take over job ``name`` as its shards hold it (this coordinator restarted): step, generation and
+        schedule from their records, the open step closed if every push is in (``Coordinator.resume``)."""
+        with self._changed:
+            spec: JobSpec = build_job(config, len(self.fleet), self.trusted_modules)
+            group = self.fleet.adopt_job(name, config)
+            coordinator = Coordinator(spec, group)
+            coordinator.on_step = functools.partial(self._stepped, name)
+            self.fleet.connect(name, group, coordinator)
+            job = self._jobs[name] = Job(name, config, coordinator, set(), restored=True)
+            coordinator.resume()
+            coordinator.bump_epoch()
+            log.warning("job %s taken over from its shards at step %d (the coordinator restarted)", name, coordinator.step)
+            self._changed.notify_all()
+            for listener in self._job_listeners:
+                listener()
+            return job
+
     def recover_shards(self, timeout: float) -> list[int]:
-        """Check that every shard process is the one the jobs' state is on; when some died and came back
-        empty (Ray restarted them, ``replicas=0``), roll every job back to its newest checkpoint: the job is
-        re-created on those shards, every shard loads the checkpoint's state in a new weights generation (so
-        every stale push and pull is refused), the job goes on from the checkpoint's step, the shard map has
-        the new addresses and its epoch moves on. A job without a checkpoint fails (``JobFailedError``).
-        Waits at most ``timeout`` seconds for a restarting shard. Returns the restarted shards."""
+        """Check that every shard process is the one the jobs' state is on. A primary that died is replaced by
+        its standby (``replicas=1``): the shard map has the standby's address, the epoch moves on, and the open
+        step closes once the workers pushed it again there; no step is lost. A primary without a standby comes
+        back empty (Ray restarts it): every job rolls back to its newest checkpoint (re-created on that shard,
+        every shard loads the checkpoint in a new weights generation, so every stale push and pull is refused);
+        a job without a checkpoint fails (``JobFailedError``). So does a job whose standby copy was not current.
+        Then standbys without a current copy are rebuilt from their primaries. Waits at most ``timeout`` seconds
+        for a restarting primary. Returns the shards that were replaced or restarted."""
         with self._recover_lock:
-            changed = self.fleet.restarted(timeout)
-            if not changed:
-                return []
-            shards = sorted(changed)
-            log.warning("shard%s %s died and restarted empty: rolling back %d job(s)", "s" if len(shards) > 1 else "", shards, len(self._jobs))
-            for j, (_, address) in changed.items():
+            found = self.fleet.check(timeout)
+            for j, address in {**found.taken_over, **found.lost}.items():
                 self.shard_addresses[j] = address
+            if found.taken_over:
+                log.warning("shard(s) %s: the standby took over from a primary that died", sorted(found.taken_over))
+            if found.lost:
+                log.warning("shard(s) %s died and restarted empty: rolling back %d job(s)", sorted(found.lost), len(self._jobs))
             for job in list(self._jobs.values()):
-                self._roll_back(job, shards)
-            self.fleet.acknowledge(changed)
-            return shards
+                back = sorted({*found.lost, *found.stale.get(job.name, [])})
+                if back:
+                    self._roll_back(job, back)
+                elif found.taken_over:
+                    job.coordinator.bump_epoch()
+                    job.coordinator.recheck()  # the reports the dead primary made are gone: ask the new one
+                elif job.coordinator.interrupted:
+                    job.coordinator.recheck()
+            if found.lost:
+                self.fleet.acknowledge(found)
+            for j, name in self.fleet.out_of_sync():
+                job = self._jobs.get(name)
+                if job is not None and job.lost is None:
+                    with job.coordinator._lock:
+                        self.fleet.rebuild(j, name)
+            return sorted({*found.taken_over, *found.lost})
 
     def _roll_back(self, job: Job, shards: list[int]) -> None:
         coordinator = job.coordinator

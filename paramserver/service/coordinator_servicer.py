@@ -37,6 +37,7 @@ def job_info(job: Job, shard_addresses: list[str]) -> pb.JobInfo:
         version=job.coordinator.version,
         config=job.config,
         ready=job.ready,
+        generation=job.coordinator.generation,
         shards=[
             pb.ShardInfo(shard=j, address=shard_addresses[j], slices=[pb.SliceInfo(param=s.param, start=s.start, stop=s.stop) for s in slices])
             for j, slices in enumerate(plan.shards)

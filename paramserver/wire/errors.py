@@ -18,6 +18,7 @@ the status code only when there is no ErrorInfo (errors made by gRPC itself, or 
 | JobExistsError | ALREADY_EXISTS | JOB_EXISTS | CreateJob names a job that exists with another configuration |
 | JobNotFoundError | NOT_FOUND | JOB_NOT_FOUND | a call names a job the server does not have |
 | ValueError | INVALID_ARGUMENT | INVALID_ARGUMENT | any other bad input: shape, dtype, size, chunks, worker, config |
+| ShardLostError | UNAVAILABLE | SHARD_LOST | a shard's process died during the call; the worker re-resolves the shards and retries |
 | DeadlineExceededError | DEADLINE_EXCEEDED | DEADLINE | a wait on the server ran out (any TimeoutError: a pull, a join) |
 | UnauthenticatedError | UNAUTHENTICATED | UNAUTHENTICATED | no or the wrong bearer token (health and reflection included) |
 | InternalError | INTERNAL | INTERNAL | anything else (a bug): the message names the exception, the log has the traceback |
@@ -55,6 +56,7 @@ from paramserver.core.errors import (
     NonFiniteGradientError,
     NotReadyError,
     RolledBackError,
+    ShardLostError,
     StaleStepError,
     StateReloadedError,
     StepMismatchError,
@@ -102,6 +104,8 @@ TABLE: tuple[ErrorKind, ...] = (
               "a call names a job the server does not have"),
     ErrorKind(ValueError, Code.INVALID_ARGUMENT, "INVALID_ARGUMENT",
               "any other bad input: shape, dtype, size, chunks, worker, config"),
+    ErrorKind(ShardLostError, Code.UNAVAILABLE, "SHARD_LOST",
+              "a shard's process died during the call; the worker re-resolves the shards and retries"),
     ErrorKind(DeadlineExceededError, Code.DEADLINE_EXCEEDED, "DEADLINE",
               "a wait on the server ran out (any TimeoutError: a pull, a join)"),
     ErrorKind(UnauthenticatedError, Code.UNAUTHENTICATED, "UNAUTHENTICATED",

@@ -28,7 +28,8 @@ def _engine(num_workers: int = 2, num_shards: int = 2, **config: Any) -> tuple[t
 
 def test_the_protocol_lists_the_coordinators_calls():
     assert PROTOCOL_CALLS == [
-        "apply", "load_optimizer_state", "load_weights", "optimizer_state", "ready", "reduce", "restore_version", "skip",
+        "apply", "keep_record", "last_record", "load_optimizer_state", "load_weights", "optimizer_state", "ready", "reduce",
+        "restore_version", "skip",
         "snapshot", "start_generation", "status", "wait_for_version", "weight_copies",
     ]
 
@@ -70,11 +71,17 @@ class FakeShard:
         self.calls.append(("reduce", step, norm_type, clip_value, contributors))
         return [torch.tensor(float(self.j))]
 
-    def apply(self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]]) -> None:
+    def apply(self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]], record: dict[str, Any] | None = None) -> None:
         self.calls.append(("apply", step, clip_coef, hyperparameters))
 
-    def skip(self, step: int) -> None:
+    def skip(self, step: int, record: dict[str, Any] | None = None) -> None:
         self.calls.append(("skip", step))
+
+    def keep_record(self, record: dict[str, Any] | None) -> None:
+        self.calls.append(("keep_record", record))
+
+    def last_record(self) -> dict[str, Any] | None:
+        return None
 
     def weight_copies(self) -> list[torch.Tensor]:
         return [torch.full((2,), float(self.j))]
@@ -186,7 +193,8 @@ def test_membership_changes_bump_the_epoch():
 def test_the_actor_shard_and_its_process_offer_every_call():
     pytest.importorskip("ray")
     pytest.importorskip("grpc")
-    from paramserver.hosting.actors import ActorShard, RayShardGroup, ShardProcess
+    from paramserver.hosting.actors import ShardProcess
+    from paramserver.hosting.replicas import ActorShard, RayShardGroup
 
     assert issubclass(RayShardGroup, ShardGroup)
     for name in PROTOCOL_CALLS:

@@ -93,18 +93,20 @@ class JoinJobRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job", "version", "config", "shards", "ready")
+    __slots__ = ("job", "version", "config", "shards", "ready", "generation")
     JOB_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     job: str
     version: int
     config: JobConfig
     shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
     ready: bool
-    def __init__(self, job: _Optional[str] = ..., version: _Optional[int] = ..., config: _Optional[_Union[JobConfig, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., ready: _Optional[bool] = ...) -> None: ...
+    generation: int
+    def __init__(self, job: _Optional[str] = ..., version: _Optional[int] = ..., config: _Optional[_Union[JobConfig, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., ready: _Optional[bool] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class ReportMetricsRequest(_message.Message):
     __slots__ = ("job", "worker", "step", "metrics")
