@@ -119,6 +119,9 @@ class RemoteOptimizer:
                 raise ValueError('push_during_backward needs nonfinite="skip": under "error" all gradients are checked before any is pushed')
             self.push_during_backward = push_during_backward
             self._in_flight: dict[int, Future] = {}
+            # the step last pushed, and per shard the parameters it had no gradient for (a push again resends them)
+            self._sent_step: int | None = None
+            self._sent_missing: dict[int, list[int]] = {}
             # The parameters backward has reached since their gradients were last set to None: one it has not
             # reached has no gradient (torch.optim would skip it), although its place in the buffers holds zeros.
             self._touched: set[int] = set()
@@ -279,10 +282,18 @@ class RemoteOptimizer:
                 self._in_flight[j] = self._push_shard(self.step_count, j)
 
     def _push_shard(self, step: int, shard: int) -> Future:
-        # before gather: parameters without a gradient are skipped, as in torch
-        missing = self.buffers.missing(shard, self._touched)
-        grads = self._wire(self.buffers.gather_grads(shard)[shard])
-        return self.client.push_shard(self.rank, step, shard, grads, missing, self.generation)
+        if self._sent_step != step:
+            self._sent_step, self._sent_missing = step, {}
+        missing = self._sent_missing.get(shard)
+        if missing is None:
+            # before gather: parameters without a gradient are skipped, as in torch
+            missing = self._sent_missing[shard] = self.buffers.missing(shard, self._touched)
+            grads = self.buffers.gather_grads(shard)[shard]
+        else:
+            # the same step again (a standby took over): the same gradients, still in their buffers, and the same
+            # list of parameters without one (gather pointed every .grad at its buffer, so it cannot be read again)
+            grads = self.buffers.grads[shard]
+        return self.client.push_shard(self.rank, step, shard, self._wire(grads), missing, self.generation)
 
     def _wire(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
         """Gradients in the dtype they travel in (the shard accumulates them in the parameters' dtype)."""

@@ -125,6 +125,10 @@ class Shard:
             if buf.is_complex() and not layout.dtype.is_complex:
                 raise ValueError(f"shard {self.shard_id}: {what}: buffer {i} is complex ({buf.dtype}) but its parameters are {layout.dtype}")
 
+    def _check_initialized(self) -> None:
+        if not self.initialized:
+            raise NotReadyError(f"shard {self.shard_id}: the job's initial weights are not in place yet")
+
     def check_step(self, step: int) -> None:
         if step < self.version:
             raise StaleStepError(f"shard {self.shard_id}: step {step} has already closed (now at {self.version})", self.version)
@@ -155,8 +159,7 @@ class Shard:
         """
         if not isinstance(worker, int) or isinstance(worker, bool) or not 0 <= worker < self.num_workers:
             raise ValueError(f"shard {self.shard_id}: worker must be in [0, {self.num_workers}), got {worker!r}")
-        if not self.initialized:
-            raise NotReadyError(f"shard {self.shard_id}: the job's initial weights are not in place yet")
+        self._check_initialized()
         self.check_generation(generation)
         if self.is_late_retry(worker, step):
             return False  # a retry whose first try closed the step (its reply was lost): applied already
@@ -249,6 +252,7 @@ class Shard:
     ) -> None:
         """Scale the mean by the clip coefficient, take the group hyperparameters, run the optimizer's step.
         ``record``: what the coordinator keeps here with this update (``self.record``)."""
+        self._check_initialized()
         self.check_step(step)
         assert self.accumulator.contributors is not None, f"shard {self.shard_id}: apply before reduce (the mean) of step {step}"
         if clip_coef is not None:
@@ -275,6 +279,7 @@ class Shard:
     @_locked
     def skip(self, step: int, record: dict[str, Any] | None = None) -> None:
         """Close ``step`` without an update (a non-finite step): weights and optimizer state stay."""
+        self._check_initialized()
         self.check_step(step)
         self._close_step(record)
 

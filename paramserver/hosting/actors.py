@@ -66,6 +66,7 @@ class ShardProcess:
 
         bind_host = config.host
         self.host = ShardHost(shard_id, placement=f"node {ray.get_runtime_context().get_node_id()[:12]} ({_advertised('0.0.0.0')})")
+        self.host.on_initial_weights = self._hand_initial_weights
         self.server, port = create_shard_server(self.host, f"{bind_host}:0", config)
         self._address = f"{_advertised(bind_host)}:{port}"
         self.metrics_address = None
@@ -78,6 +79,17 @@ class ShardProcess:
     def identity(self) -> tuple[str, str]:
         """(incarnation, address): the coordinator's health check (a restarted shard has new ones)."""
         return self.incarnation, self._address
+
+    def _hand_initial_weights(self, name: str, buffers: Sequence[torch.Tensor]) -> None:
+        # before rank 0's call returns: the standby holds the same weights before any step closes
+        if self.standby is None:
+            return
+        import ray
+
+        try:
+            ray.get(self.standby.load_weights.remote(name, list(buffers)), timeout=CONTROL_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - its first update then fails, and the coordinator rebuilds it
+            log.warning("shard %d: the standby did not take job %s's initial weights: %s: %s", self.shard_id, name, type(exc).__name__, exc)
 
     def describe(self) -> dict[str, Any]:
         """What a coordinator that restarts needs: role, incarnation, address, and the jobs' configs."""
@@ -93,7 +105,7 @@ class ShardProcess:
         ctx = ray.get_runtime_context()
         return {
             "role": self.role, "shard": self.shard_id, "pid": os.getpid(), "node_id": ctx.get_node_id(),
-            "address": self._address, "device": self.device, "metrics": self.metrics_address,
+            "address": self._address, "device": self.device, "metrics": self.metrics_address, "jobs": sorted(self.configs),
         }
 
     def create_job(self, name: str, config: bytes) -> None:
@@ -198,9 +210,13 @@ class ShardProcess:
 
 def _first_start() -> bool:
     """Whether this actor process is the first of its actor (not one Ray restarted after a death)."""
+    import warnings
+
     import ray
 
-    return not ray.get_runtime_context().was_current_actor_reconstructed
+    with warnings.catch_warnings():  # the property reads a deprecated one inside Ray
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return not ray.get_runtime_context().was_current_actor_reconstructed
 
 
 class RemoteCoordinator:
@@ -237,6 +253,7 @@ class CoordinatorProcess:
             pairs = [(p, s) if by_actor[p]["role"] == "primary" or by_actor[s]["role"] != "primary" else (s, p) for p, s in zip(primaries, standbys)]
             primaries, standbys = [p for p, _ in pairs], [s for _, s in pairs]
         fleet = RayFleet(primaries, standbys, {a: d["incarnation"] for a, d in by_actor.items()})
+        fleet.assign_roles()
         self.host = CoordinatorHost(fleet, [by_actor[p]["address"] for p in primaries], config.trusted_modules)
         checkpoints = None
         if config.checkpoint_dir:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ CONTROL_TIMEOUT_S = 120.0
 INIT_POLL_S = 5.0
 # How long the health check waits for a live process to say who it is before asking the next round.
 IDENTITY_TIMEOUT_S = 5.0
+# How long a live process takes at most to answer at once; one that does not is probed (``_port_closed``).
+QUICK_ANSWER_S = 0.2
 
 T = TypeVar("T")
 log = logging.getLogger("paramserver")
@@ -159,6 +162,7 @@ class RayFleet:
         # actor -> the incarnation (process) the jobs' state is on
         self.incarnations: dict[Any, str] = dict(incarnations or {})
         self._answers: dict[Any, tuple[str, str] | None] = {}  # each process's answer to the last check
+        self._addresses: dict[Any, str] = {}  # each process's gRPC address when it last answered
         self.in_sync: set[tuple[int, str]] = set()  # (shard, job): the standby holds a current copy
         self.jobs: dict[str, bytes] = {}  # every job's config (serialized), to re-create it on a new process
         self._initialized: set[str] = set()  # jobs whose shards all have their initial weights
@@ -167,6 +171,12 @@ class RayFleet:
 
     def __len__(self) -> int:
         return len(self.primaries)
+
+    def assign_roles(self) -> None:
+        """Tell every process its role, and each primary its standby (which gets its means and initial weights)."""
+        calls = [p.set_role.remote("primary", s) for p, s in zip(self.primaries, self.standbys)]
+        calls += [s.set_role.remote("standby", None) for s in self.standbys if s is not None]
+        _ray().get(calls, timeout=CONTROL_TIMEOUT_S)
 
     @property
     def replicated(self) -> bool:
@@ -214,6 +224,8 @@ class RayFleet:
         data = config.SerializeToString()
         _ray().get([a.create_job.remote(name, data) for a in self._all()], timeout=CONTROL_TIMEOUT_S)
         self.jobs[name] = data
+        # empty on both sides, and the primary hands its standby the initial weights: in sync from the start
+        self.in_sync |= {(j, name) for j, standby in enumerate(self.standbys) if standby is not None}
         return RayShardGroup(self, name)
 
     def adopt_job(self, name: str, config: Any) -> RayShardGroup:
@@ -281,18 +293,38 @@ class RayFleet:
     # -- health -----------------------------------------------------------------------------------------------
 
     def _identities(self, timeout: float) -> dict[Any, tuple[str, str] | None]:
-        """Each process's (incarnation, address), or None if it is dead or restarting (no answer in time)."""
+        """Each process's (incarnation, address), or None if it is dead or restarting. A process that does not
+        answer at once and whose gRPC port refuses connections is dead (Ray answers for it only once it has
+        restarted, a second or more later); one that is only slow gets ``timeout`` seconds."""
         ray = _ray()
-        actors = self._all()
-        refs = {a: a.identity.remote() for a in actors}
+        refs = {a: a.identity.remote() for a in self._all()}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=QUICK_ANSWER_S)
         deadline = time.monotonic() + timeout
         answers: dict[Any, tuple[str, str] | None] = {}
         for a, ref in refs.items():
+            if ref not in ready and self._port_closed(a):
+                answers[a] = None
+                continue
             try:
                 answers[a] = tuple(ray.get(ref, timeout=max(0.05, deadline - time.monotonic())))  # type: ignore[assignment]
+                self._addresses[a] = answers[a][1]  # type: ignore[index]
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 answers[a] = None
         return answers
+
+    def _port_closed(self, actor: Any) -> bool:
+        """Whether the gRPC server of ``actor``'s last known process refuses connections (the process is gone)."""
+        known = self._addresses.get(actor)
+        if known is None:
+            return False
+        host, _, port = known.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=QUICK_ANSWER_S):
+                return False
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False  # unreachable or slow is not proof of death
 
     def _healthy(self, actor: Any, answer: tuple[str, str] | None) -> bool:
         if answer is None:
@@ -370,11 +402,11 @@ class RayFleet:
             ray.get(standby.adopt_job.remote(name, self.jobs[name], me, primary.replica_state.remote(name)), timeout=CONTROL_TIMEOUT_S)
             ray.get([primary.set_role.remote("primary", standby), standby.set_role.remote("standby", None)], timeout=CONTROL_TIMEOUT_S)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
-            log.info("shard %d's standby for job %s not rebuilt yet: %s", j, name, type(exc).__name__)
+            log.warning("shard %d's standby for job %s not rebuilt yet: %s", j, name, type(exc).__name__)
             return False
         self.incarnations[standby] = answer[0]
         self.in_sync.add((j, name))
-        log.info("shard %d's standby holds a current copy of job %s", j, name)
+        log.warning("shard %d's standby holds a current copy of job %s", j, name)
         return True
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +25,9 @@ class ShardHost:
         self._shards: dict[str, Shard] = {}
         self._coordinators: dict[str, Coordinator] = {}
         self._locks: dict[str, threading.Lock] = {}
+        # Called with (job, buffers) once a job's initial weights are in, the job's lock held (a primary hands
+        # them to its standby, so that it starts from the same weights).
+        self.on_initial_weights: Callable[[str, Sequence[torch.Tensor]], None] | None = None
         # asyncio pulls wait on these: per shard and event loop, one listener on the shard wakes them all
         self._watches: weakref.WeakKeyDictionary[Shard, dict[asyncio.AbstractEventLoop, LoopWakeup]] = weakref.WeakKeyDictionary()
 
@@ -73,6 +76,8 @@ class ShardHost:
             if shard.version != 0 or shard.accumulator.received:
                 raise ValueError(f"shard {self.shard_id}: job {job!r} has begun training; initial weights come before any gradient")
             shard.load_weights(buffers)
+            if self.on_initial_weights is not None:
+                self.on_initial_weights(job, buffers)
 
     def pull(
         self, job: str, min_version: int, timeout: float | None, generation: int | None = None
