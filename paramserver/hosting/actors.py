@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -227,14 +228,25 @@ class RemoteCoordinator:
         self.name = name
 
     def shard_ready(self, shard: int, step: int, generation: int | None = None) -> None:
+        """Report to the coordinator. While it restarts the report is made again (until the control deadline):
+        the push that completed the shard is in, and the worker gets no error for it. A coordinator that
+        restarted closes the step itself if every push is in, so the report may find it closed."""
         import ray
 
-        try:
-            ray.get(self.actor.shard_ready.remote(self.name, shard, step, generation), timeout=CONTROL_TIMEOUT_S)
-        except (ray.exceptions.RayActorError, StaleStepError) as exc:
-            # The push is in. A coordinator that died recovers the job from the shards and closes the step
-            # itself once every push is in (one that restarted meanwhile may have closed it already).
-            log.warning("shard %d: step %d's report did not reach the coordinator (%s); it recovers the step", shard, step, type(exc).__name__)
+        deadline = time.monotonic() + CONTROL_TIMEOUT_S
+        while True:
+            try:
+                ray.get(self.actor.shard_ready.remote(self.name, shard, step, generation), timeout=max(0.1, deadline - time.monotonic()))
+                return
+            except StaleStepError:
+                return  # a coordinator that restarted closed the step already
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)  # restarting: its jobs come back from the shards' records
+            except ray.exceptions.RayActorError as exc:
+                log.warning("shard %d: step %d's report did not reach the coordinator (%s)", shard, step, type(exc).__name__)
+                return
 
 
 class CoordinatorProcess:
