@@ -57,7 +57,8 @@ class RayService:
 
         actors = [self.coordinator_actor, *self.shard_actors]
         try:
-            ray.get([a.stop.remote() for a in actors], timeout=30)
+            # each server stops gracefully where it can; a process that is dead or restarting is killed below
+            ray.wait([a.stop.remote() for a in actors], num_returns=len(actors), timeout=30)
         finally:
             for a in actors:
                 ray.kill(a)

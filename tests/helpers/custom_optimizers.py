@@ -3,6 +3,9 @@ from a server whose ``trusted_modules`` include "tests"."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import torch
 
 
@@ -42,3 +45,22 @@ class InPlaceMomentum(torch.optim.Optimizer):
                 state["step"] += 1
                 p.add_(state["momentum_buffer"], alpha=-group["lr"])
         return None
+
+
+class PausingAdam(torch.optim.Adam):
+    """Adam that, before its ``pause_at``-th update, writes a file named by its process id into ``marker_dir``
+    and sleeps ``pause_s``: a fault test kills a shard's process in the middle of its update. Otherwise Adam."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), marker_dir: str = "", pause_at: int = -1, pause_s: float = 0.0) -> None:
+        super().__init__(params, lr=lr, betas=tuple(betas))
+        self._pause = (marker_dir, pause_at, pause_s)
+        self._updates = 0
+
+    def step(self, closure=None):
+        self._updates += 1
+        marker_dir, pause_at, pause_s = self._pause
+        if marker_dir and self._updates == pause_at:
+            with open(os.path.join(marker_dir, str(os.getpid())), "w"):
+                pass
+            time.sleep(pause_s)
+        return super().step(closure)
