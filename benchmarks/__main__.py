@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import checkpoint, peers, service
+from benchmarks import checkpoint, failover, peers, service
 from benchmarks.common import make_mlp, param_count
 
 
@@ -97,6 +97,14 @@ def run(quick: bool) -> list[Row]:
     timed("checkpoint stall")
     stall_ms = checkpoint.checkpoint_stall_ms(3 if quick else 10)
     rows.append(Row("checkpoint_stall_ms", stall_ms, "ms", "e2e_step_ms", 1000 / e2e["steps_per_s"]))
+
+    # Kill to the next closed step, against a step of the end-to-end run: the ratio is the steps a failover costs.
+    timed("failover: standby takeover, rollback to a checkpoint")
+    step_s = 1 / e2e["steps_per_s"]
+    rows += [
+        Row("takeover_s", failover.takeover_s(2 if quick else 5), "s", "e2e_step_s", step_s),
+        Row("rollback_s", failover.rollback_s(1 if quick else 3), "s", "e2e_step_s", step_s),
+    ]
 
     num_params = param_count(make_mlp())
     shard_state_mb = num_params * 4 * 3 / 2 / mib  # fp32 weights + Adam's two moments, over 2 shards

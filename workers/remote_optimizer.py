@@ -21,7 +21,13 @@ from typing import Any
 import torch
 
 from paramserver.core.config import SchedulerSpec, default_of, job_config_from_kwargs
-from paramserver.core.errors import JobNotFoundError, NonFiniteGradientError, RolledBackError, StateReloadedError
+from paramserver.core.errors import (
+    JobNotFoundError,
+    NonFiniteGradientError,
+    RolledBackError,
+    StateReloadedError,
+    StepMismatchError,
+)
 from paramserver.core.malloc import fix_mmap_threshold
 from paramserver.core.params import normalize_params
 from paramserver.wire import jobconfig, json_values
@@ -185,7 +191,10 @@ class RemoteOptimizer:
         if metric is not None:
             if self.push_during_backward:
                 raise ValueError("step(metric=...) needs push_during_backward=False: the step may close before the metric arrives")
-            self.client.report_metric(self.rank, step, float(metric))
+            try:
+                self.client.report_metric(self.rank, step, float(metric))
+            except StepMismatchError as exc:  # the job is at another step: a load (or rollback) since this worker's weights
+                self._reloaded(exc.version)
         if self._refuse_nonfinite:
             grads = self.buffers.gather_grads()
             if not all(bool(torch.isfinite(b).all()) for shard in grads for b in shard):

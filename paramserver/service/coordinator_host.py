@@ -258,7 +258,8 @@ class CoordinatorHost:
             for job in list(self._jobs.values()):
                 back = sorted({*found.lost, *found.stale.get(job.name, [])})
                 if back:
-                    self._roll_back(job, back)
+                    stale = found.stale.get(job.name, [])
+                    self._roll_back(job, back, "its standby had no current copy of the job yet" if stale else "")
                 elif found.taken_over:
                     job.coordinator.bump_epoch()
                     job.coordinator.recheck()  # the reports the dead primary made are gone: ask the new one
@@ -273,9 +274,10 @@ class CoordinatorHost:
                         self.fleet.rebuild(j, name)
             return sorted({*found.taken_over, *found.lost})
 
-    def _roll_back(self, job: Job, shards: list[int]) -> None:
+    def _roll_back(self, job: Job, shards: list[int], why: str = "") -> None:
         coordinator = job.coordinator
         died = f"shard{'s' if len(shards) > 1 else ''} {', '.join(map(str, shards))} of job {job.name!r} died"
+        died += f" ({why})" if why else ""
         step = None
         if job.lost is None:
             self.fleet.recreate_job(job.name, job.config, shards)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import checkpoint, peers, service
+import pytest
+
+from benchmarks import checkpoint, failover, peers, service
 from benchmarks.__main__ import Row
 
 
@@ -26,3 +28,12 @@ def test_rows_carry_their_ratio_and_serialize():
 
 def test_checkpoint_stall_measurement_runs():
     assert checkpoint.checkpoint_stall_ms(1) > 0
+
+
+# About 30 s on 2 cores (a service per measurement, a kill each): with the Ray tests, not the fast ones.
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_failover_measurements_run(ray_cluster):
+    assert 0 < failover.takeover_s(1) < failover.WAIT_S
+    assert 0 < failover.rollback_s(1) < failover.WAIT_S

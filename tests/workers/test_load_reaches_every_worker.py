@@ -177,3 +177,56 @@ def test_a_worker_waiting_in_its_pull_gets_the_reload(service):
         pool.shutdown(wait=False)
         for o in opts:
             o.close()
+
+
+def test_a_worker_that_reports_a_metric_after_anothers_load_gets_the_reload(service):
+    state, _, _ = local_run(10, save_at=5)
+    models, opts = connect(service, "load-then-metric")
+    pool = ThreadPoolExecutor(2)
+    try:
+        both(pool, models, opts, 0)
+        opts[0].load_state_dict(state)  # Adam's step says 5: the job moves to step 5
+        models[1].zero_grad()
+        backward(models[1], 1)
+        with pytest.raises(ps.StateReloadedError) as err:
+            opts[1].step(metric=0.5)  # its metric names step 1, which the job is no longer at
+        assert err.value.step == 5 and opts[1].step_count == 5
+        assert_holds(models[1], state["model"])
+        both(pool, models, opts, 5)
+        assert opts[0].step_count == opts[1].step_count == 6
+    finally:
+        pool.shutdown(wait=False)
+        for o in opts:
+            o.close()
+
+
+def test_a_load_refuses_the_gradients_a_worker_pushed_during_backward(service):
+    state, local, _ = local_run(8, save_at=4)
+    models = [make_model(), make_model()]
+    opts = [
+        RemoteOptimizer(
+            models[rank].named_parameters(), torch.optim.Adam, lr=LR, address=service.address, job="load-during-backward",
+            num_workers=2, rank=rank, scheduler=torch.optim.lr_scheduler.StepLR,
+            scheduler_kwargs={"step_size": STEP_SIZE, "gamma": GAMMA}, timeout=T, push_during_backward=True,
+        )
+        for rank in range(2)
+    ]
+    pool = ThreadPoolExecutor(2)
+    try:
+        both(pool, models, opts, 0)
+        opts[0].load_state_dict(state)  # the job moves to step 4
+        models[1].zero_grad()
+        backward(models[1], 1)  # pushes start during backward, computed on the old weights
+        with pytest.raises(ps.StateReloadedError) as err:
+            opts[1].step()
+        assert err.value.step == 4 and opts[1].step_count == 4
+        assert_holds(models[1], state["model"])
+        for t in range(4, 8):  # both go on from the loaded step with the same data as the local run
+            both(pool, models, opts, t)
+        for m in models:
+            for a, b in zip(m.parameters(), local.parameters()):
+                assert torch.equal(a, b)
+    finally:
+        pool.shutdown(wait=False)
+        for o in opts:
+            o.close()
