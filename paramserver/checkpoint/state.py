@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,22 +15,27 @@ import torch
 from paramserver.checkpoint import store
 from paramserver.core.coordinator import Coordinator
 from paramserver.core.params import ParamInfo
+from paramserver.core.shard import SnapshotWrite
 from paramserver.core.sharding import ShardingPlan, Slice, unpack
 from paramserver.core.state import join_param_state
 
 
-def take(coordinator: Coordinator, *, config: bytes | None = None, members: Iterable[int] = ()) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def take(
+    coordinator: Coordinator, root: str, job: str, *, config: bytes | None = None, members: Iterable[int] = ()
+) -> tuple[dict[str, Any], list[SnapshotWrite]]:
     """Copy a job's state at its step boundary: the coordinator's part (plain values, JSON-able but for the
-    scheduler's own state) and every shard's (tensors). ``config``: the job's description as the service
-    knows it (the JobConfig proto's bytes), kept to rebuild the job on restore."""
+    scheduler's own state) and every shard's, bound for its file in the step's directory under ``root`` (a
+    shard in its own process writes it there in the background). ``config``: the job's description as the
+    service knows it (the JobConfig proto's bytes), kept to rebuild the job on restore."""
     # the coordinator's lock (re-entrant: a hook after a step already holds it) keeps the step from moving
     with coordinator._lock:
         plan = coordinator.plan
         schedule = coordinator.schedule
-        shards = coordinator.shards.snapshots()
-        for j, piece in enumerate(shards):
-            if piece["version"] != coordinator.version:
-                raise RuntimeError(f"shard {j} is at version {piece['version']}, the job at {coordinator.version}: not a step boundary")
+        path = store.step_dir(root, job, coordinator.step)
+        writes = coordinator.shards.save_snapshots([os.path.join(path, store.shard_file(j)) for j in range(len(plan.shards))])
+        for j, write in enumerate(writes):
+            if write.version != coordinator.version:
+                raise RuntimeError(f"shard {j} is at version {write.version}, the job at {coordinator.version}: not a step boundary")
         part = {
             "step": coordinator.step,
             "version": coordinator.version,
@@ -43,7 +49,7 @@ def take(coordinator: Coordinator, *, config: bytes | None = None, members: Iter
             "config": None if config is None else base64.b64encode(config).decode(),
             "members": sorted(members),
         }
-    return part, shards
+    return part, writes
 
 
 def config_bytes(part: dict[str, Any]) -> bytes | None:

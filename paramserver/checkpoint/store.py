@@ -1,8 +1,8 @@
 """The on-disk format: ``ROOT/JOB/step-000000123/`` holds ``coordinator.pt``, one ``shard-00000.pt`` per shard
-(each a ``torch.save`` file) and ``manifest.json``, written last (temp file, fsync, atomic rename, fsync of the
-directories), with the sha256 and size of every other file. A checkpoint is valid iff its manifest exists and
-every file matches it; anything else is a write that did not finish, ignored by readers and removed by the
-next write.
+(each a ``torch.save`` file; a shard in its own process writes its own) and ``manifest.json``, written last by
+the coordinator (temp file, fsync, atomic rename, fsync of the directories), with the sha256 and size of every
+other file. A checkpoint is valid iff its manifest exists and every file matches it; anything else is a write
+that did not finish, ignored by readers and removed by a later write.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import io as _bytes_io
 import json
 import os
 import urllib.parse
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -116,19 +117,40 @@ def read_latest(root: str, job: str, step: int | None = None) -> tuple[dict[str,
     raise FileNotFoundError(f"no valid checkpoint of job {job!r} under {root}" + (f" ({'; '.join(errors)})" if errors else ""))
 
 
-def write(root: str, job: str, step: int, coordinator: dict[str, Any], shards: list[dict[str, Any]], keep: int) -> str:
-    """Write one checkpoint (manifest last), then keep only the newest ``keep``; returns its directory."""
+def written(root: str, job: str, step: int) -> bool:
+    """Whether checkpoint ``step`` of ``job`` has its manifest (its files are not checked)."""
+    return _read_manifest(step_dir(root, job, step)) is not None
+
+
+def write_file(path: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """Write one file of a checkpoint (a shard's piece, or the coordinator's) to ``path``, its step directory made
+    if need be, fsynced; returns its manifest entry (sha256 and size). Until a manifest lists it, it is a write
+    that did not finish."""
+    fio.makedirs(os.path.dirname(path))
+    data = _serialize(obj)
+    fio.write(path, data)
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def begin(root: str, job: str, step: int, in_flight: Collection[int] = ()) -> bool:
+    """Start writing checkpoint ``step``: remove what failed writes left (step directories without a manifest,
+    but for the steps in ``in_flight``, whose shards may be writing now) and make its directory. False if it is
+    already valid (nothing to write)."""
+    _remove_unfinished(job_dir(root, job), {step, *in_flight})
+    if written(root, job, step):
+        return False
+    fio.makedirs(step_dir(root, job, step))
+    return True
+
+
+def finish(root: str, job: str, step: int, coordinator: dict[str, Any], shard_files: list[dict[str, Any]], keep: int) -> str:
+    """End the write of checkpoint ``step`` whose shard files are written (``shard_files``: shard j's manifest
+    entry): the coordinator's file, then the manifest, which makes it valid; then keep only the newest ``keep``.
+    Returns its directory."""
     jd, path = job_dir(root, job), step_dir(root, job, step)
-    _remove_unfinished(jd)
-    if _read_manifest(path) is not None:
-        return path  # already written (a periodic and an on-demand checkpoint of the same step)
-    fio.makedirs(path)
-    files = {}
-    for name, obj in [(COORDINATOR, coordinator), *((shard_file(j), s) for j, s in enumerate(shards))]:
-        data = _serialize(obj)
-        fio.write(os.path.join(path, name), data)
-        files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    manifest = {"format": FORMAT, "job": job, "step": step, "num_shards": len(shards), "files": files}
+    files = {COORDINATOR: write_file(os.path.join(path, COORDINATOR), coordinator)}
+    files.update((shard_file(j), meta) for j, meta in enumerate(shard_files))
+    manifest = {"format": FORMAT, "job": job, "step": step, "num_shards": len(shard_files), "files": files}
     tmp = os.path.join(path, MANIFEST + ".tmp")
     fio.write(tmp, json.dumps(manifest, indent=1).encode())
     fio.rename(tmp, os.path.join(path, MANIFEST))  # from here on the checkpoint is valid
@@ -138,15 +160,26 @@ def write(root: str, job: str, step: int, coordinator: dict[str, Any], shards: l
     return path
 
 
-def _remove_unfinished(jd: str) -> None:
-    """Remove what a write that failed left (a step directory without a manifest). One writer per job runs
-    at a time, so nothing here is being written."""
+def write(root: str, job: str, step: int, coordinator: dict[str, Any], shards: list[dict[str, Any]], keep: int) -> str:
+    """Write one whole checkpoint from this process (shard files, the coordinator's, manifest last), then keep
+    only the newest ``keep``; returns its directory."""
+    if not begin(root, job, step):
+        return step_dir(root, job, step)  # already written (a periodic and an on-demand checkpoint of the same step)
+    path = step_dir(root, job, step)
+    files = [write_file(os.path.join(path, shard_file(j)), piece) for j, piece in enumerate(shards)]
+    return finish(root, job, step, coordinator, files, keep)
+
+
+def _remove_unfinished(jd: str, busy: Collection[int]) -> None:
+    """Remove what a write that failed left (a step directory without a manifest), but for the ``busy`` steps:
+    one writer per job runs at a time, and only those steps' shards may be writing."""
     try:
         names = os.listdir(jd)
     except FileNotFoundError:
         return
     for name in names:
-        if _step_of(name) is not None and _read_manifest(os.path.join(jd, name)) is None:
+        step = _step_of(name)
+        if step is not None and step not in busy and _read_manifest(os.path.join(jd, name)) is None:
             fio.remove_tree(os.path.join(jd, name))
 
 

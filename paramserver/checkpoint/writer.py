@@ -1,47 +1,82 @@
-"""``Checkpointer``: copies a job's state at a step boundary (the only time the step waits) and writes it on
-a background thread, one checkpoint after another."""
+"""``Checkpointer``: copies a job's state at a step boundary (the only time the step waits) and writes it in the
+background, one checkpoint after another: each shard in its own process writes its own file there, shards in
+this process are written by the Checkpointer's thread, which then writes the coordinator's file and the
+manifest."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from paramserver.checkpoint import state, store
 from paramserver.core.coordinator import Coordinator
+from paramserver.core.shard import SnapshotWrite
+from paramserver.core.shards import ShardGroup
 
 log = logging.getLogger("paramserver")
+
+# How long a write waits for the shards' processes to report their files.
+SHARD_WRITE_TIMEOUT_S = 300.0
 
 
 class Checkpointer:
     """Writes checkpoints of any number of jobs under ``root``, keeping each job's newest ``keep``."""
 
-    def __init__(self, root: str, keep: int = 3) -> None:
+    def __init__(self, root: str, keep: int = 3, shard_timeout: float = SHARD_WRITE_TIMEOUT_S) -> None:
         if keep < 1:
             raise ValueError(f"checkpoint keep must be >= 1, got {keep}")
         self.root = root
         self.keep = keep
+        self.shard_timeout = shard_timeout
         # one thread: writes of a job never overlap, and each sees what the one before it left
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="paramserver-checkpoint")
+        self._lock = threading.Lock()
+        self._in_flight: dict[tuple[str, int], Future[int]] = {}  # (job, step) -> its write, copied and not yet done
         self.last_copy_s = 0.0  # how long the last save held its step (the copy)
         self.failures = 0
 
     def save(self, coordinator: Coordinator, job: str, *, config: bytes | None = None, members: Iterable[int] = ()) -> Future[int]:
         """Copy ``job``'s state now (at a step boundary) and write it in the background; the future holds the
         step written once the checkpoint is valid, or the write's error."""
-        start = time.perf_counter()
-        part, shards = state.take(coordinator, config=config, members=members)
-        self.last_copy_s = time.perf_counter() - start
-        future = self._pool.submit(self._write, job, part, shards)
-        future.add_done_callback(self._report)
+        with coordinator._lock:  # re-entrant: the step hook holds it already
+            key = (job, coordinator.step)
+            with self._lock:
+                under_way = self._in_flight.get(key)
+            if under_way is not None:
+                return under_way  # a periodic and an on-demand checkpoint of the same step
+            if store.written(self.root, job, coordinator.step):
+                done: Future[int] = Future()
+                done.set_result(coordinator.step)  # its files stay as they are: no shard writes over a valid checkpoint
+                return done
+            start = time.perf_counter()
+            part, writes = state.take(coordinator, self.root, job, config=config, members=members)
+            self.last_copy_s = time.perf_counter() - start
+            with self._lock:
+                future = self._in_flight[key] = self._pool.submit(self._write, job, part, writes, coordinator.shards)
+        future.add_done_callback(lambda f: self._report(key, f))
         return future
 
-    def _write(self, job: str, part: dict, shards: list[dict]) -> int:
-        store.write(self.root, job, part["step"], part, shards, self.keep)
-        return part["step"]
+    def _write(self, job: str, part: dict, writes: list[SnapshotWrite], shards: ShardGroup) -> int:
+        step = part["step"]
+        with self._lock:
+            busy = {s for j, s in self._in_flight if j == job}
+        if store.begin(self.root, job, step, in_flight=busy):
+            store.finish(self.root, job, step, part, self._shard_files(writes, shards), self.keep)
+        return step
 
-    def _report(self, future: Future[int]) -> None:
+    def _shard_files(self, writes: list[SnapshotWrite], shards: ShardGroup) -> list[dict]:
+        """Each shard file's manifest entry: shards in this process (their copy is here) are written now; shards
+        in their own processes wrote their files there, and report them (a shard group is all one or the other)."""
+        if all(w.piece is not None for w in writes):
+            return [store.write_file(w.path, w.piece) for w in writes if w.piece is not None]
+        return shards.snapshots_written([w.path for w in writes], self.shard_timeout)
+
+    def _report(self, key: tuple[str, int], future: Future[int]) -> None:
+        with self._lock:
+            self._in_flight.pop(key, None)
         if future.exception() is not None:
             self.failures += 1  # the previous checkpoint stays valid; the next write cleans up after this one
             log.error("checkpoint write failed: %s: %s", type(future.exception()).__name__, future.exception())

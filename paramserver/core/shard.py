@@ -11,6 +11,7 @@ import copy
 import functools
 import threading
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,6 +36,18 @@ def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
             return method(self, *args, **kwargs)
 
     return locked
+
+
+@dataclass(frozen=True)
+class SnapshotWrite:
+    """A shard's piece of a checkpoint, copied at a step boundary, on its way to its file ``path``. ``piece``: the
+    copy itself (version, weights, state), which the checkpoint's writer writes, for a shard in the caller's
+    process; None for a shard in its own process, which writes the file there and reports its checksum
+    (``ShardControl.snapshot_written``)."""
+
+    path: str
+    version: int
+    piece: dict[str, Any] | None = None
 
 
 class Shard:
@@ -390,6 +403,14 @@ class Shard:
             "weights": [w.detach().to("cpu", copy=True) for w in self.weights],
             "state": [{k: _cpu_copy(v) for k, v in st.items()} for st in self.optimizer_state()],
         }
+
+    def save_snapshot(self, path: str) -> SnapshotWrite:
+        """This shard's piece of a checkpoint, copied now, for the caller to write to ``path``."""
+        piece = self.snapshot()
+        return SnapshotWrite(path, piece["version"], piece)
+
+    def snapshot_written(self, path: str, timeout: float) -> dict[str, Any]:
+        raise RuntimeError(f"shard {self.shard_id} is in the caller's process: the caller writes {path} from save_snapshot's copy")
 
     @_locked
     def replica_state(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 
-from paramserver.core.shard import Shard
+from paramserver.core.shard import Shard, SnapshotWrite
 
 T = TypeVar("T")
 
@@ -65,8 +65,16 @@ class ShardControl(Protocol):
 
     def load_optimizer_state(self, slice_states: Sequence[dict[str, Any]], param_groups: list[dict[str, Any]]) -> None: ...
 
-    def snapshot(self) -> dict[str, Any]:
-        """Copies of ``version``, ``weights`` (flat buffers) and ``state`` (per slice): a checkpoint's piece."""
+    def save_snapshot(self, path: str) -> SnapshotWrite:
+        """Copy this shard's piece of a checkpoint now (``version``, ``weights``: flat buffers, ``state``: per
+        slice), for file ``path``; the copy is all a step waits for. A shard in its own process starts writing
+        the file there in the background (then ``snapshot_written``); one in the caller's process hands the copy
+        back for the caller to write."""
+        ...
+
+    def snapshot_written(self, path: str, timeout: float) -> dict[str, Any]:
+        """``{"sha256", "bytes"}`` of file ``path`` once this shard's process has written (and fsynced) it after
+        ``save_snapshot``; raises the write's error, or ``TimeoutError`` after ``timeout`` seconds."""
         ...
 
     def restore_version(self, version: int) -> None:
@@ -157,8 +165,15 @@ class ShardGroup:
         self._per_shard(states, "optimizer states")
         self._each(lambda j, s: s.load_optimizer_state(states[j], param_groups))
 
-    def snapshots(self) -> list[dict[str, Any]]:
-        return self._each(lambda _, s: s.snapshot())
+    def save_snapshots(self, paths: Sequence[str]) -> list[SnapshotWrite]:
+        """Every shard's piece of a checkpoint, copied now; shard j's goes to ``paths[j]``."""
+        self._per_shard(paths, "snapshot paths")
+        return self._each(lambda j, s: s.save_snapshot(paths[j]))
+
+    def snapshots_written(self, paths: Sequence[str], timeout: float) -> list[dict[str, Any]]:
+        """Each shard's report on the file its own process wrote (``save_snapshots``), waited for ``timeout``."""
+        self._per_shard(paths, "snapshot paths")
+        return self._each(lambda j, s: s.snapshot_written(paths[j], timeout), wait_s=timeout)
 
     def restore_version(self, version: int) -> None:
         self._each(lambda _, s: s.restore_version(version))

@@ -7,20 +7,23 @@ the coordinator's reduce/apply calls); gRPC is the data plane (workers' pushes a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
 import time
 import uuid
 from collections.abc import Collection, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
+from paramserver.checkpoint import store as checkpoint_store
 from paramserver.core.config import ServerConfig
 from paramserver.core.errors import StaleStepError
 from paramserver.core.job import JobSpec
-from paramserver.core.shard import Shard
+from paramserver.core.shard import Shard, SnapshotWrite
 from paramserver.hosting.replicas import CONTROL_TIMEOUT_S, RayFleet
 from paramserver.service.checkpoints import ServiceCheckpoints
 from paramserver.service.coordinator_host import RECOVER_TIMEOUT_S, CoordinatorHost
@@ -63,6 +66,9 @@ class ShardProcess:
         self.role = "standby" if replicated and not _first_start() else role
         self.standby: Any = None  # the primary's standby actor, which gets each step's mean
         self.configs: dict[str, bytes] = {}  # each job's config: a coordinator that restarts reads them
+        # checkpoint files this process writes, one after another: (job, path) -> the write, until reported
+        self._snapshot_writer = ThreadPoolExecutor(1, thread_name_prefix="paramserver-shard-checkpoint")
+        self._snapshot_writes: dict[tuple[str, str], Future[dict[str, Any]]] = {}
         import ray
 
         bind_host = config.host
@@ -186,8 +192,19 @@ class ShardProcess:
     def load_optimizer_state(self, name: str, slice_states: Sequence[dict[str, Any]], param_groups: list[dict[str, Any]]) -> None:
         self._shard(name).load_optimizer_state(slice_states, param_groups)
 
-    def snapshot(self, name: str) -> dict[str, Any]:
-        return self._shard(name).snapshot()  # copies: Ray serializes them to the coordinator
+    def save_snapshot(self, name: str, path: str) -> SnapshotWrite:
+        """Copy this shard's piece of a checkpoint (all the coordinator's step waits for) and write it to ``path``
+        on this process's checkpoint thread: the tensors never leave this process."""
+        write = self._shard(name).save_snapshot(path)
+        self._snapshot_writes[(name, path)] = self._snapshot_writer.submit(checkpoint_store.write_file, path, write.piece)
+        return dataclasses.replace(write, piece=None)
+
+    def snapshot_written(self, name: str, path: str, timeout: float) -> dict[str, Any]:
+        """The manifest entry (sha256, size) of the file ``save_snapshot`` began, once written and fsynced."""
+        future = self._snapshot_writes.pop((name, path), None)
+        if future is None:
+            raise LookupError(f"shard {self.shard_id}: no write of {path} under way in this process (it restarted, or took over since)")
+        return future.result(timeout)
 
     def restore_version(self, name: str, version: int) -> None:
         self._shard(name).restore_version(version)
@@ -304,6 +321,10 @@ class CoordinatorProcess:
             "role": "coordinator", "shard": None, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
             "address": self._address, "device": "cpu", "metrics": self.metrics_address,
         }
+
+    def current_copies(self) -> list[tuple[int, str]]:
+        """(shard, job) whose standby holds a current copy of the job: it can take over with no step lost."""
+        return sorted(self.host.fleet.in_sync)
 
     def shard_ready(self, name: str, shard: int, step: int, generation: int | None = None) -> None:
         self.host.job(name).coordinator.shard_ready(shard, step, generation)

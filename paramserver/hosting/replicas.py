@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import torch
 
 from paramserver.core.errors import ShardLostError
+from paramserver.core.shard import SnapshotWrite
 from paramserver.core.shards import ShardCheck, ShardControl, ShardGroup
 
 # Every control-plane call has a deadline too.
@@ -116,8 +117,11 @@ class ActorShard:
     def load_optimizer_state(self, slice_states: Sequence[dict[str, Any]], param_groups: list[dict[str, Any]]) -> None:
         return self._write(lambda a: a.load_optimizer_state.remote(self.name, slice_states, param_groups))
 
-    def snapshot(self) -> dict[str, Any]:
-        return self._read(lambda a: a.snapshot.remote(self.name))
+    def save_snapshot(self, path: str) -> SnapshotWrite:
+        return self._read(lambda a: a.save_snapshot.remote(self.name, path))
+
+    def snapshot_written(self, path: str, timeout: float) -> dict[str, Any]:
+        return self._read(lambda a: a.snapshot_written.remote(self.name, path, timeout), wait_s=timeout)
 
     def restore_version(self, version: int) -> None:
         return self._write(lambda a: a.restore_version.remote(self.name, version))

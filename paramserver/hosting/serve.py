@@ -29,13 +29,20 @@ class RayService:
         """Every process of the service, the coordinator first, then each shard's processes: each a dict with
         ``role`` ("coordinator", "primary" or "standby": the roles are current, a standby that took over is the
         primary), ``shard`` (None for the coordinator), ``pid``, ``node_id`` (the Ray node), ``address`` (its gRPC
-        server: the front door for the coordinator), ``device`` and ``metrics`` (its metrics endpoint or None).
-        A process that Ray is restarting is left out until it answers."""
+        server: the front door for the coordinator), ``device``, ``metrics`` (its metrics endpoint or None) and,
+        for a shard process, ``jobs``: the jobs a primary holds, and those of which a standby holds a copy that
+        the coordinator counts as current (it can take over with no step lost). A process that Ray is restarting
+        (the coordinator included) is left out until it answers."""
         import ray
 
         actors = [self.coordinator_actor, *self.shard_actors]
         refs = [a.placement.remote() for a in actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=CONTROL_TIMEOUT_S)
+        current_ref = self.coordinator_actor.current_copies.remote()
+        ready, _ = ray.wait([*refs, current_ref], num_returns=len(refs) + 1, timeout=CONTROL_TIMEOUT_S)
+        try:
+            current = {tuple(pair) for pair in ray.get(current_ref)} if current_ref in ready else set()
+        except ray.exceptions.RayActorError:
+            current = set()
         found = []
         for ref in refs:
             if ref in ready:
@@ -43,6 +50,9 @@ class RayService:
                     found.append(ray.get(ref))
                 except ray.exceptions.RayActorError:
                     continue
+        for p in found:
+            if p["role"] == "standby":
+                p["jobs"] = [name for name in p["jobs"] if (p["shard"], name) in current]
         order = {"coordinator": 0, "primary": 1, "standby": 2}
         return sorted(found, key=lambda p: (-1 if p["shard"] is None else p["shard"], order[p["role"]]))
 

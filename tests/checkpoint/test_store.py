@@ -41,7 +41,8 @@ def test_a_crash_at_any_file_operation_leaves_the_previous_checkpoint_valid(tmp_
     before = load_torch_state(str(tmp_path), "j")
     _train(engine, 1)
     ops = _count_ops(monkeypatch)
-    part, shards = ps.checkpoint.take(engine)
+    part, writes = ps.checkpoint.take(engine, str(tmp_path), "j")
+    shards = [w.piece for w in writes]  # shards in this process: their copies, for the writer to write
     store.write(str(tmp_path), "j-count", 3, part, shards, keep=1)  # how many operations a write makes
     write_ops = [op for op in ops if op[0] != "remove"]
     assert [op for op, _ in write_ops].count("rename") == 1 and len(write_ops) >= 10
@@ -104,3 +105,25 @@ def test_keeps_the_newest_checkpoints(tmp_path):
     assert ps.checkpoint.jobs(str(tmp_path)) == ["a/b"]
     with pytest.raises(FileNotFoundError):
         load_torch_state(str(tmp_path), "nope")
+
+
+def test_a_write_leaves_the_files_of_a_write_under_way_and_never_rewrites_a_valid_checkpoint(tmp_path, monkeypatch):
+    root = str(tmp_path)
+    engine = _engine()
+    _train(engine, 1)
+    part, writes = ps.checkpoint.take(engine, root, "j")
+    shards = [w.piece for w in writes]
+    # shards in their own processes write step 2's files while the writer still finishes step 1's checkpoint
+    unfinished, under_way = store.step_dir(root, "j", 0), store.step_dir(root, "j", 2)
+    for path in (unfinished, under_way):
+        store.write_file(os.path.join(path, store.shard_file(0)), shards[0])
+    assert store.begin(root, "j", 1, in_flight={2})
+    assert not os.path.exists(unfinished) and os.path.exists(os.path.join(under_way, store.shard_file(0)))
+    store.finish(root, "j", 1, part, [store.write_file(w.path, w.piece) for w in writes], keep=2)
+    assert steps(root, "j") == [1] and os.path.exists(under_way)  # pruning keeps what has no manifest yet
+
+    ckpt = Checkpointer(root, keep=2)
+    ops = _count_ops(monkeypatch)
+    assert ckpt.save(engine, "j").result(30) == 1  # step 1 is valid already: nothing copied, nothing written
+    assert ops == []
+    ckpt.close()

@@ -11,7 +11,7 @@ import torch
 
 import paramserver as ps
 from paramserver.core.coordinator import Coordinator
-from paramserver.core.shard import Shard
+from paramserver.core.shard import Shard, SnapshotWrite
 from paramserver.core.shards import ShardControl, ShardGroup
 
 PROTOCOL_CALLS = sorted(n for n in vars(ShardControl) if not n.startswith("_"))
@@ -29,8 +29,8 @@ def _engine(num_workers: int = 2, num_shards: int = 2, **config: Any) -> tuple[t
 def test_the_protocol_lists_the_coordinators_calls():
     assert PROTOCOL_CALLS == [
         "apply", "keep_record", "last_record", "load_optimizer_state", "load_weights", "optimizer_state", "ready", "reduce",
-        "restore_version", "skip",
-        "snapshot", "start_generation", "status", "wait_for_version", "weight_copies",
+        "restore_version", "save_snapshot", "skip",
+        "snapshot_written", "start_generation", "status", "wait_for_version", "weight_copies",
     ]
 
 
@@ -95,9 +95,13 @@ class FakeShard:
     def load_optimizer_state(self, slice_states: Sequence[dict[str, Any]], param_groups: list[dict[str, Any]]) -> None:
         self.calls.append(("load_optimizer_state", list(slice_states), param_groups))
 
-    def snapshot(self) -> dict[str, Any]:
-        self.calls.append(("snapshot",))
-        return {"version": 0, "weights": [], "state": []}
+    def save_snapshot(self, path: str) -> SnapshotWrite:
+        self.calls.append(("save_snapshot", path))
+        return SnapshotWrite(path, 0)
+
+    def snapshot_written(self, path: str, timeout: float) -> dict[str, Any]:
+        self.calls.append(("snapshot_written", path, timeout))
+        return {"sha256": "", "bytes": 0}
 
     def restore_version(self, version: int) -> None:
         self.calls.append(("restore_version", version))

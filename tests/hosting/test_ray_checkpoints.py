@@ -1,8 +1,11 @@
 """Checkpoints on Ray (issue 9): a whole-service restart onto another shard count on the shared two-node
 cluster continues bitwise like the uninterrupted run, and the checkpoint it leaves continues exactly in local
-torch.optim. On Ray the coordinator actor writes every file; it runs on the driver's node, so a tmp_path works."""
+torch.optim. On Ray each shard actor writes its own file and the coordinator actor the rest (manifest last); on
+this test cluster every process sees the driver's tmp_path."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -29,6 +32,44 @@ def _reference(total: int) -> tuple[torch.nn.Module, Reference]:
     for step in range(total):
         ref.step(worker_grads(list(model.parameters()), step, W))
     return model, ref
+
+
+def _log_checkpoint_writes(log_path: str) -> None:
+    """Run inside a service process: each checkpoint file it writes is logged as "pid file"."""
+    import paramserver.checkpoint.io as checkpoint_io
+
+    def before(op: str, path: str) -> None:
+        if op == "write":
+            with open(log_path, "a") as f:
+                f.write(f"{os.getpid()} {os.path.basename(path)}\n")
+
+    checkpoint_io.before = before
+
+
+def test_on_ray_each_shard_process_writes_its_own_file_and_the_coordinator_the_rest(ray_cluster, tmp_path):
+    import ray
+
+    d, log_path = str(tmp_path / "ckpt"), str(tmp_path / "writes.log")
+    service = ps.serve(2, checkpoint_dir=d, checkpoint_every=2, **RAY)
+    try:
+        actors = [service.coordinator_actor, *service.shard_actors]
+        ray.get([a.__ray_call__.remote(lambda self: _log_checkpoint_writes(log_path)) for a in actors], timeout=60)
+        pids = {("coordinator" if p["shard"] is None else p["shard"]): p["pid"] for p in service.placements()}
+        resume_workers(service.address, [make_model() for _ in range(W)], STOP_AT, [-1] * W, **WORKER)
+    finally:
+        service.shutdown()
+    assert steps(d, JOB) == [2, 4]
+    with open(log_path) as f:
+        writers = [line.split() for line in f]
+    expected = {"shard-00000.pt": pids[0], "shard-00001.pt": pids[1], "coordinator.pt": pids["coordinator"], "manifest.json.tmp": pids["coordinator"]}
+    assert sorted(name for _, name in writers) == sorted([*expected] * 2)  # each file of each checkpoint, once
+    for pid, name in writers:
+        assert int(pid) == expected[name], f"{name} written by pid {pid}; the processes: {pids}"
+    assert len({pids[0], pids[1], pids["coordinator"]}) == 3  # three processes: the tensors stayed in their shards'
+    expected_model, _ = _reference(STOP_AT)
+    state = load_torch_state(d, JOB)
+    for (name, a), b in zip(state["model"].items(), expected_model.parameters()):
+        assert torch.equal(a, b.detach()), name
 
 
 def test_a_whole_service_restart_on_ray_onto_three_shards_continues_exactly(ray_cluster, tmp_path):
