@@ -71,7 +71,7 @@ class Checkpointer:
         """Each shard file's manifest entry: shards in this process (their copy is here) are written now; shards
         in their own processes wrote their files there, and report them (a shard group is all one or the other)."""
         if all(w.piece is not None for w in writes):
-            return [store.write_file(w.path, w.piece) for w in writes if w.piece is not None]
+            return [write_snapshot(w) for w in writes]
         return shards.snapshots_written([w.path for w in writes], self.shard_timeout)
 
     def _report(self, key: tuple[str, int], future: Future[int]) -> None:
@@ -84,3 +84,13 @@ class Checkpointer:
     def close(self, wait: bool = True) -> None:
         """Stop taking checkpoints; ``wait``: finish the writes already begun."""
         self._pool.shutdown(wait=wait)
+
+
+def write_snapshot(write: SnapshotWrite) -> dict:
+    """Write a shard's copied piece to its file; then its buffers go back to the shard for its next copy."""
+    assert write.piece is not None
+    try:
+        return store.write_file(write.path, write.piece)
+    finally:
+        if write.release is not None:
+            write.release()

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from paramserver.checkpoint import store as checkpoint_store
+from paramserver.checkpoint.writer import write_snapshot
 from paramserver.core.config import ServerConfig
 from paramserver.core.errors import StaleStepError
 from paramserver.core.job import JobSpec
@@ -196,8 +196,8 @@ class ShardProcess:
         """Copy this shard's piece of a checkpoint (all the coordinator's step waits for) and write it to ``path``
         on this process's checkpoint thread: the tensors never leave this process."""
         write = self._shard(name).save_snapshot(path)
-        self._snapshot_writes[(name, path)] = self._snapshot_writer.submit(checkpoint_store.write_file, path, write.piece)
-        return dataclasses.replace(write, piece=None)
+        self._snapshot_writes[(name, path)] = self._snapshot_writer.submit(write_snapshot, write)
+        return dataclasses.replace(write, piece=None, release=None)
 
     def snapshot_written(self, name: str, path: str, timeout: float) -> dict[str, Any]:
         """The manifest entry (sha256, size) of the file ``save_snapshot`` began, once written and fsynced."""

@@ -127,3 +127,33 @@ def test_a_write_leaves_the_files_of_a_write_under_way_and_never_rewrites_a_vali
     assert ckpt.save(engine, "j").result(30) == 1  # step 1 is valid already: nothing copied, nothing written
     assert ops == []
     ckpt.close()
+
+
+def test_a_shards_next_copy_reuses_the_buffers_its_last_write_released():
+    import paramserver as ps
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    engine = ps.StepEngine(model.named_parameters(), "Adam", lr=0.1, num_shards=1)
+    shard = engine.shards.shards[0]
+
+    def train(step: int) -> None:
+        engine.push(0, step, [torch.full_like(p, step + 1.0) for p in model.parameters()])
+
+    def same(piece: dict, fresh: dict) -> None:
+        assert piece["version"] == fresh["version"]
+        assert all(torch.equal(a, b) for a, b in zip(piece["weights"], fresh["weights"]))
+        for a, b in zip(piece["state"], fresh["state"]):
+            assert a.keys() == b.keys() and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
+
+    train(0)
+    first = shard.save_snapshot("unused")
+    train(1)
+    unreleased = shard.save_snapshot("unused")  # the first is still being written: new buffers
+    assert unreleased.piece["weights"][0].data_ptr() != first.piece["weights"][0].data_ptr()
+    first.release()
+    train(2)
+    second = shard.save_snapshot("unused")
+    assert second.piece is first.piece  # the released buffers, holding step 3's state now
+    same(second.piece, shard.snapshot())
+    assert second.piece["version"] == 3
