@@ -254,3 +254,52 @@ def test_a_coordinator_killed_during_a_checkpoint_write_keeps_the_previous_check
         assert set(state) == {"model", "optimizer", "scheduler"}
     finally:
         service.shutdown()
+
+
+def _stall_shard_file_writes(marker: str) -> None:
+    """Run inside a shard process: its next checkpoint file write stops before writing, after leaving ``marker``."""
+    import paramserver.checkpoint.io as checkpoint_io
+
+    def before(op: str, path: str) -> None:
+        if op == "write" and os.path.basename(path).startswith("shard-"):
+            with open(marker, "w"):
+                pass
+            time.sleep(60)
+
+    checkpoint_io.before = before
+
+
+def test_a_primary_killed_while_writing_its_checkpoint_file_keeps_the_previous_checkpoint(ray_cluster, tmp_path):
+    d, job, marker = str(tmp_path / "ckpt"), "primary-ckpt", str(tmp_path / "writing")
+    service = ps.serve(2, replicas=1, checkpoint_dir=d, checkpoint_every=2, **RAY)
+    try:
+        def stall_primary_1() -> None:
+            wait_until(lambda: 2 in steps(d, job), "the checkpoint of step 2", WAIT_S)
+            import ray
+
+            [actor] = [a for a in service.shard_actors if ray.get(a.placement.remote(), timeout=WAIT_S)["role"] == "primary"
+                       and ray.get(a.placement.remote(), timeout=WAIT_S)["shard"] == 1]
+            ray.get(actor.__ray_call__.remote(lambda self: _stall_shard_file_writes(marker)), timeout=WAIT_S)
+
+        def kill_when_writing() -> None:
+            wait_until(lambda: os.path.exists(marker), "shard 1's checkpoint file write", WAIT_S)
+            _kill(service, "primary", 1)
+
+        killer = threading.Thread(target=kill_when_writing, daemon=True)
+        killer.start()
+        models = _train(service.address, job, _between_steps({3: stall_primary_1}))
+        killer.join(WAIT_S)
+        assert not killer.is_alive() and os.path.exists(marker)
+        _assert_like_torch(models)
+        saved = steps(d, job)
+        assert 2 in saved and 4 not in saved, saved  # the write of step 4 died with shard 1's primary
+        wait_until(lambda: 8 in steps(d, job), "a checkpoint after the takeover", WAIT_S)
+        model = make_model()
+        ref = Reference(model.parameters(), torch.optim.Adam, OPTIONS)
+        for step in range(TOTAL):
+            ref.step(worker_grads(list(model.parameters()), step, W))
+        state = load_torch_state(d, job, step=8)  # written by the standby that took over
+        for name, p in model.named_parameters():
+            assert torch.equal(state["model"][name], p.detach())
+    finally:
+        service.shutdown()
