@@ -172,6 +172,12 @@ class ServiceClient:
     def leave(self, worker: int) -> None:
         self._call(self.coordinator.LeaveJob, pb.LeaveJobRequest(job=self.job, worker=worker))
 
+    def renew_lease(self, worker: int, timeout: float | None = None) -> int:
+        """Renew ``worker``'s lease on its membership (every call to the coordinator does; pushes and pulls go
+        to the shards and do not); returns the job's membership epoch. A worker that is not a member (its lease
+        expired, it left, it never joined) gets ``NotAMemberError``: it may join again."""
+        return self._call(self.coordinator.RenewLease, pb.RenewLeaseRequest(job=self.job, worker=worker), timeout).epoch
+
     # -- data ------------------------------------------------------------------------------------------------
 
     def _stream(self, buffers: Sequence[torch.Tensor], worker: int, step: int, shard: int) -> Any:

@@ -9,11 +9,19 @@
 
 Rank 0 creates the job with the model's initial weights; other ranks join it and start from the server's
 weights, as DDP starts from rank 0's.
+
+Membership: from its join until ``leave()`` (or ``close()``) a daemon thread renews this worker's lease every
+``lease_timeout / 3`` seconds, so a long forward/backward never lets it expire. A worker the job dropped (its
+lease ran out, it left) gets ``NotAMemberError`` from ``step()``; ``rejoin()`` joins again with the same rank,
+pulls the current weights into the model and sets ``step_count``. ``last_step`` says what the last closed step
+averaged.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -24,6 +32,7 @@ from paramserver.core.config import SchedulerSpec, default_of, job_config_from_k
 from paramserver.core.errors import (
     JobNotFoundError,
     NonFiniteGradientError,
+    NotAMemberError,
     RolledBackError,
     StateReloadedError,
     StepMismatchError,
@@ -34,6 +43,7 @@ from paramserver.wire import jobconfig, json_values
 from workers.buffers import ShardBuffers
 from workers.client import ServiceClient
 
+log = logging.getLogger("paramserver")
 
 _RESYNC_TRIES = 10
 _MAX_RECOVERIES = 5  # shard losses one step() gets over (a shard may die again while it recovers)
@@ -57,6 +67,9 @@ class RemoteOptimizer:
         # The job's options, torch-style: each is a field of paramserver.core.config.JobConfig, with its default
         # from there (REMOTE_OPTIMIZER_KWARGS says which; tests/workers keep the two in step).
         num_workers: int = default_of("num_workers"),
+        max_workers: int | None = default_of("max_workers"),
+        min_workers: int = default_of("min_workers"),
+        lease_timeout: float = default_of("lease_timeout"),
         clip_grad_norm: float | None = default_of("clip.max_norm"),
         norm_type: float = default_of("clip.norm_type"),
         error_if_nonfinite: bool = default_of("clip.error_if_nonfinite"),
@@ -77,18 +90,20 @@ class RemoteOptimizer:
         join_timeout: float = 120.0,
         **optimizer_kwargs: Any,
     ) -> None:
-        if not isinstance(rank, int) or not 0 <= rank < num_workers:
-            raise ValueError(f"rank must be in [0, num_workers={num_workers}), got {rank!r}")
+        spec = SchedulerSpec(scheduler, dict(scheduler_kwargs or {}), scheduler_interval) if scheduler is not None else None
+        config = job_config_from_kwargs(
+            optimizer, optimizer_kwargs, spec, num_workers=num_workers, max_workers=max_workers, min_workers=min_workers,
+            lease_timeout=lease_timeout, clip_grad_norm=clip_grad_norm, norm_type=norm_type,
+            error_if_nonfinite=error_if_nonfinite, clip_grad_value=clip_grad_value, nonfinite=nonfinite,
+            deterministic=deterministic, split_threshold_bytes=split_threshold_bytes, grad_dtype=grad_dtype,
+        )
+        # ranks from num_workers up to max_workers join a running job
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < config.workers_limit:
+            raise ValueError(f"rank must be in [0, {'max_workers' if max_workers is not None else 'num_workers'}={config.workers_limit}), got {rank!r}")
         fix_mmap_threshold()  # the wire's megabyte buffers go back to the OS when freed (see paramserver.core.malloc)
         self._groups = normalize_params(params)
         self._params = self._groups.params
         self._tensors = self._groups.tensors  # the model's parameters: new weights are written into them
-        spec = SchedulerSpec(scheduler, dict(scheduler_kwargs or {}), scheduler_interval) if scheduler is not None else None
-        config = job_config_from_kwargs(
-            optimizer, optimizer_kwargs, spec, num_workers=num_workers, clip_grad_norm=clip_grad_norm, norm_type=norm_type,
-            error_if_nonfinite=error_if_nonfinite, clip_grad_value=clip_grad_value, nonfinite=nonfinite,
-            deterministic=deterministic, split_threshold_bytes=split_threshold_bytes, grad_dtype=grad_dtype,
-        )
         if push_during_backward and rank == 0 and nonfinite == "error":
             raise ValueError('push_during_backward needs nonfinite="skip": under "error" all gradients are checked before any is pushed')
         self.rank = rank
@@ -98,6 +113,12 @@ class RemoteOptimizer:
         self.client = ServiceClient(
             address, job, auth_token=auth_token, root_certificates=root_certificates, client_certificate=client_certificate, timeout=timeout
         )
+        # Membership: the lease renewals' thread and its stop event, whether this worker left, and a refusal
+        # (NotAMemberError) the renewals met, raised by the next step()
+        self._renewal: tuple[threading.Thread, threading.Event] | None = None
+        self._left = False
+        self._not_a_member: NotAMemberError | None = None
+        self._membership_lock = threading.Lock()
         try:
             if rank == 0:
                 info = self.client.create_job(jobconfig.to_proto(config, self._groups))
@@ -132,7 +153,9 @@ class RemoteOptimizer:
             # reached has no gradient (torch.optim would skip it), although its place in the buffers holds zeros.
             self._touched: set[int] = set()
             self._arm_hooks()
+            self._start_renewal(info)
         except BaseException:
+            self._stop_renewal()
             self.client.close()
             raise
 
@@ -187,6 +210,7 @@ class RemoteOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._raise_if_not_a_member()
         step = self.step_count
         if metric is not None:
             if self.push_during_backward:
@@ -252,6 +276,11 @@ class RemoteOptimizer:
                 if after_takeover:
                     self._rolled_back(exc)
                 self._reloaded(exc.version)
+        for exc in failures.values():
+            if isinstance(exc, NotAMemberError):  # dropped (lease expired, left): no retry; rejoin() to go on
+                self._stop_renewal()
+                self._not_a_member = exc
+                raise exc
         if failures:
             raise next(iter(failures.values()))
 
@@ -380,12 +409,113 @@ class RemoteOptimizer:
         self.client.load_state(state_dict, step)
         self.step_count = self._resync(0)
 
-    def close(self) -> None:
+    # -- membership --------------------------------------------------------------------------------------------
+
+    @property
+    def last_step(self) -> dict[str, Any] | None:
+        """The step that closed last, as the coordinator reports it (asked when this is read): ``step``,
+        ``contributors`` (the sorted ranks whose gradients it averaged), ``total_norm``, ``lrs`` (per param
+        group, for the next step) and ``skipped``. None before the job's first step closed."""
+        status = self.client.status()
+        if not status.HasField("last_step"):
+            return None
+        last = status.last_step
+        return {
+            "step": last.step,
+            "contributors": list(last.contributors),
+            "total_norm": last.total_norm,
+            "lrs": list(last.lrs),
+            "skipped": last.skipped,
+        }
+
+    def leave(self) -> None:
+        """Leave the job now: the open step no longer waits for this worker, and its lease is no longer renewed.
+        Calling it again does nothing; ``rejoin()`` joins again."""
+        self._stop_renewal()
+        if self._left:
+            return
         try:
             self.client.leave(self.rank)
+        except NotAMemberError:
+            pass  # dropped already
+        self._left = True
+        self._not_a_member = NotAMemberError(f"worker {self.rank} left job {self.client.job!r}; rejoin() to go on")
+
+    def rejoin(self) -> int:
+        """Join the job again with this worker's rank (after ``leave()``, or after ``step()`` raised
+        ``NotAMemberError``): pull the job's current weights into the model, set ``step_count`` to the step this
+        worker goes on from (returned), and renew the lease again."""
+        self._stop_renewal()
+        self._drop_in_flight()
+        info = self.client.join_job(self.rank, timeout=self.join_timeout)
+        self._check_same_params()
+        self._left = False
+        self._not_a_member = None
+        self._sent_step, self._sent_missing = None, {}
+        self.step_count = self._resync(info.version)
+        self._start_renewal(info)
+        return self.step_count
+
+    def _raise_if_not_a_member(self) -> None:
+        error = self._not_a_member
+        if error is not None:
+            self._drop_in_flight()
+            raise NotAMemberError(str(error))
+
+    def _drop_in_flight(self) -> None:
+        """Forget pushes started during backward (their step will not be completed by this worker)."""
+        pushes, self._in_flight = getattr(self, "_in_flight", {}), {}
+        for future in pushes.values():
+            future.cancel()
+        self._waiting = [len(m) for m in self.buffers.members]
+
+    def _start_renewal(self, info: Any) -> None:
+        """Renew the lease every lease_timeout / 3 seconds (the job's lease_timeout, from its config) on a daemon
+        thread, until ``_stop_renewal``."""
+        lease = info.config.lease_timeout if info.config.HasField("lease_timeout") else default_of("lease_timeout")
+        interval = lease / 3
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self._renew_until, args=(stop, interval, lease), name=f"paramserver-lease-{self.rank}", daemon=True
+        )
+        with self._membership_lock:
+            old, self._renewal = self._renewal, (thread, stop)
+        if old is not None:
+            old[1].set()
+        thread.start()
+
+    def _renew_until(self, stop: threading.Event, interval: float, lease: float) -> None:
+        while not stop.wait(interval):
+            try:
+                self.client.renew_lease(self.rank, timeout=max(lease, 1.0))
+            except NotAMemberError as exc:
+                if stop.is_set():
+                    return  # left meanwhile: not news
+                log.warning("job %s: worker %d is no longer a member: %s", self.client.job, self.rank, exc)
+                self._not_a_member = exc
+                return
+            except Exception as exc:  # noqa: BLE001 - logged; the next renewal tries again
+                if stop.is_set():
+                    return
+                log.warning("job %s: worker %d could not renew its lease: %s: %s", self.client.job, self.rank, type(exc).__name__, exc)
+
+    def _stop_renewal(self) -> None:
+        with self._membership_lock:
+            renewal, self._renewal = self._renewal, None
+        if renewal is None:
+            return
+        thread, stop = renewal
+        stop.set()
+        if thread is not threading.current_thread():
+            thread.join(timeout=1.0)  # a renewal in flight may take its call's deadline; the thread is a daemon
+
+    def close(self) -> None:
+        try:
+            self.leave()
         except (ConnectionError, LookupError, TimeoutError, ValueError, RuntimeError):
             pass  # the server may be gone already; closing must not fail
         finally:
+            self._stop_renewal()
             self.client.close()
 
     def __enter__(self) -> RemoteOptimizer:

@@ -1,9 +1,10 @@
 """Aggregate: the sum of one step's gradients from up to W workers, then their mean over the contributors.
 
 The sum lives in preallocated flat buffers, one per dtype, and the optimizer's ``param.grad`` are views
-into them, so the mean feeds the update without a copy. In deterministic mode contributions are folded in
-rank order, holding a contribution that arrives early until the ranks before it are in; otherwise they are
-added as they arrive and no worker's buffer is kept.
+into them, so the mean feeds the update without a copy. In deterministic mode every contribution is held
+until the step closes and then folded in rank order, so the result depends neither on arrival order nor on
+who else pushed: a worker dropped from the job in the middle of its push is simply left out. Otherwise
+contributions are added as they arrive and no worker's buffer is kept.
 """
 
 from __future__ import annotations
@@ -20,30 +21,24 @@ class GradientAccumulator:
         self.deterministic = deterministic
         self.received: set[int] = set()
         self._folded = 0  # how many contributions are in the sums
-        self._next_rank = 0
-        self._early: dict[int, Sequence[torch.Tensor]] = {}
+        self._early: dict[int, Sequence[torch.Tensor]] = {}  # deterministic mode: each contribution, until the mean
         self.contributors: tuple[int, ...] | None = None  # set once the sum became the mean of these workers
 
-    @property
-    def complete(self) -> bool:
-        """Every one of the W workers' contributions is in the sum."""
-        return self._folded == self.num_workers
+    def holds_all(self, ranks: Collection[int]) -> bool:
+        """Whether the contributions of all of ``ranks`` (at least one) are in."""
+        return bool(ranks) and set(ranks) <= self.received
 
     def add(self, worker: int, buffers: Sequence[torch.Tensor]) -> None:
-        """Add one worker's flat gradients; the accumulator may keep ``buffers`` until it can fold them."""
+        """Add one worker's flat gradients; the accumulator may keep ``buffers`` until the step closes."""
         assert worker not in self.received and 0 <= worker < self.num_workers
-        if not self.deterministic:
-            self._fold(buffers)
-            self.received.add(worker)
-            return
         self.received.add(worker)
-        self._early[worker] = buffers
-        while self._next_rank in self._early:
-            self._fold(self._early.pop(self._next_rank))
-            self._next_rank += 1
+        if self.deterministic:
+            self._early[worker] = buffers
+        else:
+            self._fold(buffers)
 
     def holds(self, buffers: Sequence[torch.Tensor]) -> bool:
-        """Whether ``buffers`` wait here to be folded in (an early contribution in deterministic mode)."""
+        """Whether ``buffers`` wait here to be folded in (deterministic mode)."""
         return any(held is buffers for held in self._early.values())
 
     def _fold(self, buffers: Sequence[torch.Tensor]) -> None:
@@ -55,20 +50,28 @@ class GradientAccumulator:
 
     def mean(self, contributors: Collection[int] | None = None) -> list[torch.Tensor]:
         """Turn the sum into the mean over ``contributors`` (default: all W workers), in place, and return the
-        buffers. The step policy chose the contributors; they must be exactly the workers that pushed."""
+        buffers. The step policy chose the contributors; each must have pushed. Others' pushes are left out
+        (deterministic mode; added already otherwise, which is an error)."""
         assert self.contributors is None, "the mean of this step was taken already"
         who = frozenset(range(self.num_workers) if contributors is None else contributors)
-        if who != self.received:
-            raise ValueError(f"the mean is over workers {sorted(who)} but workers {sorted(self.received)} pushed")
         assert who, "a mean over no workers"
-        # In deterministic mode a contribution whose lower ranks did not push is still held: fold the rest
-        # in rank order (with all W in, nothing is held and this is a no-op).
-        for rank in sorted(self._early):
-            self._fold(self._early.pop(rank))
+        if not who <= self.received:
+            raise ValueError(f"the mean is over workers {sorted(who)} but only workers {sorted(self.received)} pushed")
+        extra = self.received - who
+        if extra and not self.deterministic:
+            raise ValueError(
+                f"workers {sorted(extra)} pushed part of this step and left; with deterministic=False their gradients "
+                "are added already and cannot be left out"
+            )
+        for rank in sorted(self._early):  # in rank order, whatever the arrival order
+            held = self._early.pop(rank)
+            if rank in who:
+                self._fold(held)
         assert self._folded == len(who)
         if len(who) > 1:
             for total in self.sums:
                 total.div_(len(who))
+        self.received = set(who)
         self.contributors = tuple(sorted(who))
         return self.sums
 
@@ -76,5 +79,4 @@ class GradientAccumulator:
         self.received.clear()
         self._early.clear()
         self._folded = 0
-        self._next_rank = 0
         self.contributors = None

@@ -109,7 +109,15 @@ class JobConfig:
     scheduler: SchedulerSpec | None = None
     """The LR scheduler, or None."""
     num_workers: int = 1
-    """Data-parallel workers; each step averages their gradients."""
+    """Data-parallel workers the job starts with (ranks 0 .. num_workers-1); each step averages the gradients
+    of the live members that pushed it."""
+    max_workers: int | None = None
+    """Ranks below this may join (also mid-run, at the next step boundary); None: ``num_workers``."""
+    min_workers: int = 1
+    """Below this many live members, steps wait (with a deadline) for workers to join."""
+    lease_timeout: float = 30.0
+    """Seconds a member stays without renewing its lease (every call of a worker renews it; RemoteOptimizer
+    also renews it in the background): then it is dropped, and the steps no longer wait for it."""
     nonfinite: NonFinitePolicy = "skip"
     """A gradient with inf or nan: "skip" the step like ``torch.amp.GradScaler`` (weights, state and scheduler
     unchanged, counted), or "error": refuse the push."""
@@ -135,6 +143,12 @@ class JobConfig:
         object.__setattr__(self, "groups", groups)
         if not _is_int(self.num_workers) or self.num_workers < 1:
             raise ValueError(f"num_workers must be an integer >= 1, got {self.num_workers!r}")
+        if self.max_workers is not None and (not _is_int(self.max_workers) or self.max_workers < self.num_workers):
+            raise ValueError(f"max_workers must be None or an integer >= num_workers ({self.num_workers}), got {self.max_workers!r}")
+        if not _is_int(self.min_workers) or not 1 <= self.min_workers <= self.workers_limit:
+            raise ValueError(f"min_workers must be an integer in [1, {self.workers_limit}], got {self.min_workers!r}")
+        if isinstance(self.lease_timeout, bool) or not isinstance(self.lease_timeout, (int, float)) or not self.lease_timeout > 0:
+            raise ValueError(f"lease_timeout must be a number of seconds > 0, got {self.lease_timeout!r}")
         if self.nonfinite not in ("skip", "error"):
             raise ValueError(f"nonfinite must be 'skip' or 'error', got {self.nonfinite!r}")
         if not isinstance(self.deterministic, bool):
@@ -144,6 +158,11 @@ class JobConfig:
         if self.grad_dtype not in GRAD_DTYPES:
             raise ValueError(f"grad_dtype must be None (the parameters' dtype), float32, bfloat16 or float16, got {self.grad_dtype}")
 
+    @property
+    def workers_limit(self) -> int:
+        """How many ranks the job has room for: ``max_workers``, or ``num_workers``."""
+        return self.num_workers if self.max_workers is None else self.max_workers
+
     def replace(self, **changes: Any) -> JobConfig:
         return dataclasses.replace(self, **changes)
 
@@ -152,6 +171,9 @@ class JobConfig:
 # a). RemoteOptimizer builds its JobConfig from this table, and a test keeps the two in step.
 REMOTE_OPTIMIZER_KWARGS: dict[str, str] = {
     "num_workers": "num_workers",
+    "max_workers": "max_workers",
+    "min_workers": "min_workers",
+    "lease_timeout": "lease_timeout",
     "clip_grad_norm": "clip.max_norm",
     "norm_type": "clip.norm_type",
     "error_if_nonfinite": "clip.error_if_nonfinite",

@@ -31,6 +31,7 @@ from paramserver.core.errors import (
     StaleStepError,
 )
 from paramserver.core.job import JobSpec
+from paramserver.core.membership import Membership
 from paramserver.core.policy import CloseStep, StepPolicy, SyncPolicy
 from paramserver.core.registry import is_elementwise
 from paramserver.core.sharding import pack, unpack
@@ -90,7 +91,8 @@ class Coordinator:
         self.plan = job.plan
         self.schedule = job.schedule
         self.shards = shards
-        self.policy: StepPolicy = policy if policy is not None else SyncPolicy(job.plan.num_shards, job.config.num_workers)
+        self.policy: StepPolicy = policy if policy is not None else SyncPolicy(job.plan.num_shards, job.config.min_workers)
+        self.membership = Membership(range(job.config.num_workers), job.config.workers_limit, job.config.lease_timeout)
         self.step = 0  # the open training step: every step before it has closed (updated or skipped)
         self.version = 0  # of the weights: pulls wait for it (min_version)
         self.epoch = 0  # of the membership and shard map; bump_epoch() when either changes
@@ -104,8 +106,44 @@ class Coordinator:
         self._lock = threading.RLock()
 
     def check_worker(self, worker: int) -> None:
-        if not isinstance(worker, int) or isinstance(worker, bool) or not 0 <= worker < self.config.num_workers:
-            raise ValueError(f"worker must be in [0, {self.config.num_workers}), got {worker!r}")
+        self.membership.check_rank(worker)
+
+    # -- membership -------------------------------------------------------------------------------------------
+
+    def join(self, worker: int) -> bool:
+        """``worker`` is a member (again): the open step waits for its push too. True if it was not one."""
+        with self._lock:
+            if not self.membership.join(worker, self.step):
+                return False
+            self._members_changed()
+            return True
+
+    def leave(self, worker: int) -> bool:
+        """``worker`` left: the open step no longer waits for it. True if it was a member."""
+        with self._lock:
+            if not self.membership.leave(worker, self.step):
+                return False
+            self._members_changed()
+            return True
+
+    def renew(self, worker: int) -> None:
+        """A call of ``worker`` renews its lease (``NotAMemberError`` if it is not a member)."""
+        with self._lock:
+            self.membership.renew(worker)
+
+    def expire_leases(self) -> list[int]:
+        """Drop the members whose lease ran out; the open step closes if the others all pushed."""
+        with self._lock:
+            gone = self.membership.expire(self.step)
+            if gone:
+                log.warning("workers %s: lease expired at step %d; the steps go on without them", gone, self.step)
+                self._members_changed()
+            return gone
+
+    def _members_changed(self) -> None:
+        self.shards.set_members(self.membership.live)
+        self.bump_epoch()
+        self.recheck()
 
     def check_step(self, step: int) -> None:
         if self.failed is not None:
@@ -131,16 +169,20 @@ class Coordinator:
             self.check_step(step)
             self._metrics.setdefault(step, {})[worker] = float(metric)
 
-    def shard_ready(self, shard: int, step: int, generation: int | None = None) -> StepResult | None:
-        """Shard ``shard`` holds the gradients it waits for in ``step``; if the policy then closes the step,
-        this call runs it and returns its result. ``generation``: the weights generation the report is of; a
-        report from before a load (whose pushes the load dropped) is ignored."""
+    def shard_ready(
+        self, shard: int, step: int, generation: int | None = None, holds: frozenset[int] | None = None
+    ) -> StepResult | None:
+        """Shard ``shard`` holds the gradients it waits for in ``step`` (the pushes of ``holds``; None: of the
+        members); if the policy then closes the step, this call runs it and returns its result. ``generation``:
+        the weights generation the report is of; a report from before a load (whose pushes the load dropped)
+        is ignored."""
         with self._lock:
             if generation is not None and generation != self.generation:
                 log.debug("shard %d reported step %d of generation %d, now %d: ignored", shard, step, generation, self.generation)
                 return None
             self.check_step(step)
-            close = self.policy.on_shard_ready(shard, step)
+            members = self.membership.live
+            close = self.policy.on_shard_ready(shard, step, members if holds is None else frozenset(holds), members)
             if close is None:
                 return None
             if close.step != step:
@@ -156,9 +198,10 @@ class Coordinator:
                 return None
             self.policy.reset()
             close = None
-            for j, ready in enumerate(self.shards.readiness()):
-                if ready:
-                    close = self.policy.on_shard_ready(j, self.step) or close
+            members = self.membership.live
+            for j, status in enumerate(self.shards.statuses()):
+                if status["version"] == self.step:
+                    close = self.policy.on_shard_ready(j, self.step, frozenset(status["pushed"]), members) or close
             return None if close is None else self._close_step(close)
 
     # -- the order of the stages ------------------------------------------------------------------------------

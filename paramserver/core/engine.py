@@ -103,6 +103,7 @@ class StepEngine(Coordinator):
                 self.record_metric(worker, step, metric)
             result = None
             for j in range(self.plan.num_shards):
-                if self.shards.shards[j].ready:
-                    result = self.shard_ready(j, step)
+                ready, _, holds = self.shards.shards[j].ready_in()
+                if ready:
+                    result = self.shard_ready(j, step, None, holds)
             return result

@@ -77,6 +77,11 @@ class ShardLostError(ConnectionError):
         return type(self), (str(self), self.shard)
 
 
+class NotAMemberError(LookupError):
+    """The worker is not a member of the job (its lease expired, it left, or it never joined): its pushes are
+    refused; it may join again."""
+
+
 class DeadlineExceededError(TimeoutError):
     """A wait ran out: on the server (for a version, a job, initial weights) or the call's own deadline."""
 

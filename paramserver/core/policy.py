@@ -4,8 +4,8 @@ The coordinator owns one policy and asks it each time a shard reports; the order
 a step closes stays written in one place (``Coordinator._close_step``). A policy only decides; it calls
 nothing. Plain Python: no torch, gRPC or Ray.
 
-    sync        every worker pushed on every shard; the mean over all W (``SyncPolicy``, today's rule)
-    later:      backup workers (the first N pushes), leases (live members only), async, bounded staleness
+    sync        every live member pushed on every shard; the mean over them (``SyncPolicy``, the default)
+    later:      backup workers (the first N pushes), async, bounded staleness
 """
 
 from __future__ import annotations
@@ -41,42 +41,48 @@ class CloseStep:
 class StepPolicy(Protocol):
     """Decides when a step closes and what it averages. Called under the coordinator's lock, one call at a time."""
 
-    def on_shard_ready(self, shard: int, step: int) -> CloseStep | None:
-        """Shard ``shard`` reported what it holds for the open ``step``: the decision to close it now, or
-        None to wait. A policy that decides to close forgets its record of the step, so the step's close
-        runs once even if the close then fails."""
+    def on_shard_ready(self, shard: int, step: int, holds: frozenset[int], members: frozenset[int]) -> CloseStep | None:
+        """Shard ``shard`` reported that it holds the pushes of ``holds`` for the open ``step``; ``members`` are the
+        job's live members now. The decision to close the step, or None to wait. A policy that decides to close
+        forgets its record of the step, so the step's close runs once even if the close then fails."""
         ...
 
     def reset(self) -> None:
-        """Forget every record of open steps (a state was loaded: the shards dropped their partial pushes)."""
+        """Forget every record of open steps (a state was loaded, or the membership changed: the coordinator asks
+        every shard again)."""
         ...
 
 
 class SyncPolicy:
-    """Synchronous steps: a step closes when every one of the ``num_shards`` shards holds all ``num_workers``
-    workers' gradients, and averages over all of them (``torch.nn.parallel.DistributedDataParallel``'s mean)."""
+    """Synchronous steps: a step closes when every one of the ``num_shards`` shards holds the pushes of every
+    live member (at least ``min_workers`` of them), and averages over the workers whose pushes every shard
+    holds (the members, and a worker dropped after it pushed everywhere): with all W workers live, the mean of
+    ``torch.nn.parallel.DistributedDataParallel``."""
 
-    def __init__(self, num_shards: int, num_workers: int) -> None:
-        if num_shards < 1 or num_workers < 1:
-            raise ValueError(f"a sync policy needs at least one shard and one worker, got {num_shards} and {num_workers}")
+    def __init__(self, num_shards: int, min_workers: int = 1) -> None:
+        if num_shards < 1 or min_workers < 1:
+            raise ValueError(f"a sync policy needs at least one shard and one worker, got {num_shards} and {min_workers}")
         self.num_shards = num_shards
-        self.num_workers = num_workers
-        self._ready: dict[int, set[int]] = {}  # step -> shards that hold every worker's gradients
+        self.min_workers = min_workers
+        self._holds: dict[int, dict[int, frozenset[int]]] = {}  # step -> shard -> the workers it holds
 
-    def on_shard_ready(self, shard: int, step: int) -> CloseStep | None:
+    def on_shard_ready(self, shard: int, step: int, holds: frozenset[int], members: frozenset[int]) -> CloseStep | None:
         if not 0 <= shard < self.num_shards:
             raise ValueError(f"shard must be in [0, {self.num_shards}), got {shard!r}")
-        ready = self._ready.setdefault(step, set())
-        ready.add(shard)
-        if len(ready) < self.num_shards:
+        record = self._holds.setdefault(step, {})
+        record[shard] = frozenset(holds)
+        if len(record) < self.num_shards or len(members) < self.min_workers:
             return None
-        del self._ready[step]
-        return CloseStep(step, tuple(range(self.num_workers)))
+        everywhere = frozenset.intersection(*record.values())
+        if not members <= everywhere:
+            return None
+        del self._holds[step]
+        return CloseStep(step, tuple(sorted(everywhere)))
 
     def reset(self) -> None:
-        self._ready.clear()
+        self._holds.clear()
 
     def waiting(self, step: int) -> list[int]:
         """The shards whose report ``step`` still waits for."""
-        ready = self._ready.get(step, set())
-        return [j for j in range(self.num_shards) if j not in ready]
+        record = self._holds.get(step, {})
+        return [j for j in range(self.num_shards) if j not in record]

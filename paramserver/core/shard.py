@@ -21,6 +21,7 @@ from paramserver.core.clipping import tensor_norms
 from paramserver.core.errors import (
     FutureStepError,
     NonFiniteGradientError,
+    NotAMemberError,
     NotReadyError,
     StaleStepError,
     StateReloadedError,
@@ -63,6 +64,7 @@ class Shard:
         optimizer_kwargs: dict[str, Any],
         *,
         num_workers: int,
+        members: Collection[int] | None = None,
         deterministic: bool = True,
         reject_nonfinite: bool = False,
         device: str | torch.device = "cpu",
@@ -72,7 +74,9 @@ class Shard:
         self.plan = plan
         self.layouts = plan.buffers(shard_id)
         self.device = torch.device(device)
-        self.num_workers = num_workers
+        self.num_workers = num_workers  # ranks are in [0, num_workers)
+        # the job's members: the ranks whose pushes the open step waits for (None: all of them)
+        self.members = frozenset(range(num_workers) if members is None else members)
         self.reject_nonfinite = reject_nonfinite
         if len(weights) != len(self.layouts):
             raise ValueError(f"shard {shard_id}: expected {len(self.layouts)} weight buffers, got {len(weights)}")
@@ -179,6 +183,11 @@ class Shard:
         self.check_generation(generation)
         if self.is_late_retry(worker, step):
             return False  # a retry whose first try closed the step (its reply was lost): applied already
+        if worker not in self.members:
+            raise NotAMemberError(
+                f"shard {self.shard_id}: worker {worker} is not a member of the job (its lease expired, it left, or it never "
+                "joined); its gradients are refused: join again"
+            )
         self.check_step(step)
         if worker in self.accumulator.received:
             return False
@@ -201,12 +210,19 @@ class Shard:
 
     @property
     def ready(self) -> bool:
-        return self.accumulator.complete
+        """Whether every member's gradients for the open step are in."""
+        return self.accumulator.holds_all(self.members)
 
     @_locked
-    def ready_in(self) -> tuple[bool, int]:
-        """(``ready``, ``generation``) read together: a report of readiness names the generation it is of."""
-        return self.accumulator.complete, self.generation
+    def ready_in(self) -> tuple[bool, int, frozenset[int]]:
+        """(``ready``, ``generation``, the workers whose pushes are in) read together: a report of readiness names
+        the generation it is of and what it holds."""
+        return self.ready, self.generation, frozenset(self.accumulator.received)
+
+    @_locked
+    def set_members(self, members: Collection[int]) -> None:
+        """The job's members changed: the open step waits for these ranks' pushes, and refuses others'."""
+        self.members = frozenset(members)
 
     # -- aggregate, then the norms the coordinator needs ------------------------------------------------------
 
@@ -369,7 +385,8 @@ class Shard:
     @_locked
     def status(self) -> dict[str, Any]:
         return {
-            "version": self.version, "pushed": sorted(self.accumulator.received), "initialized": self.initialized,
+            "version": self.version, "pushed": sorted(self.accumulator.received), "members": sorted(self.members),
+            "initialized": self.initialized,
             "generation": self.generation, "reduced": self.accumulator.contributors is not None,
             "placement": f"{self.placement}, {self.device}",
         }
@@ -453,6 +470,7 @@ class Shard:
         return {
             **self.snapshot(), "generation": self.generation, "hyperparameters": copy.deepcopy(hyperparameters(self.optimizer)),
             "closed_received": sorted(self._closed_received), "record": copy.deepcopy(self.record),
+            "members": sorted(self.members),
         }
 
     @_locked
@@ -470,6 +488,7 @@ class Shard:
             self.generation = replica["generation"]
             self._closed_received = frozenset(replica["closed_received"])
             self.record = replica["record"]
+            self.members = frozenset(replica["members"])
             self.initialized = True
             self._changed.notify_all()
             self._notify_version_listeners()

@@ -45,6 +45,10 @@ class ShardControl(Protocol):
         """Close ``step`` without an update."""
         ...
 
+    def set_members(self, members: Collection[int]) -> None:
+        """The job's members changed: the open step waits for these ranks' pushes, and refuses others'."""
+        ...
+
     def keep_record(self, record: dict[str, Any] | None) -> None:
         """Keep the coordinator's ``record`` (after a load, which has no update to carry it)."""
         ...
@@ -144,6 +148,10 @@ class ShardGroup:
 
     def skip(self, step: int, record: dict[str, Any] | None = None) -> None:
         self._each(lambda _, s: s.skip(step, record))
+
+    def set_members(self, members: Collection[int]) -> None:
+        who = tuple(sorted(members))
+        self._each(lambda _, s: s.set_members(who))
 
     def keep_records(self, record: dict[str, Any] | None) -> None:
         self._each(lambda _, s: s.keep_record(record))

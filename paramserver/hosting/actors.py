@@ -148,6 +148,9 @@ class ShardProcess:
     def ready(self, name: str) -> bool:
         return self._shard(name).ready
 
+    def set_members(self, name: str, members: Collection[int]) -> None:
+        self._shard(name).set_members(members)
+
     def reduce(
         self, name: str, step: int, norm_type: float, clip_value: float | None, contributors: Collection[int] | None
     ) -> list[torch.Tensor | None]:
@@ -244,7 +247,7 @@ class RemoteCoordinator:
         self.actor = actor
         self.name = name
 
-    def shard_ready(self, shard: int, step: int, generation: int | None = None) -> None:
+    def shard_ready(self, shard: int, step: int, generation: int | None = None, holds: frozenset[int] | None = None) -> None:
         """Report to the coordinator. While it restarts the report is made again (until the control deadline):
         the push that completed the shard is in, and the worker gets no error for it. A coordinator that
         restarted closes the step itself if every push is in, so the report may find it closed."""
@@ -253,7 +256,7 @@ class RemoteCoordinator:
         deadline = time.monotonic() + CONTROL_TIMEOUT_S
         while True:
             try:
-                ray.get(self.actor.shard_ready.remote(self.name, shard, step, generation), timeout=max(0.1, deadline - time.monotonic()))
+                ray.get(self.actor.shard_ready.remote(self.name, shard, step, generation, holds), timeout=max(0.1, deadline - time.monotonic()))
                 return
             except StaleStepError:
                 return  # a coordinator that restarted closed the step already
@@ -326,8 +329,8 @@ class CoordinatorProcess:
         """(shard, job) whose standby holds a current copy of the job: it can take over with no step lost."""
         return sorted(self.host.fleet.in_sync)
 
-    def shard_ready(self, name: str, shard: int, step: int, generation: int | None = None) -> None:
-        self.host.job(name).coordinator.shard_ready(shard, step, generation)
+    def shard_ready(self, name: str, shard: int, step: int, generation: int | None = None, holds: frozenset[int] | None = None) -> None:
+        self.host.job(name).coordinator.shard_ready(shard, step, generation, holds)
 
     def stop_requested(self) -> bool:
         return self.host.stop_requested.is_set()

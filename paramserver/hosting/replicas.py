@@ -96,6 +96,9 @@ class ActorShard:
     def apply(self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]], record: dict[str, Any] | None = None) -> None:
         return self._write(lambda a: a.apply.remote(self.name, step, clip_coef, hyperparameters, record))
 
+    def set_members(self, members: Collection[int]) -> None:
+        return self._write(lambda a: a.set_members.remote(self.name, tuple(members)))
+
     def skip(self, step: int, record: dict[str, Any] | None = None) -> None:
         return self._write(lambda a: a.skip.remote(self.name, step, record))
 

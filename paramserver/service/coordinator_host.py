@@ -11,6 +11,8 @@ import asyncio
 import functools
 import logging
 import threading
+import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +30,8 @@ from paramserver.wire.proto.v1 import paramserver_pb2 as pb
 
 log = logging.getLogger("paramserver")
 
+# How often the host looks for members whose lease ran out (a lease lasts a job's lease_timeout).
+LEASE_CHECK_S = 0.25
 # How long a check of the shards waits for one that died to come back (Ray restarts it) before it gives up.
 RECOVER_TIMEOUT_S = 60.0
 
@@ -135,13 +139,17 @@ class Job:
     name: str
     config: pb.JobConfig
     coordinator: Coordinator
-    members: set[int]
     restored: bool = False  # started from a checkpoint: rank 0's initial weights do not replace its state
     lost: str | None = None  # a shard died and there was no checkpoint to roll back to: why the job failed
 
     @property
     def ready(self) -> bool:
         return all(s["initialized"] for s in self.coordinator.shards.statuses())
+
+    @property
+    def members(self) -> list[int]:
+        """The live members (kept by the coordinator, with their leases)."""
+        return sorted(self.coordinator.membership.live)
 
     @property
     def epoch(self) -> int:
@@ -172,6 +180,8 @@ class CoordinatorHost:
         self.step_hook: Callable[[str, StepResult], None] | None = None
         self.checkpoints: Any = None  # a paramserver.service.checkpoints.ServiceCheckpoints when checkpointing
         self._recover_lock = threading.Lock()  # one check of the shards (and rollback) at a time
+        # drops the members whose lease ran out; it ends with the host (it holds only a weak reference)
+        threading.Thread(target=_watch_leases, args=(weakref.ref(self),), name="paramserver-leases", daemon=True).start()
 
     def has_job(self, name: str) -> bool:
         return name in self._jobs
@@ -192,11 +202,11 @@ class CoordinatorHost:
                 if existing.config != config:
                     what = "restored from a checkpoint" if existing.restored else "exists already"
                     raise JobExistsError(f"job {name!r} {what} with another configuration")
-                if existing.restored and 0 not in existing.members:
+                if existing.restored:
                     log.info("job %s was restored at step %d: rank 0's initial weights do not replace its state", name, existing.coordinator.step)
-                    self.add_member(existing, 0)
+                self.add_member(existing, 0)
                 return existing
-            return self._add_job(name, config, {0})
+            return self._add_job(name, config)
 
     def add_restored_job(self, name: str, config: pb.JobConfig) -> Job:
         """A job about to be restored from a checkpoint (``Coordinator.restore``): no member yet; joins wait
@@ -204,17 +214,17 @@ class CoordinatorHost:
         with self._changed:
             if name in self._jobs:
                 raise JobExistsError(f"job {name!r} exists already")
-            job = self._add_job(name, config, set())
+            job = self._add_job(name, config)
             job.restored = True
             return job
 
-    def _add_job(self, name: str, config: pb.JobConfig, members: set[int]) -> Job:
+    def _add_job(self, name: str, config: pb.JobConfig) -> Job:
         spec: JobSpec = build_job(config, len(self.fleet), self.trusted_modules)
         group = self.fleet.create_job(name, config, spec)
         coordinator = Coordinator(spec, group)
         coordinator.on_step = functools.partial(self._stepped, name)
         self.fleet.connect(name, group, coordinator)
-        job = self._jobs[name] = Job(name, config, coordinator, members)
+        job = self._jobs[name] = Job(name, config, coordinator)
         self._changed.notify_all()
         for listener in self._job_listeners:
             listener()
@@ -229,7 +239,7 @@ class CoordinatorHost:
             coordinator = Coordinator(spec, group)
             coordinator.on_step = functools.partial(self._stepped, name)
             self.fleet.connect(name, group, coordinator)
-            job = self._jobs[name] = Job(name, config, coordinator, set(), restored=True)
+            job = self._jobs[name] = Job(name, config, coordinator, restored=True)
             coordinator.resume()
             coordinator.bump_epoch()
             log.warning("job %s taken over from its shards at step %d (the coordinator restarted)", name, coordinator.step)
@@ -354,11 +364,9 @@ class CoordinatorHost:
         return self._jobs[name]
 
     def add_member(self, job: Job, rank: int) -> None:
-        """Rank ``rank`` has joined ``job`` (a retried join changes nothing)."""
-        with self._changed:
-            if rank not in job.members:
-                job.members.add(rank)
-                job.coordinator.bump_epoch()
+        """Rank ``rank`` has joined ``job``: a member (again) from the open step on, its lease fresh (a retried join
+        changes nothing else)."""
+        job.coordinator.join(rank)
 
     def waiting_joins(self, name: str | None = None) -> int:
         """How many asyncio joins (of job ``name``, or of any job) wait now for rank 0."""
@@ -372,12 +380,23 @@ class CoordinatorHost:
             self.remove_job_listener(watch.changed)
 
     def leave_job(self, name: str, worker: int) -> None:
+        """``worker`` leaves ``name`` at once: the open step no longer waits for it."""
+        self.job(name).coordinator.leave(worker)
+
+    def renew_lease(self, name: str, worker: int) -> int:
+        """A call of ``worker``: its lease starts over (``NotAMemberError`` if it is no member). Returns the epoch."""
         job = self.job(name)
-        job.coordinator.check_worker(worker)
-        with self._changed:
-            if worker in job.members:
-                job.members.discard(worker)
-                job.coordinator.bump_epoch()
+        job.coordinator.renew(worker)
+        return job.epoch
+
+    def expire_leases(self) -> None:
+        """Drop, in every job, the members whose lease ran out (a thread of the host calls it every LEASE_CHECK_S)."""
+        for job in list(self._jobs.values()):
+            if job.lost is None:
+                try:
+                    job.coordinator.expire_leases()
+                except Exception as exc:  # noqa: BLE001 - logged; the next round tries again
+                    log.error("job %s: dropping expired members failed: %s: %s", job.name, type(exc).__name__, exc)
 
     def delete_job(self, name: str) -> None:
         with self._changed:
@@ -394,7 +413,7 @@ class CoordinatorHost:
         step = coordinator.step
         waiting = []
         for s in shards:
-            missing = [w for w in range(coordinator.config.num_workers) if w not in s["pushed"]]
+            missing = [w for w in sorted(coordinator.membership.live) if w not in s["pushed"]]
             if missing and s["version"] == step:  # a shard's version counts its closed steps
                 waiting.append(f"shard {s['shard']} waits for workers {missing}")
         last: StepResult | None = coordinator.last_result
@@ -403,7 +422,9 @@ class CoordinatorHost:
             "step": step,
             "epoch": job.epoch,
             "num_workers": coordinator.config.num_workers,
-            "members": sorted(job.members),
+            "members": job.members,
+            "changes": [{"rank": c.rank, "reason": c.reason, "step": c.step} for c in coordinator.membership.changes],
+            "last_contributors": list(last.contributors) if last is not None else [],
             "shards": shards,
             "lrs": coordinator.get_last_lr(),
             "hyperparameters": coordinator.schedule.hyperparameters(),
@@ -411,3 +432,13 @@ class CoordinatorHost:
             "last_total_norm": last.total_norm if last is not None else 0.0,
             "waiting_for": f"step {step}: " + "; ".join(waiting) if waiting else "",
         }
+
+
+def _watch_leases(host_ref: weakref.ref[CoordinatorHost]) -> None:
+    while True:
+        time.sleep(LEASE_CHECK_S)
+        host = host_ref()
+        if host is None:
+            return
+        host.expire_leases()
+        del host

@@ -46,7 +46,10 @@ def job_info(job: Job, shard_addresses: list[str]) -> pb.JobInfo:
 
 
 def step_report(result: StepResult) -> pb.StepReport:
-    report = pb.StepReport(step=result.step, total_norm=result.total_norm, skipped=result.skipped, lrs=result.lrs, error=result.error or "")
+    report = pb.StepReport(
+        step=result.step, total_norm=result.total_norm, skipped=result.skipped, lrs=result.lrs, error=result.error or "",
+        contributors=sorted(result.contributors),
+    )
     if result.clip_coef is not None:
         report.clip_coef = result.clip_coef
     return report
@@ -86,14 +89,27 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def _joined(self, job: Job, rank: int) -> pb.JobInfo:
         self.host.add_member(job, rank)
+        self.host.renew_lease(job.name, rank)  # a member again, with a fresh lease
         log.info("job %s: worker %d joined", job.name, rank)
         return job_info(job, self.host.shard_addresses)
 
     @translate_errors
     async def ReportMetrics(self, request: pb.ReportMetricsRequest, context: grpc.aio.ServicerContext) -> pb.ReportMetricsReply:
-        if "metric" in request.metrics:
-            await self._run(self.host.record_metric, request.job, request.worker, request.step, request.metrics["metric"])
+        await self._run(self._report_metrics, request)
         return pb.ReportMetricsReply()
+
+    def _report_metrics(self, request: pb.ReportMetricsRequest) -> None:
+        # a worker's call renews its lease; a worker that is no member is told so (NotAMemberError) and its
+        # metric is not recorded
+        self.host.renew_lease(request.job, request.worker)
+        if "metric" in request.metrics:
+            self.host.record_metric(request.job, request.worker, request.step, request.metrics["metric"])
+
+    @translate_errors
+    async def RenewLease(self, request: pb.RenewLeaseRequest, context: grpc.aio.ServicerContext) -> pb.RenewLeaseReply:
+        # NotAMemberError (lease expired, left, never joined) -> FAILED_PRECONDITION / NOT_A_MEMBER
+        epoch = await self._run(self.host.renew_lease, request.job, request.worker)
+        return pb.RenewLeaseReply(epoch=epoch)
 
     @translate_errors
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
@@ -113,6 +129,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             waiting_for=st["waiting_for"],
             param_groups_json=[json_values.dumps(g, "param group") for g in st["hyperparameters"]],
             epoch=st.get("epoch", 0),
+            changes=[pb.MembershipChange(rank=c["rank"], reason=c["reason"], step=c["step"]) for c in st.get("changes", ())],
         )
         last = self.host.job(request.job).coordinator.last_result
         if last is not None:

@@ -65,9 +65,9 @@ class ShardHost:
         shard = self.shard(job)
         with self._locks[job]:
             applied = shard.push(worker, step, grads, missing, generation)
-            ready, now = shard.ready_in()
+            ready, now, holds = shard.ready_in()
         if applied and ready:
-            self._coordinators[job].shard_ready(self.shard_id, step, now)
+            self._coordinators[job].shard_ready(self.shard_id, step, now, holds)
         return applied, shard.version
 
     def initial_weights(self, job: str, buffers: Sequence[torch.Tensor]) -> None:

@@ -13,6 +13,7 @@ the status code only when there is no ErrorInfo (errors made by gRPC itself, or 
 | StateReloadedError | FAILED_PRECONDITION | STATE_RELOADED | a push computed on weights a load has replaced (another generation); carries the loaded step |
 | RolledBackError | ABORTED | ROLLED_BACK | a shard died and the job rolled back to its newest checkpoint; carries that step |
 | NotReadyError | FAILED_PRECONDITION | NOT_READY | a push to a shard whose initial weights are not in place yet |
+| NotAMemberError | FAILED_PRECONDITION | NOT_A_MEMBER | a worker that is not a member of the job (lease expired, left, or never joined); it may join again |
 | JobFailedError | FAILED_PRECONDITION | JOB_FAILED | a step's update failed part-way: no step until a state is loaded |
 | NonFiniteGradientError | INVALID_ARGUMENT | NONFINITE_GRADIENT | a gradient holds inf or nan and the job's policy is 'error' |
 | JobExistsError | ALREADY_EXISTS | JOB_EXISTS | CreateJob names a job that exists with another configuration |
@@ -54,6 +55,7 @@ from paramserver.core.errors import (
     JobFailedError,
     JobNotFoundError,
     NonFiniteGradientError,
+    NotAMemberError,
     NotReadyError,
     RolledBackError,
     ShardLostError,
@@ -94,6 +96,8 @@ TABLE: tuple[ErrorKind, ...] = (
               "a shard died and the job rolled back to its newest checkpoint; carries that step"),
     ErrorKind(NotReadyError, Code.FAILED_PRECONDITION, "NOT_READY",
               "a push to a shard whose initial weights are not in place yet"),
+    ErrorKind(NotAMemberError, Code.FAILED_PRECONDITION, "NOT_A_MEMBER",
+              "a worker that is not a member of the job (lease expired, left, or never joined); it may join again"),
     ErrorKind(JobFailedError, Code.FAILED_PRECONDITION, "JOB_FAILED",
               "a step's update failed part-way: no step until a state is loaded"),
     ErrorKind(NonFiniteGradientError, Code.INVALID_ARGUMENT, "NONFINITE_GRADIENT",

@@ -49,7 +49,11 @@ def to_proto(config: JobConfig, params: ParamGroups) -> pb.JobConfig:
         # 0 on the wire: never split (absent means the default threshold)
         split_threshold_bytes=config.split_threshold_bytes or 0,
         grad_dtype=dtype_name(config.grad_dtype) if config.grad_dtype is not None else "",
+        lease_timeout=float(config.lease_timeout),
+        min_workers=config.min_workers,
     )
+    if config.max_workers is not None:  # absent on the wire: num_workers
+        msg.max_workers = config.max_workers
     if clip.max_norm is not None:
         msg.clip.max_norm = clip.max_norm
     if clip.clip_value is not None:
@@ -89,6 +93,9 @@ def from_proto(msg: pb.JobConfig) -> tuple[JobConfig, list[dict[str, Any]]]:
         deterministic=msg.deterministic if msg.HasField("deterministic") else default.deterministic,
         split_threshold_bytes=split,
         grad_dtype=parse_dtype(msg.grad_dtype) if msg.grad_dtype else None,
+        max_workers=msg.max_workers if msg.HasField("max_workers") else default.max_workers,
+        min_workers=msg.min_workers if msg.HasField("min_workers") else default.min_workers,
+        lease_timeout=msg.lease_timeout if msg.HasField("lease_timeout") else default.lease_timeout,
     )
     return config, groups
 
@@ -100,6 +107,8 @@ def canonical(msg: pb.JobConfig) -> pb.JobConfig:
     out.group_options_json[:] = list(msg.group_options_json)  # keep the client's own JSON of group options
     out.optimizer_kwargs_json = msg.optimizer_kwargs_json or out.optimizer_kwargs_json
     out.scheduler_json = msg.scheduler_json
+    if out.HasField("max_workers") and out.max_workers == out.num_workers:
+        out.ClearField("max_workers")  # max_workers=num_workers means what leaving it out means
     return out
 
 

@@ -14,33 +14,53 @@ from paramserver.core.sharding import pack
 from paramserver.core.shards import ShardGroup
 
 
-def test_sync_policy_closes_when_every_shard_reported_and_averages_over_all_workers():
-    policy = SyncPolicy(num_shards=3, num_workers=4)
+ALL = frozenset(range(4))
+
+
+def test_sync_policy_closes_when_every_shard_holds_every_member_and_averages_over_them():
+    policy = SyncPolicy(num_shards=3)
     assert isinstance(policy, StepPolicy)
-    assert policy.on_shard_ready(1, 0) is None
-    assert policy.on_shard_ready(1, 0) is None  # a repeated report counts once
+    assert policy.on_shard_ready(1, 0, ALL, ALL) is None
+    assert policy.on_shard_ready(1, 0, ALL, ALL) is None  # a repeated report counts once
     assert policy.waiting(0) == [0, 2]
-    assert policy.on_shard_ready(0, 0) is None
-    close = policy.on_shard_ready(2, 0)
+    assert policy.on_shard_ready(0, 0, ALL, ALL) is None
+    close = policy.on_shard_ready(2, 0, ALL, ALL)
     assert close == CloseStep(0, (0, 1, 2, 3)) and close.divisor == 4
     # the decision forgets the step: it closes once
     assert policy.waiting(0) == [0, 1, 2]
-    assert policy.on_shard_ready(0, 1) is None
+    assert policy.on_shard_ready(0, 1, ALL, ALL) is None
+
+
+def test_sync_policy_averages_over_the_workers_every_shard_holds():
+    policy = SyncPolicy(num_shards=2)
+    members = frozenset({0, 2})  # worker 1 left, worker 3 pushed to shard 0 only and then its lease ran out
+    assert policy.on_shard_ready(0, 5, frozenset({0, 1, 2, 3}), members) is None
+    assert policy.on_shard_ready(1, 5, frozenset({0, 1, 2}), members) == CloseStep(5, (0, 1, 2))
+    # a shard that does not hold every member's push does not close the step
+    assert policy.on_shard_ready(0, 6, frozenset({0}), members) is None
+    assert policy.on_shard_ready(1, 6, frozenset({0, 2}), members) is None
+    assert policy.on_shard_ready(0, 6, frozenset({0, 2}), members) == CloseStep(6, (0, 2))
+
+
+def test_sync_policy_waits_for_min_workers():
+    policy = SyncPolicy(num_shards=1, min_workers=2)
+    assert policy.on_shard_ready(0, 0, frozenset({0}), frozenset({0})) is None
+    assert policy.on_shard_ready(0, 0, frozenset({0, 1}), frozenset({0, 1})) == CloseStep(0, (0, 1))
 
 
 def test_sync_policy_with_one_shard_closes_on_its_report():
-    assert SyncPolicy(1, 1).on_shard_ready(0, 7) == CloseStep(7, (0,))
+    assert SyncPolicy(1).on_shard_ready(0, 7, frozenset({0}), frozenset({0})) == CloseStep(7, (0,))
 
 
 def test_sync_policy_refuses_bad_shards_and_sizes():
-    policy = SyncPolicy(2, 2)
+    policy = SyncPolicy(2)
     for shard in (-1, 2):
         with pytest.raises(ValueError, match="shard must be in"):
-            policy.on_shard_ready(shard, 0)
+            policy.on_shard_ready(shard, 0, ALL, ALL)
     with pytest.raises(ValueError):
-        SyncPolicy(0, 2)
+        SyncPolicy(0)
     with pytest.raises(ValueError):
-        SyncPolicy(2, 0)
+        SyncPolicy(2, min_workers=0)
 
 
 @pytest.mark.parametrize("contributors", [(), (1, 0), (0, 0), (-1, 0)])
@@ -57,7 +77,7 @@ class ClosesOver:
         self.contributors = contributors
         self.reports: list[tuple[int, int]] = []
 
-    def on_shard_ready(self, shard: int, step: int) -> CloseStep | None:
+    def on_shard_ready(self, shard: int, step: int, holds: frozenset[int], members: frozenset[int]) -> CloseStep | None:
         self.reports.append((shard, step))
         if len({s for s, t in self.reports if t == step}) < self.num_shards:
             return None
@@ -125,8 +145,8 @@ class Recording:
         self.inner = inner
         self.decisions: list[CloseStep | None] = []
 
-    def on_shard_ready(self, shard: int, step: int) -> CloseStep | None:
-        self.decisions.append(self.inner.on_shard_ready(shard, step))
+    def on_shard_ready(self, shard: int, step: int, holds: frozenset[int], members: frozenset[int]) -> CloseStep | None:
+        self.decisions.append(self.inner.on_shard_ready(shard, step, holds, members))
         return self.decisions[-1]
 
 

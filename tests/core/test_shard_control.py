@@ -29,7 +29,7 @@ def _engine(num_workers: int = 2, num_shards: int = 2, **config: Any) -> tuple[t
 def test_the_protocol_lists_the_coordinators_calls():
     assert PROTOCOL_CALLS == [
         "apply", "keep_record", "last_record", "load_optimizer_state", "load_weights", "optimizer_state", "ready", "reduce",
-        "restore_version", "save_snapshot", "skip",
+        "restore_version", "save_snapshot", "set_members", "skip",
         "snapshot_written", "start_generation", "status", "wait_for_version", "weight_copies",
     ]
 
@@ -73,6 +73,9 @@ class FakeShard:
 
     def apply(self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]], record: dict[str, Any] | None = None) -> None:
         self.calls.append(("apply", step, clip_coef, hyperparameters))
+
+    def set_members(self, members: Collection[int]) -> None:
+        self.calls.append(("set_members", tuple(members)))
 
     def skip(self, step: int, record: dict[str, Any] | None = None) -> None:
         self.calls.append(("skip", step))
@@ -175,23 +178,24 @@ def test_membership_changes_bump_the_epoch():
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
-    config = ps.JobConfig(optimizer=ps.OptimizerConfig("SGD", {"lr": 0.1}), num_workers=3)
+    config = ps.JobConfig(optimizer=ps.OptimizerConfig("SGD", {"lr": 0.1}), num_workers=2, max_workers=3)
     host = CoordinatorHost(LocalFleet([ShardHost(0), ShardHost(1)]), ["shard-0", "shard-1"])
     job = host.create_job("j", to_proto(config, normalize_params(model.named_parameters())))
     job.coordinator.load_state_dict({"model": dict(model.named_parameters())})  # rank 0's initial weights
-    assert job.epoch == 0 and job.members == {0}
-    host.join_job("j", 1, timeout=5.0)
-    assert job.epoch == 1 and job.members == {0, 1}
-    host.join_job("j", 1, timeout=5.0)  # a retried join changes nothing
-    host.join_job("j", 2, timeout=5.0)
-    assert job.epoch == 2
+    assert job.epoch == 0 and job.members == [0, 1]  # the ranks below num_workers, on a lease from the start
+    host.join_job("j", 1, timeout=5.0)  # a member already: a join changes nothing
+    assert job.epoch == 0
+    host.join_job("j", 2, timeout=5.0)  # below max_workers: a new member
+    assert job.epoch == 1 and job.members == [0, 1, 2]
     host.leave_job("j", 1)
-    host.leave_job("j", 1)
-    assert job.epoch == 3 and job.members == {0, 2}
+    host.leave_job("j", 1)  # leaving twice changes nothing
+    assert job.epoch == 2 and job.members == [0, 2]
+    assert [s["members"] for s in job.coordinator.shards.statuses()] == [[0, 2], [0, 2]]  # the shards wait for these
     status = host.status("j")
-    assert (status["step"], status["version"], status["epoch"]) == (0, 0, 3)
+    assert (status["step"], status["version"], status["epoch"]) == (0, 0, 2)
     assert {"num_workers", "members", "shards", "lrs", "hyperparameters", "skipped_steps", "last_total_norm", "waiting_for"} <= set(status)
     assert status["members"] == [0, 2]
+    assert status["changes"] == [{"rank": 2, "reason": "joined", "step": 0}, {"rank": 1, "reason": "left", "step": 0}]
 
 
 def test_the_actor_shard_and_its_process_offer_every_call():

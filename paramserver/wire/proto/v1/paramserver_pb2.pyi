@@ -31,7 +31,7 @@ class ClipSettings(_message.Message):
     def __init__(self, max_norm: _Optional[float] = ..., norm_type: _Optional[float] = ..., error_if_nonfinite: _Optional[bool] = ..., clip_value: _Optional[float] = ...) -> None: ...
 
 class JobConfig(_message.Message):
-    __slots__ = ("optimizer", "optimizer_kwargs_json", "group_options_json", "params", "num_workers", "clip", "nonfinite", "deterministic", "scheduler_json", "split_threshold_bytes", "grad_dtype")
+    __slots__ = ("optimizer", "optimizer_kwargs_json", "group_options_json", "params", "num_workers", "clip", "nonfinite", "deterministic", "scheduler_json", "split_threshold_bytes", "grad_dtype", "lease_timeout", "min_workers", "max_workers")
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     GROUP_OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,9 @@ class JobConfig(_message.Message):
     SCHEDULER_JSON_FIELD_NUMBER: _ClassVar[int]
     SPLIT_THRESHOLD_BYTES_FIELD_NUMBER: _ClassVar[int]
     GRAD_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    MIN_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WORKERS_FIELD_NUMBER: _ClassVar[int]
     optimizer: str
     optimizer_kwargs_json: str
     group_options_json: _containers.RepeatedScalarFieldContainer[str]
@@ -54,7 +57,10 @@ class JobConfig(_message.Message):
     scheduler_json: str
     split_threshold_bytes: int
     grad_dtype: str
-    def __init__(self, optimizer: _Optional[str] = ..., optimizer_kwargs_json: _Optional[str] = ..., group_options_json: _Optional[_Iterable[str]] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., num_workers: _Optional[int] = ..., clip: _Optional[_Union[ClipSettings, _Mapping]] = ..., nonfinite: _Optional[str] = ..., deterministic: _Optional[bool] = ..., scheduler_json: _Optional[str] = ..., split_threshold_bytes: _Optional[int] = ..., grad_dtype: _Optional[str] = ...) -> None: ...
+    lease_timeout: float
+    min_workers: int
+    max_workers: int
+    def __init__(self, optimizer: _Optional[str] = ..., optimizer_kwargs_json: _Optional[str] = ..., group_options_json: _Optional[_Iterable[str]] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., num_workers: _Optional[int] = ..., clip: _Optional[_Union[ClipSettings, _Mapping]] = ..., nonfinite: _Optional[str] = ..., deterministic: _Optional[bool] = ..., scheduler_json: _Optional[str] = ..., split_threshold_bytes: _Optional[int] = ..., grad_dtype: _Optional[str] = ..., lease_timeout: _Optional[float] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ...) -> None: ...
 
 class SliceInfo(_message.Message):
     __slots__ = ("param", "start", "stop")
@@ -152,23 +158,35 @@ class ShardStatus(_message.Message):
     def __init__(self, shard: _Optional[int] = ..., address: _Optional[str] = ..., version: _Optional[int] = ..., pushed_workers: _Optional[_Iterable[int]] = ..., placement: _Optional[str] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step", "total_norm", "clip_coef", "skipped", "lrs", "error")
+    __slots__ = ("step", "total_norm", "clip_coef", "skipped", "lrs", "error", "contributors")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_NORM_FIELD_NUMBER: _ClassVar[int]
     CLIP_COEF_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
     LRS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     step: int
     total_norm: float
     clip_coef: float
     skipped: bool
     lrs: _containers.RepeatedScalarFieldContainer[float]
     error: str
-    def __init__(self, step: _Optional[int] = ..., total_norm: _Optional[float] = ..., clip_coef: _Optional[float] = ..., skipped: _Optional[bool] = ..., lrs: _Optional[_Iterable[float]] = ..., error: _Optional[str] = ...) -> None: ...
+    contributors: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step: _Optional[int] = ..., total_norm: _Optional[float] = ..., clip_coef: _Optional[float] = ..., skipped: _Optional[bool] = ..., lrs: _Optional[_Iterable[float]] = ..., error: _Optional[str] = ..., contributors: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class MembershipChange(_message.Message):
+    __slots__ = ("rank", "reason", "step")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    reason: str
+    step: int
+    def __init__(self, rank: _Optional[int] = ..., reason: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("job", "version", "num_workers", "members", "shards", "lrs", "skipped_steps", "last_total_norm", "waiting_for", "param_groups_json", "epoch", "last_step")
+    __slots__ = ("job", "version", "num_workers", "members", "shards", "lrs", "skipped_steps", "last_total_norm", "waiting_for", "param_groups_json", "epoch", "last_step", "changes")
     JOB_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +199,7 @@ class StatusReply(_message.Message):
     PARAM_GROUPS_JSON_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
     job: str
     version: int
     num_workers: int
@@ -193,7 +212,8 @@ class StatusReply(_message.Message):
     param_groups_json: _containers.RepeatedScalarFieldContainer[str]
     epoch: int
     last_step: StepReport
-    def __init__(self, job: _Optional[str] = ..., version: _Optional[int] = ..., num_workers: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., lrs: _Optional[_Iterable[float]] = ..., skipped_steps: _Optional[int] = ..., last_total_norm: _Optional[float] = ..., waiting_for: _Optional[str] = ..., param_groups_json: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., last_step: _Optional[_Union[StepReport, _Mapping]] = ...) -> None: ...
+    changes: _containers.RepeatedCompositeFieldContainer[MembershipChange]
+    def __init__(self, job: _Optional[str] = ..., version: _Optional[int] = ..., num_workers: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., lrs: _Optional[_Iterable[float]] = ..., skipped_steps: _Optional[int] = ..., last_total_norm: _Optional[float] = ..., waiting_for: _Optional[str] = ..., param_groups_json: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., last_step: _Optional[_Union[StepReport, _Mapping]] = ..., changes: _Optional[_Iterable[_Union[MembershipChange, _Mapping]]] = ...) -> None: ...
 
 class LeaveJobRequest(_message.Message):
     __slots__ = ("job", "worker")
@@ -206,6 +226,20 @@ class LeaveJobRequest(_message.Message):
 class LeaveJobReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class RenewLeaseRequest(_message.Message):
+    __slots__ = ("job", "worker")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    worker: int
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ...) -> None: ...
+
+class RenewLeaseReply(_message.Message):
+    __slots__ = ("epoch",)
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    def __init__(self, epoch: _Optional[int] = ...) -> None: ...
 
 class ChunkHeader(_message.Message):
     __slots__ = ("job", "worker", "step", "shard", "buffer", "dtype", "offset", "total", "missing_params", "generation")

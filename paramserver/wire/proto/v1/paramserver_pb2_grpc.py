@@ -59,6 +59,11 @@ class CoordinatorStub:
                 request_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.LeaveJobRequest.SerializeToString,
                 response_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.LeaveJobReply.FromString,
                 _registered_method=True)
+        self.RenewLease = channel.unary_unary(
+                '/paramserver.v1.Coordinator/RenewLease',
+                request_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.RenewLeaseRequest.SerializeToString,
+                response_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.RenewLeaseReply.FromString,
+                _registered_method=True)
         self.GetState = channel.unary_stream(
                 '/paramserver.v1.Coordinator/GetState',
                 request_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.StateRequest.SerializeToString,
@@ -117,6 +122,18 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewLease(self, request, context):
+        """Keep this worker a member. Every call of a worker to the coordinator renews its lease (JoinJob makes it a
+        member again); a member whose lease runs out (the job's lease_timeout) is dropped and the steps no longer
+        wait for it. Pushes and pulls go to the shards, not the coordinator, so a worker that may go longer than
+        lease_timeout without a call (a long forward/backward) must call RenewLease in between, e.g. every
+        lease_timeout/3. A worker that is not a member (its lease expired, it left, it never joined) is refused
+        (FAILED_PRECONDITION, reason NOT_A_MEMBER): it may join again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetState(self, request, context):
         """The job's state in torch's formats ("model", "optimizer", "scheduler"), and loading it back.
         """
@@ -171,6 +188,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.LeaveJob,
                     request_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.LeaveJobRequest.FromString,
                     response_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.LeaveJobReply.SerializeToString,
+            ),
+            'RenewLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLease,
+                    request_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.RenewLeaseRequest.FromString,
+                    response_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.RenewLeaseReply.SerializeToString,
             ),
             'GetState': grpc.unary_stream_rpc_method_handler(
                     servicer.GetState,
@@ -328,6 +350,33 @@ class Coordinator:
             '/paramserver.v1.Coordinator/LeaveJob',
             paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.LeaveJobRequest.SerializeToString,
             paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.LeaveJobReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.Coordinator/RenewLease',
+            paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.RenewLeaseRequest.SerializeToString,
+            paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.RenewLeaseReply.FromString,
             options,
             channel_credentials,
             insecure,
