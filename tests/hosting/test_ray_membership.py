@@ -1,0 +1,134 @@
+"""Membership on a real Ray with worker processes (issue 10): one of three workers is SIGKILLed in the middle of
+a step; the others' step closes within about one lease, each step reports what it averaged, and the final
+weights equal torch.optim over the mean of each step's reported contributors. A worker that leaves is not
+waited for, and one that joins mid-run starts at the open step. Every wait is bounded."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import paramserver as ps
+from tests.helpers.reference import make_model, mean_of, worker_grads
+
+pytestmark = pytest.mark.ray
+
+W, LEASE_S = 3, 2.0
+OPTIONS = {"lr": 1e-2, "betas": (0.8, 0.9)}
+RAY = {"cpus_per_shard": 0.25, "placement_timeout": 60.0}
+WAIT_S = 90.0
+
+
+class Worker:
+    """One data-parallel worker in its own process (a Ray actor): trains on the reference gradients and
+    records, per step, the contributors the service reports."""
+
+    def __init__(self, address: str, job: str, rank: int, max_workers: int = W) -> None:
+        from workers.remote_optimizer import RemoteOptimizer
+
+        self.model = make_model()
+        self.opt = RemoteOptimizer(self.model.named_parameters(), "Adam", address=address, job=job, rank=rank, num_workers=W,
+                                   max_workers=max_workers, lease_timeout=LEASE_S, timeout=60, join_timeout=60, **OPTIONS)
+        self.rank = rank
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def step_count(self) -> int:
+        return self.opt.step_count
+
+    def train(self, until: int) -> list[tuple[int, list[int], float]]:
+        """Steps up to ``until``: (step, contributors, seconds) of each."""
+        done = []
+        for step in range(self.opt.step_count, until):
+            grads = worker_grads(list(self.model.parameters()), step, W + 1)[self.rank]
+            for p, g in zip(self.model.parameters(), grads):
+                p.grad = g.clone()
+            start = time.monotonic()
+            self.opt.step()
+            done.append((step, list(self.opt.last_step["contributors"]), time.monotonic() - start))
+        return done
+
+    def leave(self) -> None:
+        self.opt.leave()
+
+    def weights(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.model.parameters()]
+
+
+def _reference(contributors: dict[int, list[int]]) -> list[torch.Tensor]:
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), **OPTIONS)
+    for step in sorted(contributors):
+        every = worker_grads(list(model.parameters()), step, W + 1)
+        for p, g in zip(model.parameters(), mean_of([every[r] for r in contributors[step]])):
+            p.grad = g
+        opt.step()
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.fixture
+def service(ray_cluster):
+    svc = ps.serve(2, **RAY)
+    try:
+        yield svc
+    finally:
+        svc.shutdown()
+
+
+def _workers(service: ps.RayService, job: str, ranks: range, **options: object) -> list:
+    import ray
+
+    cls = ray.remote(num_cpus=0)(Worker)
+    return [cls.remote(service.address, job, rank, **options) for rank in ranks]
+
+
+def test_a_worker_killed_mid_step_is_dropped_after_its_lease_and_the_others_go_on(service):
+    import ray
+
+    job = "killed-worker"
+    workers = _workers(service, job, range(W))
+    first = ray.get([w.train.remote(2) for w in workers], timeout=WAIT_S)
+    assert all(c == [0, 1, 2] for done in first for _, c, _ in done)
+    survivors = [w.train.remote(5) for w in workers[:2]]  # step 2 opens; worker 2 never pushes it
+    time.sleep(0.3)
+    os.kill(ray.get(workers[2].pid.remote(), timeout=WAIT_S), signal.SIGKILL)
+    killed_at = time.monotonic()
+    later = ray.get(survivors, timeout=WAIT_S)
+    assert time.monotonic() - killed_at < WAIT_S
+    for done in later:
+        assert [(s, c) for s, c, _ in done] == [(2, [0, 1]), (3, [0, 1]), (4, [0, 1])]
+        assert done[0][2] < LEASE_S + 5.0  # the step closed within about one lease, not a 60 s deadline
+    reference = _reference({0: [0, 1, 2], 1: [0, 1, 2], 2: [0, 1], 3: [0, 1], 4: [0, 1]})
+    for weights in ray.get([w.weights.remote() for w in workers[:2]], timeout=WAIT_S):
+        for a, b in zip(weights, reference):
+            assert torch.equal(a, b)
+    from workers.client import ServiceClient
+
+    status = ServiceClient(service.address, job).status()
+    assert list(status.members) == [0, 1]
+    assert [(c.rank, c.reason) for c in status.changes] == [(2, "lease expired")]
+
+
+def test_a_worker_that_leaves_is_not_waited_for_and_one_that_joins_starts_at_the_open_step(service):
+    import ray
+
+    job = "leave-and-join"
+    workers = _workers(service, job, range(W), max_workers=W + 1)
+    ray.get([w.train.remote(2) for w in workers], timeout=WAIT_S)
+    ray.get(workers[2].leave.remote(), timeout=WAIT_S)  # an uneven end of data: no wait for it
+    start = time.monotonic()
+    ray.get([w.train.remote(3) for w in workers[:2]], timeout=WAIT_S)
+    assert time.monotonic() - start < LEASE_S  # not a lease, not a deadline: at once
+    [joiner] = _workers(service, job, range(3, 4), max_workers=W + 1)
+    assert ray.get(joiner.step_count.remote(), timeout=WAIT_S) == 3  # it starts at the open step
+    done = ray.get([w.train.remote(5) for w in [*workers[:2], joiner]], timeout=WAIT_S)
+    assert all([(s, c) for s, c, _ in d] == [(3, [0, 1, 3]), (4, [0, 1, 3])] for d in done)
+    reference = _reference({0: [0, 1, 2], 1: [0, 1, 2], 2: [0, 1], 3: [0, 1, 3], 4: [0, 1, 3]})
+    for weights in ray.get([w.weights.remote() for w in [*workers[:2], joiner]], timeout=WAIT_S):
+        for a, b in zip(weights, reference):
+            assert torch.equal(a, b)
