@@ -34,6 +34,7 @@ from paramserver.core.errors import (
     NonFiniteGradientError,
     NotAMemberError,
     RolledBackError,
+    StaleStepError,
     StateReloadedError,
     StepMismatchError,
 )
@@ -70,6 +71,7 @@ class RemoteOptimizer:
         max_workers: int | None = default_of("max_workers"),
         min_workers: int = default_of("min_workers"),
         lease_timeout: float = default_of("lease_timeout"),
+        close_after: int | None = default_of("close_after"),
         clip_grad_norm: float | None = default_of("clip.max_norm"),
         norm_type: float = default_of("clip.norm_type"),
         error_if_nonfinite: bool = default_of("clip.error_if_nonfinite"),
@@ -93,7 +95,7 @@ class RemoteOptimizer:
         spec = SchedulerSpec(scheduler, dict(scheduler_kwargs or {}), scheduler_interval) if scheduler is not None else None
         config = job_config_from_kwargs(
             optimizer, optimizer_kwargs, spec, num_workers=num_workers, max_workers=max_workers, min_workers=min_workers,
-            lease_timeout=lease_timeout, clip_grad_norm=clip_grad_norm, norm_type=norm_type,
+            lease_timeout=lease_timeout, close_after=close_after, clip_grad_norm=clip_grad_norm, norm_type=norm_type,
             error_if_nonfinite=error_if_nonfinite, clip_grad_value=clip_grad_value, nonfinite=nonfinite,
             deterministic=deterministic, split_threshold_bytes=split_threshold_bytes, grad_dtype=grad_dtype,
         )
@@ -140,6 +142,8 @@ class RemoteOptimizer:
             # Under nonfinite="error" every shard must refuse the same push, so the check is made here,
             # before anything leaves: a gradient pushed during backward could not be taken back.
             self._refuse_nonfinite = info.config.nonfinite == "error"
+            # backup workers: a step may close without this worker's push (then it pulls and goes on)
+            self._backup_workers = info.config.HasField("close_after")
             # As clip_grad_norm_(error_if_nonfinite=True): a step whose total norm is not finite raises here.
             self._error_if_nonfinite = info.config.clip.error_if_nonfinite
             if push_during_backward and self._refuse_nonfinite:
@@ -205,7 +209,11 @@ class RemoteOptimizer:
         ``_MAX_RECOVERIES`` of them in one step, then the error is raised). With ``replicas=0`` the job rolled
         back to its newest checkpoint: this worker pulls the checkpoint's weights into the model, sets
         ``step_count`` to its step and raises ``RolledBackError`` (a ``StateReloadedError``) with that
-        ``.step``. Without a checkpoint the job has failed: ``JobFailedError``."""
+        ``.step``. Without a checkpoint the job has failed: ``JobFailedError``.
+
+        Under backup workers (``close_after``), a step may close on the other workers' pushes before this one's
+        arrived: its gradients are not applied, the model gets the new weights, ``step_count`` moves to the
+        job's step and ``step()`` returns as usual (``last_step`` shows who contributed)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -236,6 +244,10 @@ class RemoteOptimizer:
             failures = self._await_pushes(pushes)
             lost = next((exc for exc in failures.values() if _shard_lost(exc)), None)
             if lost is None:
+                late = self._closed_without_me(failures)
+                if late is not None:  # backup workers: the step closed on the others' pushes; go on from the next
+                    self.step_count = self._resync(late)
+                    return loss
                 self._raise_refusal(failures, after_takeover=recoveries > 0)
                 try:
                     replies = self.client.pull(self.rank, step + 1, destinations=self.buffers.weights, generation=generation)
@@ -266,6 +278,13 @@ class RemoteOptimizer:
             except Exception as exc:  # noqa: BLE001 - sorted out by the caller
                 failures[j] = exc
         return failures
+
+    def _closed_without_me(self, failures: dict[int, BaseException]) -> int | None:
+        """Under backup workers, the version to go on from when the step closed before this worker's pushes all
+        arrived (every refusal is a stale step); None otherwise."""
+        if not self._backup_workers or not failures or not all(isinstance(e, StaleStepError) for e in failures.values()):
+            return None
+        return max(e.version for e in failures.values())  # type: ignore[attr-defined]
 
     def _raise_refusal(self, failures: dict[int, BaseException], after_takeover: bool) -> None:
         """Raise what the shards answered to pushes that failed with their shard alive: a load since this

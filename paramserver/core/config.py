@@ -118,6 +118,10 @@ class JobConfig:
     lease_timeout: float = 30.0
     """Seconds a member stays without renewing its lease (every call of a worker renews it; RemoteOptimizer
     also renews it in the background): then it is dropped, and the steps no longer wait for it."""
+    close_after: int | None = None
+    """Backup workers (Chen et al. 2016): a step closes on the first ``close_after`` members' pushes (all members
+    when fewer are live) and averages over them; a late push is not applied, its worker just pulls the new
+    weights. None: synchronous steps, every live member."""
     nonfinite: NonFinitePolicy = "skip"
     """A gradient with inf or nan: "skip" the step like ``torch.amp.GradScaler`` (weights, state and scheduler
     unchanged, counted), or "error": refuse the push."""
@@ -149,6 +153,10 @@ class JobConfig:
             raise ValueError(f"min_workers must be an integer in [1, {self.workers_limit}], got {self.min_workers!r}")
         if isinstance(self.lease_timeout, bool) or not isinstance(self.lease_timeout, (int, float)) or not self.lease_timeout > 0:
             raise ValueError(f"lease_timeout must be a number of seconds > 0, got {self.lease_timeout!r}")
+        if self.close_after is not None and (not _is_int(self.close_after) or not 1 <= self.close_after <= self.workers_limit):
+            raise ValueError(f"close_after must be None or an integer in [1, {self.workers_limit}], got {self.close_after!r}")
+        if self.close_after is not None and not self.deterministic:
+            raise ValueError("close_after needs deterministic=True: a late worker's push must be left out of the step's sum")
         if self.nonfinite not in ("skip", "error"):
             raise ValueError(f"nonfinite must be 'skip' or 'error', got {self.nonfinite!r}")
         if not isinstance(self.deterministic, bool):
@@ -174,6 +182,7 @@ REMOTE_OPTIMIZER_KWARGS: dict[str, str] = {
     "max_workers": "max_workers",
     "min_workers": "min_workers",
     "lease_timeout": "lease_timeout",
+    "close_after": "close_after",
     "clip_grad_norm": "clip.max_norm",
     "norm_type": "clip.norm_type",
     "error_if_nonfinite": "clip.error_if_nonfinite",

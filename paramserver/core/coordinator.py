@@ -32,7 +32,7 @@ from paramserver.core.errors import (
 )
 from paramserver.core.job import JobSpec
 from paramserver.core.membership import Membership
-from paramserver.core.policy import CloseStep, StepPolicy, SyncPolicy
+from paramserver.core.policy import CloseStep, StepPolicy, policy_for
 from paramserver.core.registry import is_elementwise
 from paramserver.core.sharding import pack, unpack
 from paramserver.core.shards import ShardGroup
@@ -79,7 +79,7 @@ class Coordinator:
     """Coordinates one job's steps over its shards.
 
     Shards receive the pushes; each tells the coordinator when it holds the gradients it waits for in the
-    open step (``shard_ready``). The step policy (``SyncPolicy`` unless given: all W workers on every shard)
+    open step (``shard_ready``). The step policy (the one the job's config names unless given: ``policy_for``)
     decides which report closes the step and over which workers it averages; that call runs the rest of it.
     """
 
@@ -91,7 +91,7 @@ class Coordinator:
         self.plan = job.plan
         self.schedule = job.schedule
         self.shards = shards
-        self.policy: StepPolicy = policy if policy is not None else SyncPolicy(job.plan.num_shards, job.config.min_workers)
+        self.policy: StepPolicy = policy if policy is not None else policy_for(job.config, job.plan.num_shards)
         self.membership = Membership(range(job.config.num_workers), job.config.workers_limit, job.config.lease_timeout)
         self.step = 0  # the open training step: every step before it has closed (updated or skipped)
         self.version = 0  # of the weights: pulls wait for it (min_version)

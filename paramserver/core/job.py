@@ -11,6 +11,7 @@ import torch
 
 from paramserver.core.config import JobConfig
 from paramserver.core.params import ParamGroups, normalize_params
+from paramserver.core.policy import quorum
 from paramserver.core.registry import is_elementwise, resolve_optimizer
 from paramserver.core.scheduling import Schedule, build_shadow_optimizer
 from paramserver.core.shard import Shard
@@ -76,6 +77,7 @@ class JobSpec:
             self.optimizer_kwargs,
             num_workers=self.config.workers_limit,
             members=range(self.config.num_workers),
+            quorum=quorum(self.config),
             deterministic=self.config.deterministic,
             reject_nonfinite=self.config.nonfinite == "error",
             device=device,

@@ -5,13 +5,17 @@ a step closes stays written in one place (``Coordinator._close_step``). A policy
 nothing. Plain Python: no torch, gRPC or Ray.
 
     sync        every live member pushed on every shard; the mean over them (``SyncPolicy``, the default)
-    later:      backup workers (the first N pushes), async, bounded staleness
+    backup      the first N members' pushes on every shard; the mean over them (``BackupWorkersPolicy``)
+    later:      async, bounded staleness
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from paramserver.core.config import JobConfig
 
 
 @dataclass(frozen=True)
@@ -74,10 +78,14 @@ class SyncPolicy:
         if len(record) < self.num_shards or len(members) < self.min_workers:
             return None
         everywhere = frozenset.intersection(*record.values())
-        if not members <= everywhere:
+        if not self._enough(everywhere, members):
             return None
         del self._holds[step]
         return CloseStep(step, tuple(sorted(everywhere)))
+
+    def _enough(self, everywhere: frozenset[int], members: frozenset[int]) -> bool:
+        """Whether the pushes that every shard holds close the step: every member's."""
+        return members <= everywhere
 
     def reset(self) -> None:
         self._holds.clear()
@@ -86,3 +94,30 @@ class SyncPolicy:
         """The shards whose report ``step`` still waits for."""
         record = self._holds.get(step, {})
         return [j for j in range(self.num_shards) if j not in record]
+
+
+class BackupWorkersPolicy(SyncPolicy):
+    """Backup workers (Chen et al. 2016, "Revisiting distributed synchronous SGD"): a step closes as soon as every
+    shard holds the pushes of ``close_after`` members (of all of them when fewer are live) and averages over the
+    workers whose pushes every shard holds; the slowest workers' gradients for it are not applied."""
+
+    def __init__(self, num_shards: int, close_after: int, min_workers: int = 1) -> None:
+        super().__init__(num_shards, min_workers)
+        if close_after < 1:
+            raise ValueError(f"close_after must be >= 1, got {close_after}")
+        self.close_after = close_after
+
+    def _enough(self, everywhere: frozenset[int], members: frozenset[int]) -> bool:
+        return len(everywhere & members) >= min(self.close_after, len(members))
+
+
+def policy_for(config: JobConfig, num_shards: int) -> StepPolicy:
+    """The step policy a job's configuration names."""
+    if config.close_after is not None:
+        return BackupWorkersPolicy(num_shards, config.close_after, config.min_workers)
+    return SyncPolicy(num_shards, config.min_workers)
+
+
+def quorum(config: JobConfig) -> int | None:
+    """How many members' pushes a shard needs before it reports the step (None: every member's)."""
+    return config.close_after

@@ -65,6 +65,7 @@ class Shard:
         *,
         num_workers: int,
         members: Collection[int] | None = None,
+        quorum: int | None = None,
         deterministic: bool = True,
         reject_nonfinite: bool = False,
         device: str | torch.device = "cpu",
@@ -77,6 +78,7 @@ class Shard:
         self.num_workers = num_workers  # ranks are in [0, num_workers)
         # the job's members: the ranks whose pushes the open step waits for (None: all of them)
         self.members = frozenset(range(num_workers) if members is None else members)
+        self.quorum = quorum  # how many members' pushes make the step ready (None: all of them)
         self.reject_nonfinite = reject_nonfinite
         if len(weights) != len(self.layouts):
             raise ValueError(f"shard {shard_id}: expected {len(self.layouts)} weight buffers, got {len(weights)}")
@@ -211,7 +213,9 @@ class Shard:
     @property
     def ready(self) -> bool:
         """Whether every member's gradients for the open step are in."""
-        return self.accumulator.holds_all(self.members)
+        if self.quorum is None:
+            return self.accumulator.holds_all(self.members)
+        return len(self.accumulator.received & self.members) >= min(self.quorum, len(self.members)) > 0
 
     @_locked
     def ready_in(self) -> tuple[bool, int, frozenset[int]]:

@@ -54,6 +54,8 @@ def to_proto(config: JobConfig, params: ParamGroups) -> pb.JobConfig:
     )
     if config.max_workers is not None:  # absent on the wire: num_workers
         msg.max_workers = config.max_workers
+    if config.close_after is not None:  # absent on the wire: synchronous steps
+        msg.close_after = config.close_after
     if clip.max_norm is not None:
         msg.clip.max_norm = clip.max_norm
     if clip.clip_value is not None:
@@ -96,6 +98,7 @@ def from_proto(msg: pb.JobConfig) -> tuple[JobConfig, list[dict[str, Any]]]:
         max_workers=msg.max_workers if msg.HasField("max_workers") else default.max_workers,
         min_workers=msg.min_workers if msg.HasField("min_workers") else default.min_workers,
         lease_timeout=msg.lease_timeout if msg.HasField("lease_timeout") else default.lease_timeout,
+        close_after=msg.close_after if msg.HasField("close_after") else default.close_after,
     )
     return config, groups
 

@@ -31,7 +31,7 @@ class ClipSettings(_message.Message):
     def __init__(self, max_norm: _Optional[float] = ..., norm_type: _Optional[float] = ..., error_if_nonfinite: _Optional[bool] = ..., clip_value: _Optional[float] = ...) -> None: ...
 
 class JobConfig(_message.Message):
-    __slots__ = ("optimizer", "optimizer_kwargs_json", "group_options_json", "params", "num_workers", "clip", "nonfinite", "deterministic", "scheduler_json", "split_threshold_bytes", "grad_dtype", "lease_timeout", "min_workers", "max_workers")
+    __slots__ = ("optimizer", "optimizer_kwargs_json", "group_options_json", "params", "num_workers", "clip", "nonfinite", "deterministic", "scheduler_json", "split_threshold_bytes", "grad_dtype", "lease_timeout", "min_workers", "max_workers", "close_after")
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     GROUP_OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class JobConfig(_message.Message):
     LEASE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     MIN_WORKERS_FIELD_NUMBER: _ClassVar[int]
     MAX_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_AFTER_FIELD_NUMBER: _ClassVar[int]
     optimizer: str
     optimizer_kwargs_json: str
     group_options_json: _containers.RepeatedScalarFieldContainer[str]
@@ -60,7 +61,8 @@ class JobConfig(_message.Message):
     lease_timeout: float
     min_workers: int
     max_workers: int
-    def __init__(self, optimizer: _Optional[str] = ..., optimizer_kwargs_json: _Optional[str] = ..., group_options_json: _Optional[_Iterable[str]] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., num_workers: _Optional[int] = ..., clip: _Optional[_Union[ClipSettings, _Mapping]] = ..., nonfinite: _Optional[str] = ..., deterministic: _Optional[bool] = ..., scheduler_json: _Optional[str] = ..., split_threshold_bytes: _Optional[int] = ..., grad_dtype: _Optional[str] = ..., lease_timeout: _Optional[float] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ...) -> None: ...
+    close_after: int
+    def __init__(self, optimizer: _Optional[str] = ..., optimizer_kwargs_json: _Optional[str] = ..., group_options_json: _Optional[_Iterable[str]] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., num_workers: _Optional[int] = ..., clip: _Optional[_Union[ClipSettings, _Mapping]] = ..., nonfinite: _Optional[str] = ..., deterministic: _Optional[bool] = ..., scheduler_json: _Optional[str] = ..., split_threshold_bytes: _Optional[int] = ..., grad_dtype: _Optional[str] = ..., lease_timeout: _Optional[float] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., close_after: _Optional[int] = ...) -> None: ...
 
 class SliceInfo(_message.Message):
     __slots__ = ("param", "start", "stop")
