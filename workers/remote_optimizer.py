@@ -43,6 +43,7 @@ from paramserver.core.params import normalize_params
 from paramserver.wire import jobconfig, json_values
 from workers.buffers import ShardBuffers
 from workers.client import ServiceClient
+from workers.lease import LeaseRenewer
 
 log = logging.getLogger("paramserver")
 
@@ -117,7 +118,7 @@ class RemoteOptimizer:
         )
         # Membership: the lease renewals' thread and its stop event, whether this worker left, and a refusal
         # (NotAMemberError) the renewals met, raised by the next step()
-        self._renewal: tuple[threading.Thread, threading.Event] | None = None
+        self._renewal: LeaseRenewer | None = None
         self._left = False
         self._not_a_member: NotAMemberError | None = None
         self._membership_lock = threading.Lock()
@@ -489,44 +490,23 @@ class RemoteOptimizer:
         self._waiting = [len(m) for m in self.buffers.members]
 
     def _start_renewal(self, info: Any) -> None:
-        """Renew the lease every lease_timeout / 3 seconds (the job's lease_timeout, from its config) on a daemon
-        thread, until ``_stop_renewal``."""
+        """Renew the lease (the job's lease_timeout, from its config) on a daemon thread until ``_stop_renewal``."""
         lease = info.config.lease_timeout if info.config.HasField("lease_timeout") else default_of("lease_timeout")
-        interval = lease / 3
-        stop = threading.Event()
-        thread = threading.Thread(
-            target=self._renew_until, args=(stop, interval, lease), name=f"paramserver-lease-{self.rank}", daemon=True
-        )
+        renewer = LeaseRenewer(self.client, self.rank, lease, self._dropped)
         with self._membership_lock:
-            old, self._renewal = self._renewal, (thread, stop)
+            old, self._renewal = self._renewal, renewer
         if old is not None:
-            old[1].set()
-        thread.start()
+            old.stop()
+        renewer.start()
 
-    def _renew_until(self, stop: threading.Event, interval: float, lease: float) -> None:
-        while not stop.wait(interval):
-            try:
-                self.client.renew_lease(self.rank, timeout=max(lease, 1.0))
-            except NotAMemberError as exc:
-                if stop.is_set():
-                    return  # left meanwhile: not news
-                log.warning("job %s: worker %d is no longer a member: %s", self.client.job, self.rank, exc)
-                self._not_a_member = exc
-                return
-            except Exception as exc:  # noqa: BLE001 - logged; the next renewal tries again
-                if stop.is_set():
-                    return
-                log.warning("job %s: worker %d could not renew its lease: %s: %s", self.client.job, self.rank, type(exc).__name__, exc)
+    def _dropped(self, error: NotAMemberError) -> None:
+        self._not_a_member = error  # the next step() raises it
 
     def _stop_renewal(self) -> None:
         with self._membership_lock:
             renewal, self._renewal = self._renewal, None
-        if renewal is None:
-            return
-        thread, stop = renewal
-        stop.set()
-        if thread is not threading.current_thread():
-            thread.join(timeout=1.0)  # a renewal in flight may take its call's deadline; the thread is a daemon
+        if renewal is not None:
+            renewal.stop()
 
     def close(self) -> None:
         try:

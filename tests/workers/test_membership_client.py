@@ -201,7 +201,7 @@ def test_renewal_errors_are_logged_never_raised(service, monkeypatch, caplog):
         while len(calls) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(calls) >= 3  # the thread goes on after an error
-        assert opt._renewal is not None and opt._renewal[0].is_alive()
+        assert opt._renewal is not None and opt._renewal._thread.is_alive()
         assert "could not renew its lease" in caplog.text
         monkeypatch.undo()
         assert opt._not_a_member is None
