@@ -73,6 +73,9 @@ class RemoteOptimizer:
         min_workers: int = default_of("min_workers"),
         lease_timeout: float = default_of("lease_timeout"),
         close_after: int | None = default_of("close_after"),
+        mode: str = default_of("mode"),
+        max_staleness: int | None = default_of("max_staleness"),
+        staleness_lr: bool = default_of("staleness_lr"),
         clip_grad_norm: float | None = default_of("clip.max_norm"),
         norm_type: float = default_of("clip.norm_type"),
         error_if_nonfinite: bool = default_of("clip.error_if_nonfinite"),
@@ -96,7 +99,8 @@ class RemoteOptimizer:
         spec = SchedulerSpec(scheduler, dict(scheduler_kwargs or {}), scheduler_interval) if scheduler is not None else None
         config = job_config_from_kwargs(
             optimizer, optimizer_kwargs, spec, num_workers=num_workers, max_workers=max_workers, min_workers=min_workers,
-            lease_timeout=lease_timeout, close_after=close_after, clip_grad_norm=clip_grad_norm, norm_type=norm_type,
+            lease_timeout=lease_timeout, close_after=close_after, mode=mode, max_staleness=max_staleness,
+            staleness_lr=staleness_lr, clip_grad_norm=clip_grad_norm, norm_type=norm_type,
             error_if_nonfinite=error_if_nonfinite, clip_grad_value=clip_grad_value, nonfinite=nonfinite,
             deterministic=deterministic, split_threshold_bytes=split_threshold_bytes, grad_dtype=grad_dtype,
         )
@@ -264,8 +268,13 @@ class RemoteOptimizer:
             pushes = {j: self._push_shard(step, j) for j in sorted({*failures, *moved})}
         if any(g != generation for g in self.client.generations):
             self._reloaded(min(version for version, _ in replies))  # a load happened while this worker waited
-        self.buffers.scatter_weights()
-        self.step_count = step + 1
+        versions = {version for version, _ in replies}
+        if len(versions) > 1:
+            # asynchronous steps: another worker's update landed on some shards during the pull; take it everywhere
+            self.step_count = self._resync(max(versions))
+        else:
+            self.buffers.scatter_weights()
+            self.step_count = versions.pop()  # step + 1 under synchronous steps; the newest version under async
         if self._error_if_nonfinite:
             self._raise_if_refused(step)
         return loss
@@ -443,6 +452,8 @@ class RemoteOptimizer:
         return {
             "step": last.step,
             "contributors": list(last.contributors),
+            "based_on": last.based_on,
+            "staleness": last.staleness,
             "total_norm": last.total_norm,
             "lrs": list(last.lrs),
             "skipped": last.skipped,

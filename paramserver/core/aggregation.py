@@ -15,10 +15,12 @@ import torch
 
 
 class GradientAccumulator:
-    def __init__(self, sums: Sequence[torch.Tensor], num_workers: int, deterministic: bool) -> None:
+    def __init__(self, sums: Sequence[torch.Tensor], num_workers: int, deterministic: bool, carry_over: bool = False) -> None:
         self.sums = list(sums)
         self.num_workers = num_workers
         self.deterministic = deterministic
+        # asynchronous steps: a push that is not in this step's mean stays for a later one (else it is dropped)
+        self.carry_over = carry_over
         self.received: set[int] = set()
         self._folded = 0  # how many contributions are in the sums
         self._early: dict[int, Sequence[torch.Tensor]] = {}  # deterministic mode: each contribution, until the mean
@@ -64,19 +66,22 @@ class GradientAccumulator:
                 "are added already and cannot be left out"
             )
         for rank in sorted(self._early):  # in rank order, whatever the arrival order
-            held = self._early.pop(rank)
             if rank in who:
-                self._fold(held)
+                self._fold(self._early.pop(rank))
+            elif not self.carry_over:
+                del self._early[rank]
         assert self._folded == len(who)
         if len(who) > 1:
             for total in self.sums:
                 total.div_(len(who))
-        self.received = set(who)
+        self.received = set(who) | set(self._early)
         self.contributors = tuple(sorted(who))
         return self.sums
 
-    def reset(self) -> None:
-        self.received.clear()
-        self._early.clear()
+    def reset(self, keep_pending: bool = False) -> None:
+        """Start the next step; ``keep_pending``: the pushes not in the last mean stay (asynchronous steps)."""
+        if not keep_pending:
+            self._early.clear()
+        self.received = set(self._early)
         self._folded = 0
         self.contributors = None

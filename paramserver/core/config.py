@@ -118,6 +118,15 @@ class JobConfig:
     lease_timeout: float = 30.0
     """Seconds a member stays without renewing its lease (every call of a worker renews it; RemoteOptimizer
     also renews it in the background): then it is dropped, and the steps no longer wait for it."""
+    mode: str = "sync"
+    """"sync": each step averages the members' gradients (see ``close_after``); "async": every push is applied as
+    soon as every shard holds it, as one optimizer step on that worker's gradient (clipped by its own norm; the
+    scheduler steps once per applied update), and ``step()`` returns with the latest weights."""
+    max_staleness: int | None = None
+    """With ``mode="async"``: bounded staleness (SSP, Ho et al. 2013): a worker more than this many updates ahead
+    of the slowest live member waits in ``step()``; None: no bound."""
+    staleness_lr: bool = False
+    """With ``mode="async"``: each update's learning rates divided by its staleness (Zhang et al. 2016)."""
     close_after: int | None = None
     """Backup workers (Chen et al. 2016): a step closes on the first ``close_after`` members' pushes (all members
     when fewer are live) and averages over them; a late push is not applied, its worker just pulls the new
@@ -155,6 +164,18 @@ class JobConfig:
             raise ValueError(f"lease_timeout must be a number of seconds > 0, got {self.lease_timeout!r}")
         if self.close_after is not None and (not _is_int(self.close_after) or not 1 <= self.close_after <= self.workers_limit):
             raise ValueError(f"close_after must be None or an integer in [1, {self.workers_limit}], got {self.close_after!r}")
+        if self.mode not in ("sync", "async"):
+            raise ValueError(f"mode must be 'sync' or 'async', got {self.mode!r}")
+        if self.max_staleness is not None and (not _is_int(self.max_staleness) or self.max_staleness < 0):
+            raise ValueError(f"max_staleness must be None or an integer >= 0, got {self.max_staleness!r}")
+        if not isinstance(self.staleness_lr, bool):
+            raise ValueError(f"staleness_lr must be a bool, got {self.staleness_lr!r}")
+        if self.mode == "sync" and (self.max_staleness is not None or self.staleness_lr):
+            raise ValueError('max_staleness and staleness_lr need mode="async"')
+        if self.mode == "async" and self.close_after is not None:
+            raise ValueError('close_after is a rule of synchronous steps; mode="async" applies every push on its own')
+        if self.mode == "async" and not self.deterministic:
+            raise ValueError('mode="async" needs deterministic=True: a shard keeps each push until its own update')
         if self.close_after is not None and not self.deterministic:
             raise ValueError("close_after needs deterministic=True: a late worker's push must be left out of the step's sum")
         if self.nonfinite not in ("skip", "error"):
@@ -183,6 +204,9 @@ REMOTE_OPTIMIZER_KWARGS: dict[str, str] = {
     "min_workers": "min_workers",
     "lease_timeout": "lease_timeout",
     "close_after": "close_after",
+    "mode": "mode",
+    "max_staleness": "max_staleness",
+    "staleness_lr": "staleness_lr",
     "clip_grad_norm": "clip.max_norm",
     "norm_type": "clip.norm_type",
     "error_if_nonfinite": "clip.error_if_nonfinite",

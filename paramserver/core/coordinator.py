@@ -45,6 +45,8 @@ from paramserver.core.state import (
 
 log = logging.getLogger("paramserver")
 
+APPLIED_KEPT = 1024  # closed steps whose contributors are kept, to read a shard's older report against
+
 
 @dataclass(frozen=True)
 class StepResult:
@@ -58,6 +60,8 @@ class StepResult:
     error: str | None = None  # set when the step was refused (non-finite norm with error_if_nonfinite)
     seconds: dict[str, float] = field(default_factory=dict)  # time spent in each stage the coordinator runs
     contributors: tuple[int, ...] = ()  # the workers whose gradients the step averaged
+    based_on: int | None = None  # the (oldest) version of the weights those gradients were computed on
+    staleness: int | None = None  # the version the update was applied at minus ``based_on``
 
 
 class StageTimer:
@@ -103,6 +107,8 @@ class Coordinator:
         self.on_step: Callable[[StepResult], None] | None = None  # told of every closed step (metrics, logs)
         self.failed: str | None = None  # set when an update failed part-way; cleared by load_state_dict
         self.interrupted = False  # a step's close stopped at a shard that died: ``recheck`` closes it later
+        self._based_on: dict[int, int] = {}  # worker -> the version its reported push was computed on
+        self._applied: dict[int, tuple[int, ...]] = {}  # step -> its contributors (the last APPLIED_KEPT steps)
         self._lock = threading.RLock()
 
     def check_worker(self, worker: int) -> None:
@@ -170,29 +176,48 @@ class Coordinator:
             self._metrics.setdefault(step, {})[worker] = float(metric)
 
     def shard_ready(
-        self, shard: int, step: int, generation: int | None = None, holds: frozenset[int] | None = None
+        self, shard: int, step: int, generation: int | None = None, holds: Mapping[int, int] | None = None
     ) -> StepResult | None:
-        """Shard ``shard`` holds the gradients it waits for in ``step`` (the pushes of ``holds``; None: of the
-        members); if the policy then closes the step, this call runs it and returns its result. ``generation``:
-        the weights generation the report is of; a report from before a load (whose pushes the load dropped)
-        is ignored."""
+        """Shard ``shard``, at version ``step``, holds the pushes of ``holds`` (worker -> the version its push was
+        computed on; None: every member's, of this step); if the policy then closes the step, this call runs it
+        (and any that the reports already complete) and returns the last result. ``generation``: the weights
+        generation the report is of; a report from before a load (whose pushes the load dropped) is ignored."""
         with self._lock:
             if generation is not None and generation != self.generation:
                 log.debug("shard %d reported step %d of generation %d, now %d: ignored", shard, step, generation, self.generation)
                 return None
-            self.check_step(step)
+            if self.failed is not None:
+                raise JobFailedError(self.failed)
             members = self.membership.live
-            close = self.policy.on_shard_ready(shard, step, members if holds is None else frozenset(holds), members)
-            if close is None:
-                return None
-            if close.step != step:
-                raise ValueError(f"the step policy closed step {close.step} on a report for step {step}")
-            return self._close_step(close)
+            held = dict.fromkeys(members, step) if holds is None else dict(holds)
+            if step < self.step and self.policy.asynchronous:
+                # an older report: the pushes applied since were consumed on every shard
+                for version in range(step, self.step):
+                    for worker in self._applied.get(version, ()):
+                        held.pop(worker, None)
+            else:
+                self.check_step(step)
+            self._based_on.update(held)
+            return self._run(self.policy.on_shard_ready(shard, self.step, frozenset(held), members))
+
+    def _run(self, close: CloseStep | None) -> StepResult | None:
+        """Close the steps the policy decided, one after another; the last one's result."""
+        result = None
+        while close is not None:
+            if close.step != self.step:
+                raise ValueError(f"the step policy closed step {close.step}, but step {self.step} is open")
+            closed = self._close_step(close)
+            if closed is None:
+                break
+            result = closed
+            close = self.policy.after_close(self.step)
+        return result
 
     def recheck(self) -> StepResult | None:
-        """Ask every shard whether it holds the open step's gradients, as if each reported again, and close the
-        step if the policy then says so. After a standby took over a shard (its reports went to a process that
-        died) or a coordinator restarted (reports sent while it was down are lost); returns the closed step."""
+        """Ask every shard what it holds for the open step, as if each reported again, and close the step if the
+        policy then says so. After a standby took over a shard (its reports went to a process that died), a
+        coordinator restarted (reports sent while it was down are lost) or the membership changed; returns the
+        last closed step."""
         with self._lock:
             if self.failed is not None:
                 return None
@@ -201,8 +226,9 @@ class Coordinator:
             members = self.membership.live
             for j, status in enumerate(self.shards.statuses()):
                 if status["version"] == self.step:
-                    close = self.policy.on_shard_ready(j, self.step, frozenset(status["pushed"]), members) or close
-            return None if close is None else self._close_step(close)
+                    held = frozenset(status["pushed"])
+                    close = self.policy.on_shard_ready(j, self.step, held, members) or close
+            return self._run(close)
 
     # -- the order of the stages ------------------------------------------------------------------------------
 
@@ -220,6 +246,8 @@ class Coordinator:
                 self.interrupted = True
                 return None
         self.interrupted = False
+        based_on = min(self._based_on.pop(w, step) for w in contributors)
+        seen = {"contributors": contributors, "based_on": based_on, "staleness": step - based_on}
         with timer("clip"):
             total = self._total_norm(norms)
         metrics = self._metrics.pop(step, {})
@@ -234,12 +262,13 @@ class Coordinator:
             with timer("update"):
                 self.shards.skip(step, self._record(step, None, None, applied=False, skipped=1))
             self.skipped_steps += 1
-            return self._closed(StepResult(step, float(total), None, True, self.schedule.lrs(), error, timer.seconds, contributors))
+            return self._closed(StepResult(step, float(total), None, True, self.schedule.lrs(), error, timer.seconds, **seen))
         with timer("clip"):
             coef = clipping.clip_coefficient(total, clip.max_norm) if clip.max_norm is not None else None
         with timer("update"):
             try:
-                self.shards.apply(step, coef, self.schedule.hyperparameters(), self._record(step, coef, metric, applied=True))
+                hyperparameters = self._hyperparameters(step - based_on)
+                self.shards.apply(step, coef, hyperparameters, self._record(step, coef, metric, applied=True, hyperparameters=hyperparameters))
             except Exception as exc:
                 # Some shards may have updated and others not: no step can follow from that state.
                 self.failed = f"the update of step {step} failed ({type(exc).__name__}: {exc}); load a saved state to go on"
@@ -254,11 +283,21 @@ class Coordinator:
                 log.error("%s", error)
         return self._closed(
             StepResult(
-                step, float(total), None if coef is None else float(coef), False, self.schedule.lrs(), error, timer.seconds, contributors
+                step, float(total), None if coef is None else float(coef), False, self.schedule.lrs(), error, timer.seconds, **seen
             )
         )
 
-    def _record(self, step: int | None, coef: torch.Tensor | None, metric: float | None, *, applied: bool, skipped: int = 0) -> dict[str, Any]:
+    def _hyperparameters(self, staleness: int) -> list[dict[str, Any]]:
+        """The groups' hyperparameters for an update; with ``staleness_lr``, learning rates divided by its staleness."""
+        hyperparameters = self.schedule.hyperparameters()
+        if self.config.staleness_lr and staleness > 1:
+            hyperparameters = [{**group, "lr": group["lr"] / staleness} for group in hyperparameters]
+        return hyperparameters
+
+    def _record(
+        self, step: int | None, coef: torch.Tensor | None, metric: float | None, *, applied: bool, skipped: int = 0,
+        hyperparameters: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         """What the shards keep with a step (or a load, ``step`` None) so that a coordinator that restarts goes
         on where this one was (``resume``): the job's version and generation after it, the schedule as it was
         for the step's update, the metric it then steps on (``applied``), and the update itself (to finish it
@@ -270,10 +309,14 @@ class Coordinator:
             "metric": metric,
             "applied": applied,
             "skipped_steps": self.skipped_steps + skipped,
-            "update": None if step is None else {"step": step, "clip_coef": coef, "skipped": not applied},
+            "update": None if step is None else {
+                "step": step, "clip_coef": coef, "skipped": not applied, "hyperparameters": hyperparameters or self.schedule.hyperparameters(),
+            },
         }
 
     def _closed(self, result: StepResult) -> StepResult:
+        self._applied[result.step] = result.contributors  # an older report of a shard is read against these
+        self._applied.pop(result.step - APPLIED_KEPT, None)
         self.step += 1
         self.version += 1  # broadcast: the shards published version t+1 (a skipped step's too), pulls may be served
         self.last_result = result
@@ -423,7 +466,7 @@ class Coordinator:
                 if update["skipped"]:
                     shard.skip(update["step"], newest)
                 else:
-                    shard.apply(update["step"], update["clip_coef"], newest["schedule"]["hyperparameters"], newest)
+                    shard.apply(update["step"], update["clip_coef"], update["hyperparameters"], newest)
                 log.warning("shard %d had not received the update of step %d: applied it now", j, update["step"])
             self.step = self.version = newest["version"]
             self.generation = newest["generation"]

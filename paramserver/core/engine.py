@@ -9,9 +9,7 @@ import torch
 
 from paramserver.core.config import JobConfig, OptimizerConfig, SchedulerSpec
 from paramserver.core.coordinator import Coordinator, StepResult
-from paramserver.core.errors import (
-    NonFiniteGradientError,
-)
+from paramserver.core.errors import JobFailedError, NonFiniteGradientError
 from paramserver.core.job import JobSpec
 from paramserver.core.sharding import pack
 from paramserver.core.shards import ShardGroup
@@ -85,7 +83,11 @@ class StepEngine(Coordinator):
         nothing. Returns the step's result if this push completed it, else None (also for a repeated push)."""
         with self._lock:
             self.check_worker(worker)
-            self.check_step(step)
+            if self.policy.asynchronous and step <= self.step:
+                if self.failed is not None:
+                    raise JobFailedError(self.failed)
+            else:
+                self.check_step(step)  # asynchronous steps take gradients of older weights, never of future ones
             grads = self._grads_in_order(grads)
             if metric is None and self.schedule.needs_metric:
                 raise ValueError("ReduceLROnPlateau needs a metric with every push (step(metric=...))")
@@ -103,7 +105,7 @@ class StepEngine(Coordinator):
                 self.record_metric(worker, step, metric)
             result = None
             for j in range(self.plan.num_shards):
-                ready, _, holds = self.shards.shards[j].ready_in()
+                ready, _, version, holds = self.shards.shards[j].ready_in()
                 if ready:
-                    result = self.shard_ready(j, step, None, holds)
+                    result = self.shard_ready(j, version, None, holds) or result
             return result

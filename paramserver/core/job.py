@@ -78,6 +78,8 @@ class JobSpec:
             num_workers=self.config.workers_limit,
             members=range(self.config.num_workers),
             quorum=quorum(self.config),
+            mode=self.config.mode,
+            max_staleness=self.config.max_staleness,
             deterministic=self.config.deterministic,
             reject_nonfinite=self.config.nonfinite == "error",
             device=device,

@@ -6,7 +6,8 @@ nothing. Plain Python: no torch, gRPC or Ray.
 
     sync        every live member pushed on every shard; the mean over them (``SyncPolicy``, the default)
     backup      the first N members' pushes on every shard; the mean over them (``BackupWorkersPolicy``)
-    later:      async, bounded staleness
+    async       each push on every shard is an update of its own (``AsyncPolicy``; the staleness bound is the
+                shards' rule for pulls, ``paramserver.core.staleness``)
 """
 
 from __future__ import annotations
@@ -45,10 +46,18 @@ class CloseStep:
 class StepPolicy(Protocol):
     """Decides when a step closes and what it averages. Called under the coordinator's lock, one call at a time."""
 
+    asynchronous: bool
+    """Whether a shard's report may be of an older version than the open step (its pushes then wait for later
+    steps), rather than refused as stale."""
+
     def on_shard_ready(self, shard: int, step: int, holds: frozenset[int], members: frozenset[int]) -> CloseStep | None:
         """Shard ``shard`` reported that it holds the pushes of ``holds`` for the open ``step``; ``members`` are the
         job's live members now. The decision to close the step, or None to wait. A policy that decides to close
         forgets its record of the step, so the step's close runs once even if the close then fails."""
+        ...
+
+    def after_close(self, step: int) -> CloseStep | None:
+        """Step ``step`` is open after a close: whether what the reports hold already closes it too."""
         ...
 
     def reset(self) -> None:
@@ -62,6 +71,8 @@ class SyncPolicy:
     live member (at least ``min_workers`` of them), and averages over the workers whose pushes every shard
     holds (the members, and a worker dropped after it pushed everywhere): with all W workers live, the mean of
     ``torch.nn.parallel.DistributedDataParallel``."""
+
+    asynchronous = False
 
     def __init__(self, num_shards: int, min_workers: int = 1) -> None:
         if num_shards < 1 or min_workers < 1:
@@ -87,6 +98,9 @@ class SyncPolicy:
         """Whether the pushes that every shard holds close the step: every member's."""
         return members <= everywhere
 
+    def after_close(self, step: int) -> CloseStep | None:
+        return None  # every push of a closed step was in it, or is refused as stale
+
     def reset(self) -> None:
         self._holds.clear()
 
@@ -111,8 +125,43 @@ class BackupWorkersPolicy(SyncPolicy):
         return len(everywhere & members) >= min(self.close_after, len(members))
 
 
+class AsyncPolicy:
+    """Asynchronous steps: as soon as every shard holds a worker's push, it is one update of its own (the lowest
+    rank first when several are complete), on that worker's gradient alone."""
+
+    asynchronous = True
+
+    def __init__(self, num_shards: int) -> None:
+        if num_shards < 1:
+            raise ValueError(f"an async policy needs at least one shard, got {num_shards}")
+        self.num_shards = num_shards
+        self._holds: dict[int, set[int]] = {}  # shard -> the workers whose pushes it holds, as of its last report
+
+    def on_shard_ready(self, shard: int, step: int, holds: frozenset[int], members: frozenset[int]) -> CloseStep | None:
+        if not 0 <= shard < self.num_shards:
+            raise ValueError(f"shard must be in [0, {self.num_shards}), got {shard!r}")
+        self._holds[shard] = set(holds)
+        return self.after_close(step)
+
+    def after_close(self, step: int) -> CloseStep | None:
+        if len(self._holds) < self.num_shards:
+            return None
+        everywhere = set.intersection(*self._holds.values())
+        if not everywhere:
+            return None
+        worker = min(everywhere)
+        for held in self._holds.values():
+            held.discard(worker)  # its push is consumed by this update
+        return CloseStep(step, (worker,))
+
+    def reset(self) -> None:
+        self._holds.clear()
+
+
 def policy_for(config: JobConfig, num_shards: int) -> StepPolicy:
     """The step policy a job's configuration names."""
+    if config.mode == "async":
+        return AsyncPolicy(num_shards)
     if config.close_after is not None:
         return BackupWorkersPolicy(num_shards, config.close_after, config.min_workers)
     return SyncPolicy(num_shards, config.min_workers)

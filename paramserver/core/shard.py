@@ -28,6 +28,7 @@ from paramserver.core.errors import (
 )
 from paramserver.core.scheduling import build_optimizer, hyperparameters, set_hyperparameters
 from paramserver.core.sharding import ShardingPlan, Slice
+from paramserver.core.staleness import AsyncLedger
 
 
 def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -66,6 +67,8 @@ class Shard:
         num_workers: int,
         members: Collection[int] | None = None,
         quorum: int | None = None,
+        mode: str = "sync",
+        max_staleness: int | None = None,
         deterministic: bool = True,
         reject_nonfinite: bool = False,
         device: str | torch.device = "cpu",
@@ -79,6 +82,8 @@ class Shard:
         # the job's members: the ranks whose pushes the open step waits for (None: all of them)
         self.members = frozenset(range(num_workers) if members is None else members)
         self.quorum = quorum  # how many members' pushes make the step ready (None: all of them)
+        # asynchronous steps: each worker's push is its own update (None: synchronous steps)
+        self.ledger = AsyncLedger(max_staleness) if mode == "async" else None
         self.reject_nonfinite = reject_nonfinite
         if len(weights) != len(self.layouts):
             raise ValueError(f"shard {shard_id}: expected {len(self.layouts)} weight buffers, got {len(weights)}")
@@ -95,7 +100,7 @@ class Shard:
         # Its own lock, not the shard's: adding a listener (an event loop's thread) never waits for an update.
         self._listeners_lock = threading.Lock()
         sums = [torch.zeros(layout.numel, dtype=layout.dtype, device=self.device) for layout in self.layouts]
-        self.accumulator = GradientAccumulator(sums, num_workers, deterministic)
+        self.accumulator = GradientAccumulator(sums, num_workers, deterministic, carry_over=self.ledger is not None)
 
         # One optimizer parameter per slice: whole tensors keep their shape, pieces of a split tensor are 1-D.
         self.slices: list[Slice] = []
@@ -113,7 +118,8 @@ class Shard:
                 self.tensors.append(tensor)
         assert self.slices == list(plan.shards[shard_id]), "per-slice lists follow the plan's slice order"
         self._params_here = {s.param for s in self.slices}
-        self._with_grad: set[int] = set()  # parameters some worker sent a gradient for, this step
+        self._with_grad: set[int] = set()  # parameters some contributor of the step sent a gradient for
+        self._missing: dict[int, frozenset[int]] = {}  # worker -> the parameters its pending push has no gradient for
         self._closed_received: frozenset[int] = frozenset()  # who pushed the step that closed last
         groups = [
             {"params": [t for s, t in zip(self.slices, self.tensors) if plan.params[s.param].group == g], **options}
@@ -157,6 +163,15 @@ class Shard:
         if step > self.version:
             raise FutureStepError(f"shard {self.shard_id}: step {step} is not open yet (now at {self.version})", self.version)
 
+    def check_push_step(self, worker: int, step: int) -> None:
+        """Refuse a push that names a step it cannot be for: under synchronous steps any but the open one (a
+        late retry of an applied push aside); under asynchronous steps a version that does not exist yet."""
+        if self.ledger is not None:
+            if step > self.version:
+                raise FutureStepError(f"shard {self.shard_id}: version {step} does not exist yet (now at {self.version})", self.version)
+        elif not self.is_late_retry(worker, step):
+            self.check_step(step)
+
     def check_generation(self, generation: int | None) -> None:
         """Refuse a push computed on the weights of another generation (None: not checked)."""
         if generation is not None and generation != self.generation:
@@ -183,14 +198,18 @@ class Shard:
             raise ValueError(f"shard {self.shard_id}: worker must be in [0, {self.num_workers}), got {worker!r}")
         self._check_initialized()
         self.check_generation(generation)
-        if self.is_late_retry(worker, step):
+        if self.ledger is not None:
+            if not self.ledger.accept(worker, step, self.version, self.shard_id):
+                return False  # applied already (a retry whose reply was lost)
+        elif self.is_late_retry(worker, step):
             return False  # a retry whose first try closed the step (its reply was lost): applied already
         if worker not in self.members:
             raise NotAMemberError(
                 f"shard {self.shard_id}: worker {worker} is not a member of the job (its lease expired, it left, or it never "
                 "joined); its gradients are refused: join again"
             )
-        self.check_step(step)
+        if self.ledger is None:
+            self.check_step(step)
         if worker in self.accumulator.received:
             return False
         self._check_buffers(grads, f"gradients of worker {worker}")
@@ -203,7 +222,9 @@ class Shard:
         if not all(isinstance(i, int) and 0 <= i < len(self.plan.params) for i in missing):
             raise ValueError(f"shard {self.shard_id}: missing-gradient list names unknown parameters: {sorted(missing)}")
         self.accumulator.add(worker, grads if self.device.type == "cpu" else [g.to(self.device) for g in grads])
-        self._with_grad.update(i for i in self._params_here if i not in missing)
+        if self.ledger is not None:
+            self.ledger.pending(worker, step)
+        self._missing[worker] = frozenset(missing)
         return True
 
     def is_late_retry(self, worker: int, step: int) -> bool:
@@ -213,20 +234,31 @@ class Shard:
     @property
     def ready(self) -> bool:
         """Whether every member's gradients for the open step are in."""
+        if self.ledger is not None:
+            return bool(self.accumulator.received & self.members)  # any member's push is an update of its own
         if self.quorum is None:
             return self.accumulator.holds_all(self.members)
         return len(self.accumulator.received & self.members) >= min(self.quorum, len(self.members)) > 0
 
     @_locked
-    def ready_in(self) -> tuple[bool, int, frozenset[int]]:
-        """(``ready``, ``generation``, the workers whose pushes are in) read together: a report of readiness names
-        the generation it is of and what it holds."""
-        return self.ready, self.generation, frozenset(self.accumulator.received)
+    def ready_in(self) -> tuple[bool, int, int, dict[int, int]]:
+        """(``ready``, ``generation``, ``version``, the workers whose pushes are in, each with the version it was
+        computed on) read together: a report names the generation and version it is of and what it holds."""
+        if self.ledger is not None:
+            holds = {w: self.ledger.based_on[w] for w in self.accumulator.received}
+        else:
+            holds = dict.fromkeys(self.accumulator.received, self.version)
+        return self.ready, self.generation, self.version, holds
 
     @_locked
     def set_members(self, members: Collection[int]) -> None:
         """The job's members changed: the open step waits for these ranks' pushes, and refuses others'."""
         self.members = frozenset(members)
+        if self.ledger is not None:
+            self.ledger.joined(self.members)
+            with self._changed:  # a bounded-staleness wait may end with a member gone
+                self._changed.notify_all()
+                self._notify_version_listeners()
 
     # -- aggregate, then the norms the coordinator needs ------------------------------------------------------
 
@@ -243,6 +275,12 @@ class Shard:
                 assert self.ready, f"shard {self.shard_id}: reduce before all {self.num_workers} workers pushed"
             self._restore_grad_views()
             means = self.accumulator.mean(contributors)
+            # a parameter takes part if any contributor has a gradient for it (torch.optim skips grad None)
+            self._with_grad = {i for w in self.accumulator.contributors for i in self._params_here if i not in self._missing.get(w, ())}
+            for w in self.accumulator.contributors:
+                self._missing.pop(w, None)
+            if self.ledger is None:
+                self._missing.clear()  # the pushes left out of a synchronous step are dropped
             if clip_value is not None:
                 for buf in means:
                     buf.clamp_(min=-clip_value, max=clip_value)
@@ -332,8 +370,11 @@ class Shard:
         with self._changed:
             if record is not None:
                 self.record = record
-            self._closed_received = frozenset(self.accumulator.received)
-            self.accumulator.reset()
+            contributors = self.accumulator.contributors or tuple(self.accumulator.received)
+            self._closed_received = frozenset(contributors)
+            if self.ledger is not None:
+                self.ledger.applied_update(contributors)
+            self.accumulator.reset(keep_pending=self.ledger is not None)
             self._with_grad = set()
             self.version += 1
             self._changed.notify_all()
@@ -365,19 +406,27 @@ class Shard:
         for tensor, view in zip(self.tensors, self._grad_views):
             tensor.grad = view
 
-    def reached(self, min_version: int, generation: int | None = None) -> bool:
+    def reached(self, min_version: int, generation: int | None = None, worker: int | None = None) -> bool:
         """Whether a pull for ``min_version`` by a worker holding ``generation`` can be answered now: the shard
-        is initialized and at ``min_version`` or later, or a load started a generation other than ``generation``."""
-        return self.initialized and (self.version >= min_version or (generation is not None and generation != self.generation))
+        is initialized and at ``min_version`` or later, or a load started a generation other than ``generation``.
+        Under asynchronous steps ``worker``'s own push must be applied first, and, with a staleness bound, the
+        worker may not be too far ahead of the slowest member."""
+        if generation is not None and generation != self.generation:
+            return self.initialized
+        if not (self.initialized and self.version >= min_version):
+            return False
+        if self.ledger is None or worker is None:
+            return True
+        return worker not in self.accumulator.received and not self.ledger.ahead(worker, self.members)
 
-    def wait_for_version(self, min_version: int, timeout: float, generation: int | None = None) -> int:
+    def wait_for_version(self, min_version: int, timeout: float, generation: int | None = None, worker: int | None = None) -> int:
         """Wait until the shard is initialized and at ``min_version`` or later, or (``generation`` given) in
         another generation than ``generation``; returns the version.
 
         Raises ``TimeoutError`` when ``timeout`` seconds pass first.
         """
         with self._changed:
-            if not self._changed.wait_for(lambda: self.reached(min_version, generation), timeout):
+            if not self._changed.wait_for(lambda: self.reached(min_version, generation, worker), timeout):
                 raise TimeoutError(
                     f"shard {self.shard_id}: still at version {self.version}"
                     f"{'' if self.initialized else ' (not initialized)'} after {timeout:.1f}s waiting for {min_version}"
@@ -488,6 +537,7 @@ class Shard:
                 dst.copy_(src)
             self.accumulator.reset()
             self._with_grad = set()
+            self._missing.clear()
             self.version = replica["version"]
             self.generation = replica["generation"]
             self._closed_received = frozenset(replica["closed_received"])
@@ -517,6 +567,7 @@ class Shard:
         with self._changed:
             self.accumulator.reset()
             self._with_grad = set()
+            self._missing.clear()
             self._closed_received = frozenset()
             self.version = step
             self.generation = self.generation + 1 if generation is None else generation

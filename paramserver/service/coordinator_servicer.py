@@ -48,7 +48,7 @@ def job_info(job: Job, shard_addresses: list[str]) -> pb.JobInfo:
 def step_report(result: StepResult) -> pb.StepReport:
     report = pb.StepReport(
         step=result.step, total_norm=result.total_norm, skipped=result.skipped, lrs=result.lrs, error=result.error or "",
-        contributors=sorted(result.contributors),
+        contributors=sorted(result.contributors), based_on=result.based_on or 0, staleness=result.staleness or 0,
     )
     if result.clip_coef is not None:
         report.clip_coef = result.clip_coef

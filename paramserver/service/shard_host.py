@@ -65,9 +65,9 @@ class ShardHost:
         shard = self.shard(job)
         with self._locks[job]:
             applied = shard.push(worker, step, grads, missing, generation)
-            ready, now, holds = shard.ready_in()
+            ready, now, version, holds = shard.ready_in()
         if applied and ready:
-            self._coordinators[job].shard_ready(self.shard_id, step, now, holds)
+            self._coordinators[job].shard_ready(self.shard_id, version, now, holds)
         return applied, shard.version
 
     def initial_weights(self, job: str, buffers: Sequence[torch.Tensor]) -> None:
@@ -80,18 +80,18 @@ class ShardHost:
                 self.on_initial_weights(job, buffers)
 
     def pull(
-        self, job: str, min_version: int, timeout: float | None, generation: int | None = None
+        self, job: str, min_version: int, timeout: float | None, generation: int | None = None, worker: int | None = None
     ) -> tuple[int, int, list[torch.Tensor]]:
         """Wait for ``min_version`` (or, ``generation`` given, for a load that started another generation),
         then (version, generation, flat weights). The weights are the live buffers, and safe to stream: the
         next update needs this worker's next push, which comes after this pull. The generation is read before
         them: the weights of a load are in place before its generation starts."""
         shard = self.shard(job)
-        version = shard.wait_for_version(min_version, MAX_WAIT_S if timeout is None else min(timeout, MAX_WAIT_S), generation)
-        return version, shard.generation, shard.weight_buffers()
+        shard.wait_for_version(min_version, MAX_WAIT_S if timeout is None else min(timeout, MAX_WAIT_S), generation, worker)
+        return _weights(shard)
 
     async def pull_async(
-        self, job: str, min_version: int, timeout: float | None, generation: int | None = None
+        self, job: str, min_version: int, timeout: float | None, generation: int | None = None, worker: int | None = None
     ) -> tuple[int, int, list[torch.Tensor]]:
         """``pull`` for an asyncio server: the wait holds no thread (the shard's version listener wakes it
         through the event loop). Raises ``TimeoutError`` when ``timeout`` (capped by ``MAX_WAIT_S``) passes."""
@@ -103,12 +103,12 @@ class ShardHost:
         if watch is None:
             watch = watches[loop] = LoopWakeup(loop)
             shard.add_version_listener(watch.changed)
-        if not await watch.wait_until(lambda: shard.reached(min_version, generation), loop.time() + wait):
+        if not await watch.wait_until(lambda: shard.reached(min_version, generation, worker), loop.time() + wait):
             raise TimeoutError(
                 f"shard {shard.shard_id}: still at version {shard.version}"
                 f"{'' if shard.initialized else ' (not initialized)'} after {wait:.1f}s waiting for {min_version}"
             )
-        return shard.version, shard.generation, shard.weight_buffers()
+        return _weights(shard)
 
     def waiting_pulls(self, job: str) -> int:
         """How many asyncio pulls of ``job`` wait for a version now (all event loops)."""
@@ -120,3 +120,13 @@ class ShardHost:
             watch = watches.pop(loop, None)
             if watch is not None:
                 shard.remove_version_listener(watch.changed)
+
+
+def _weights(shard: Shard) -> tuple[int, int, list[torch.Tensor]]:
+    """(version, generation, weights) to stream to a worker. Under synchronous steps the live buffers (no update
+    runs before this worker pushes again); under asynchronous steps a copy, taken with the version under the
+    shard's lock, since other workers' updates may land while it streams."""
+    if shard.ledger is None:
+        return shard.version, shard.generation, shard.weight_buffers()
+    with shard._lock:
+        return shard.version, shard.generation, shard.weight_copies()

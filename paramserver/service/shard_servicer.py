@@ -51,8 +51,8 @@ class ShardServicer(pb_grpc.ShardServicer):
         shard = self.host.shard(head.job)
         if check_step and head.HasField("generation"):
             shard.check_generation(head.generation)  # gradients of weights a load has replaced: refused first
-        if check_step and not shard.is_late_retry(head.worker, head.step):
-            shard.check_step(head.step)  # fail a stale or future push before its bytes stream in
+        if check_step:
+            shard.check_push_step(head.worker, head.step)  # fail a stale or future push before its bytes stream in
         layouts = shard.layouts
         assembler = codec.Assembler([layout.numel for layout in layouts], [layout.dtype for layout in layouts], allocate=self.pool.take)
         key = (head.job, head.worker, head.step, head.shard)
@@ -116,7 +116,7 @@ class ShardServicer(pb_grpc.ShardServicer):
             raise ValueError(f"this is shard {self.host.shard_id}, the pull is for shard {request.shard}")
         # waits on the event loop (no thread) until the version is there or the call's deadline passes
         generation = request.generation if request.HasField("generation") else None
-        version, generation, weights = await self.host.pull_async(request.job, request.min_version, context.time_remaining(), generation)
+        version, generation, weights = await self.host.pull_async(request.job, request.min_version, context.time_remaining(), generation, request.worker)
         if any(w.device.type != "cpu" for w in weights):
             # the copy waits for the update's kernels: not on the event loop
             weights = await self._run(_to_cpu, weights)

@@ -56,6 +56,11 @@ def to_proto(config: JobConfig, params: ParamGroups) -> pb.JobConfig:
         msg.max_workers = config.max_workers
     if config.close_after is not None:  # absent on the wire: synchronous steps
         msg.close_after = config.close_after
+    if config.mode != "sync":
+        msg.mode = config.mode
+    if config.max_staleness is not None:
+        msg.max_staleness = config.max_staleness
+    msg.staleness_lr = config.staleness_lr
     if clip.max_norm is not None:
         msg.clip.max_norm = clip.max_norm
     if clip.clip_value is not None:
@@ -99,6 +104,9 @@ def from_proto(msg: pb.JobConfig) -> tuple[JobConfig, list[dict[str, Any]]]:
         min_workers=msg.min_workers if msg.HasField("min_workers") else default.min_workers,
         lease_timeout=msg.lease_timeout if msg.HasField("lease_timeout") else default.lease_timeout,
         close_after=msg.close_after if msg.HasField("close_after") else default.close_after,
+        mode=msg.mode or default.mode,
+        max_staleness=msg.max_staleness if msg.HasField("max_staleness") else default.max_staleness,
+        staleness_lr=msg.staleness_lr,
     )
     return config, groups
 

@@ -37,3 +37,20 @@ def test_checkpoint_stall_measurement_runs():
 def test_failover_measurements_run(ray_cluster):
     assert 0 < failover.takeover_s(1) < failover.WAIT_S
     assert 0 < failover.rollback_s(1) < failover.WAIT_S
+
+
+def test_straggler_run_runs(tmp_path):
+    """Both policies at the smallest caps (a few seconds on 2 cores); the curve, the rows and the plot exist."""
+    from benchmarks import straggler
+
+    result = straggler.straggler_run(quick=True, max_steps=15, max_seconds=10, plot_path=tmp_path / "straggler.png")
+    assert result["step_s"] > 0 and result["slow_sleep_s"] > 0
+    for name, runs in result["runs"].items():
+        (run,) = runs
+        assert not run.errors, (name, run.errors)
+        assert run.steps >= 15 and run.curve
+        assert run.slow_worker_steps > 0
+    names = [r[0] for r in straggler.target_rows(result)]
+    assert "straggler_sync_s_to_95" in names and "straggler_backup_s_to_95" in names
+    if result["plot"] is not None:
+        assert result["plot"].exists()

@@ -72,6 +72,11 @@ def test_a_close_needs_distinct_ascending_workers(contributors):
 class ClosesOver:
     """A fake policy: the step closes once every shard reported, over the workers given (not all W)."""
 
+    asynchronous = False
+
+    def after_close(self, step: int) -> CloseStep | None:
+        return None
+
     def __init__(self, num_shards: int, contributors: tuple[int, ...]) -> None:
         self.num_shards = num_shards
         self.contributors = contributors
@@ -140,6 +145,11 @@ def test_a_policy_must_name_the_workers_that_pushed():
 
 class Recording:
     """Wraps the sync policy and records what the coordinator asked it."""
+
+    asynchronous = False
+
+    def after_close(self, step: int) -> CloseStep | None:
+        return None
 
     def __init__(self, inner: SyncPolicy) -> None:
         self.inner = inner

@@ -1,4 +1,5 @@
-"""The membership options of a job (lease_timeout, min_workers, max_workers) on the wire: round trips, the
+"""The membership and step-policy options of a job (lease_timeout, min_workers, max_workers, close_after, mode,
+max_staleness, staleness_lr) on the wire: round trips, the
 defaults a client that leaves them out gets, and CreateJob's comparison of two configs."""
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def _round_trip(config: ps.JobConfig) -> tuple[ps.JobConfig, pb.JobConfig]:
     {"min_workers": 2, "num_workers": 3},
     {"max_workers": 5, "num_workers": 2},
     {"max_workers": 4, "min_workers": 3, "num_workers": 2, "lease_timeout": 0.25},
+    {"close_after": 2, "num_workers": 3},
+    {"mode": "async", "num_workers": 3},
+    {"mode": "async", "max_staleness": 2, "staleness_lr": True, "num_workers": 3},
 ])
 def test_round_trip_of_the_membership_fields(changes):
     back, msg = _round_trip(ps.JobConfig(optimizer=SGD, **changes))

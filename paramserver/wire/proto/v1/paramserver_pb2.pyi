@@ -31,7 +31,7 @@ class ClipSettings(_message.Message):
     def __init__(self, max_norm: _Optional[float] = ..., norm_type: _Optional[float] = ..., error_if_nonfinite: _Optional[bool] = ..., clip_value: _Optional[float] = ...) -> None: ...
 
 class JobConfig(_message.Message):
-    __slots__ = ("optimizer", "optimizer_kwargs_json", "group_options_json", "params", "num_workers", "clip", "nonfinite", "deterministic", "scheduler_json", "split_threshold_bytes", "grad_dtype", "lease_timeout", "min_workers", "max_workers", "close_after")
+    __slots__ = ("optimizer", "optimizer_kwargs_json", "group_options_json", "params", "num_workers", "clip", "nonfinite", "deterministic", "scheduler_json", "split_threshold_bytes", "grad_dtype", "lease_timeout", "min_workers", "max_workers", "close_after", "mode", "max_staleness", "staleness_lr")
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     GROUP_OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,9 @@ class JobConfig(_message.Message):
     MIN_WORKERS_FIELD_NUMBER: _ClassVar[int]
     MAX_WORKERS_FIELD_NUMBER: _ClassVar[int]
     CLOSE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_LR_FIELD_NUMBER: _ClassVar[int]
     optimizer: str
     optimizer_kwargs_json: str
     group_options_json: _containers.RepeatedScalarFieldContainer[str]
@@ -62,7 +65,10 @@ class JobConfig(_message.Message):
     min_workers: int
     max_workers: int
     close_after: int
-    def __init__(self, optimizer: _Optional[str] = ..., optimizer_kwargs_json: _Optional[str] = ..., group_options_json: _Optional[_Iterable[str]] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., num_workers: _Optional[int] = ..., clip: _Optional[_Union[ClipSettings, _Mapping]] = ..., nonfinite: _Optional[str] = ..., deterministic: _Optional[bool] = ..., scheduler_json: _Optional[str] = ..., split_threshold_bytes: _Optional[int] = ..., grad_dtype: _Optional[str] = ..., lease_timeout: _Optional[float] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., close_after: _Optional[int] = ...) -> None: ...
+    mode: str
+    max_staleness: int
+    staleness_lr: bool
+    def __init__(self, optimizer: _Optional[str] = ..., optimizer_kwargs_json: _Optional[str] = ..., group_options_json: _Optional[_Iterable[str]] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., num_workers: _Optional[int] = ..., clip: _Optional[_Union[ClipSettings, _Mapping]] = ..., nonfinite: _Optional[str] = ..., deterministic: _Optional[bool] = ..., scheduler_json: _Optional[str] = ..., split_threshold_bytes: _Optional[int] = ..., grad_dtype: _Optional[str] = ..., lease_timeout: _Optional[float] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., close_after: _Optional[int] = ..., mode: _Optional[str] = ..., max_staleness: _Optional[int] = ..., staleness_lr: _Optional[bool] = ...) -> None: ...
 
 class SliceInfo(_message.Message):
     __slots__ = ("param", "start", "stop")
@@ -160,7 +166,7 @@ class ShardStatus(_message.Message):
     def __init__(self, shard: _Optional[int] = ..., address: _Optional[str] = ..., version: _Optional[int] = ..., pushed_workers: _Optional[_Iterable[int]] = ..., placement: _Optional[str] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step", "total_norm", "clip_coef", "skipped", "lrs", "error", "contributors")
+    __slots__ = ("step", "total_norm", "clip_coef", "skipped", "lrs", "error", "contributors", "based_on", "staleness")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_NORM_FIELD_NUMBER: _ClassVar[int]
     CLIP_COEF_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +174,8 @@ class StepReport(_message.Message):
     LRS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    BASED_ON_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
     step: int
     total_norm: float
     clip_coef: float
@@ -175,7 +183,9 @@ class StepReport(_message.Message):
     lrs: _containers.RepeatedScalarFieldContainer[float]
     error: str
     contributors: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step: _Optional[int] = ..., total_norm: _Optional[float] = ..., clip_coef: _Optional[float] = ..., skipped: _Optional[bool] = ..., lrs: _Optional[_Iterable[float]] = ..., error: _Optional[str] = ..., contributors: _Optional[_Iterable[int]] = ...) -> None: ...
+    based_on: int
+    staleness: int
+    def __init__(self, step: _Optional[int] = ..., total_norm: _Optional[float] = ..., clip_coef: _Optional[float] = ..., skipped: _Optional[bool] = ..., lrs: _Optional[_Iterable[float]] = ..., error: _Optional[str] = ..., contributors: _Optional[_Iterable[int]] = ..., based_on: _Optional[int] = ..., staleness: _Optional[int] = ...) -> None: ...
 
 class MembershipChange(_message.Message):
     __slots__ = ("rank", "reason", "step")
