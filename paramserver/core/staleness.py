@@ -21,9 +21,7 @@ class AsyncLedger:
         the future is refused; one computed on older weights is welcome (that is what asynchronous means)."""
         if step > version:
             raise FutureStepError(f"shard {shard_id}: version {step} does not exist yet (now at {version})", version)
-        if self.applied.get(worker, -1) >= step:
-            return False
-        return True
+        return self.applied.get(worker, -1) < step
 
     def pending(self, worker: int, step: int) -> None:
         self.based_on[worker] = step
