@@ -27,12 +27,12 @@ class Worker:
     """One data-parallel worker in its own process (a Ray actor): trains on the reference gradients and
     records, per step, the contributors the service reports."""
 
-    def __init__(self, address: str, job: str, rank: int, max_workers: int = W) -> None:
+    def __init__(self, address: str, job: str, rank: int, max_workers: int = W, **policy: object) -> None:
         from workers.remote_optimizer import RemoteOptimizer
 
         self.model = make_model()
         self.opt = RemoteOptimizer(self.model.named_parameters(), "Adam", address=address, job=job, rank=rank, num_workers=W,
-                                   max_workers=max_workers, lease_timeout=LEASE_S, timeout=60, join_timeout=60, **OPTIONS)
+                                   max_workers=max_workers, lease_timeout=LEASE_S, timeout=60, join_timeout=60, **policy, **OPTIONS)
         self.rank = rank
 
     def pid(self) -> int:
@@ -52,6 +52,19 @@ class Worker:
             self.opt.step()
             done.append((step, list(self.opt.last_step["contributors"]), time.monotonic() - start))
         return done
+
+    def train_updates(self, calls: int, sleep_s: float) -> int:
+        """``calls`` steps, each on the gradients of the version the worker holds (a step may jump under backup
+        workers and async); ``sleep_s`` before each push makes a slow worker. Then it leaves (an idle member
+        would hold backup workers' steps back)."""
+        for _ in range(calls):
+            version = self.opt.step_count
+            for p, g in zip(self.model.parameters(), worker_grads(list(self.model.parameters()), version, W + 1)[self.rank]):
+                p.grad = g.clone()
+            time.sleep(sleep_s)
+            self.opt.step()
+        self.opt.leave()
+        return self.opt.step_count
 
     def leave(self) -> None:
         self.opt.leave()
@@ -132,3 +145,40 @@ def test_a_worker_that_leaves_is_not_waited_for_and_one_that_joins_starts_at_the
     for weights in ray.get([w.weights.remote() for w in [*workers[:2], joiner]], timeout=WAIT_S):
         for a, b in zip(weights, reference):
             assert torch.equal(a, b)
+
+
+
+def _record_steps(self) -> None:
+    """Run inside the coordinator actor: keep every closed step's (contributors, based_on); a test reads them."""
+    self.closed_steps = []
+    self.host.step_hook = lambda name, result: self.closed_steps.append((result.contributors, result.based_on))
+
+
+@pytest.mark.parametrize("policy", [{"close_after": 2}, {"mode": "async"}, {"mode": "async", "max_staleness": 1}])
+def test_step_policies_with_a_slow_worker_process_equal_a_replay_of_what_the_service_applied(service, policy):
+    import ray
+
+    job = "policy-" + "-".join(f"{k}-{v}" for k, v in policy.items())
+    ray.get(service.coordinator_actor.__ray_call__.remote(_record_steps), timeout=WAIT_S)
+    workers = _workers(service, job, range(W), **policy)
+    ray.get([w.train_updates.remote(5, 0.2 if rank == 2 else 0.0) for rank, w in enumerate(workers)], timeout=WAIT_S)
+    closed = ray.get(service.coordinator_actor.__ray_call__.remote(lambda self: list(self.closed_steps)), timeout=WAIT_S)
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), **OPTIONS)
+    for contributors, based_on in closed:
+        every = worker_grads(list(model.parameters()), based_on, W + 1)
+        for p, g in zip(model.parameters(), mean_of([every[r] for r in contributors])):
+            p.grad = g
+        opt.step()
+    server = ray.get(service.coordinator_actor.__ray_call__.remote(lambda self: self.host.job(job).coordinator.parameters()), timeout=WAIT_S)
+    for a, b in zip(server, model.parameters()):
+        assert torch.equal(a, b.detach())
+    if policy.get("mode") == "async":
+        assert all(len(c) == 1 for c, _ in closed)  # every push an update of its own
+        clocks = dict.fromkeys(range(W), 0)
+        for (rank,), _ in closed:
+            clocks[rank] += 1
+            if "max_staleness" in policy:
+                assert max(clocks.values()) - min(clocks.values()) <= policy["max_staleness"] + 1, clocks
+    else:  # steps close on two pushes while the fast workers train; the slow one is left out of some
+        assert len(closed[0][0]) >= 2 and any(2 not in c for c, _ in closed)
