@@ -31,7 +31,7 @@ from paramserver.core.errors import (
     StaleStepError,
 )
 from paramserver.core.job import JobSpec
-from paramserver.core.membership import Membership
+from paramserver.core.membership import Membership, MembershipChange
 from paramserver.core.policy import CloseStep, StepPolicy, policy_for
 from paramserver.core.registry import is_elementwise
 from paramserver.core.sharding import pack, unpack
@@ -105,6 +105,8 @@ class Coordinator:
         self.last_result: StepResult | None = None
         self._metrics: dict[int, dict[int, float]] = {}  # step -> worker -> metric
         self.on_step: Callable[[StepResult], None] | None = None  # told of every closed step (metrics, logs)
+        # told of every membership change (metrics, logs), the lock held
+        self.on_membership: Callable[[MembershipChange, int], None] | None = None
         self.failed: str | None = None  # set when an update failed part-way; cleared by load_state_dict
         self.interrupted = False  # a step's close stopped at a shard that died: ``recheck`` closes it later
         self._based_on: dict[int, int] = {}  # worker -> the version its reported push was computed on
@@ -143,10 +145,13 @@ class Coordinator:
             gone = self.membership.expire(self.step)
             if gone:
                 log.warning("workers %s: lease expired at step %d; the steps go on without them", gone, self.step)
-                self._members_changed()
+                self._members_changed(len(gone))
             return gone
 
-    def _members_changed(self) -> None:
+    def _members_changed(self, changes: int = 1) -> None:
+        if self.on_membership is not None:
+            for change in list(self.membership.changes)[-changes:]:
+                self.on_membership(change, len(self.membership.live))
         self.shards.set_members(self.membership.live)
         self.bump_epoch()
         self.recheck()

@@ -11,6 +11,7 @@ import logging
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from paramserver.core.coordinator import StepResult
+from paramserver.core.membership import MembershipChange
 
 log = logging.getLogger("paramserver")
 
@@ -23,6 +24,9 @@ STAGE_SECONDS = Histogram(
 GRAD_NORM = Gauge("paramserver_grad_norm", "Total gradient norm of the last step", ["job"])
 LR = Gauge("paramserver_lr", "Learning rate of each param group for the next step", ["job", "group"])
 BYTES_IN = Counter("paramserver_bytes_in", "Payload bytes received by a shard (gradients, initial weights)", ["job", "shard"])
+MEMBERS = Gauge("paramserver_members", "Live members of a job", ["job"])
+MEMBERSHIP_CHANGES = Counter("paramserver_membership_changes", "Membership changes, by reason", ["job", "reason"])
+CONTRIBUTORS = Gauge("paramserver_contributors", "Workers whose gradients the last step used", ["job"])
 BYTES_OUT = Counter("paramserver_bytes_out", "Payload bytes sent by a shard (weights)", ["job", "shard"])
 
 
@@ -33,6 +37,7 @@ def record_step(job: str, result: StepResult) -> None:
     for stage, seconds in result.seconds.items():
         STAGE_SECONDS.labels(job, stage).observe(seconds)
     GRAD_NORM.labels(job).set(result.total_norm)
+    CONTRIBUTORS.labels(job).set(len(result.contributors))
     for group, lr in enumerate(result.lrs):
         LR.labels(job, str(group)).set(lr)
     log.debug("job %s step %d closed: total norm %.4g, clip %s, skipped %s, lrs %s, %s",
@@ -41,6 +46,12 @@ def record_step(job: str, result: StepResult) -> None:
     if result.skipped:
         log.warning("job %s step %d skipped: total norm %s%s", job, result.step, result.total_norm,
                     f" ({result.error})" if result.error else "")
+
+
+def record_membership(job: str, change: MembershipChange, members: int) -> None:
+    MEMBERSHIP_CHANGES.labels(job, change.reason).inc()
+    MEMBERS.labels(job).set(members)
+    log.info("job %s: worker %d %s at step %d (%d members)", job, change.rank, change.reason, change.step, members)
 
 
 def start_metrics_server(port: int, host: str = "127.0.0.1") -> int:

@@ -1,4 +1,4 @@
-"""Prometheus metrics: steps, stage latency, bytes in and out, grad norm, lr, skipped steps."""
+"""Prometheus metrics: steps, stage latency, bytes in and out, grad norm, lr, skipped steps, membership."""
 
 from __future__ import annotations
 
@@ -38,6 +38,21 @@ def test_metrics_count_steps_stages_bytes_norm_lr_and_skips():
     assert sum(sample("paramserver_bytes_out_total", job=job, shard=str(j)) for j in range(2)) == nbytes * 4
     assert sample("paramserver_lr", job=job, group="0") == 0.1 * 0.5**3
     assert sample("paramserver_grad_norm", job=job) != sample("paramserver_grad_norm", job=job)  # nan after the skipped step
+
+
+def test_metrics_show_membership_changes_with_their_reason():
+    job = "metrics-members"
+    models = [make_model() for _ in range(2)]
+    with serve_local(1) as service:
+        opts = [RemoteOptimizer(m.named_parameters(), "SGD", lr=0.1, address=service.address, job=job, rank=r, num_workers=2,
+                                max_workers=3, timeout=10) for r, m in enumerate(models)]
+        extra = RemoteOptimizer(make_model().named_parameters(), "SGD", lr=0.1, address=service.address, job=job, rank=2,
+                                num_workers=2, max_workers=3, timeout=10)
+        assert sample("paramserver_membership_changes_total", job=job, reason="joined") == 1 and sample("paramserver_members", job=job) == 3
+        extra.close()
+        assert sample("paramserver_membership_changes_total", job=job, reason="left") == 1 and sample("paramserver_members", job=job) == 2
+        for o in opts:
+            o.close()
 
 
 def test_metrics_are_served_over_http_on_loopback():
