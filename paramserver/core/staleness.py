@@ -28,7 +28,8 @@ class AsyncLedger:
 
     def applied_update(self, contributors: Collection[int]) -> None:
         for worker in contributors:
-            self.applied[worker] = self.based_on.pop(worker)
+            # a standby applies the primary's updates without the pushes: it knows no pending version
+            self.applied[worker] = self.based_on.pop(worker, self.applied.get(worker, -1))
             self.clock[worker] = self.clock.get(worker, 0) + 1
 
     def joined(self, members: Collection[int]) -> None:
