@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -48,7 +49,8 @@ from workers.lease import LeaseRenewer
 log = logging.getLogger("paramserver")
 
 _RESYNC_TRIES = 10
-_MAX_RECOVERIES = 5  # shard losses one step() gets over (a shard may die again while it recovers)
+_MAX_RECOVERIES = 5
+LAST_STEP_WAIT_S = 5.0  # how long ``last_step`` waits for the coordinator's report of the step just closed  # shard losses one step() gets over (a shard may die again while it recovers)
 
 
 class NonFiniteNormError(RuntimeError):
@@ -445,7 +447,15 @@ class RemoteOptimizer:
         """The step that closed last, as the coordinator reports it (asked when this is read): ``step``,
         ``contributors`` (the sorted ranks whose gradients it averaged), ``total_norm``, ``lrs`` (per param
         group, for the next step) and ``skipped``. None before the job's first step closed."""
-        status = self.client.status()
+        # the shards publish a step's weights a moment before the coordinator records its report: ask again until
+        # the report of this worker's last step is there (bounded)
+        deadline = time.monotonic() + LAST_STEP_WAIT_S
+        while True:
+            status = self.client.status()
+            current = status.HasField("last_step") and status.last_step.step + 1 >= self.step_count
+            if current or self.step_count == 0 or time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
         if not status.HasField("last_step"):
             return None
         last = status.last_step

@@ -7,7 +7,6 @@ import dataclasses
 import os
 import socket
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from paramserver.core.config import RayConfig, ServerConfig, split_options
@@ -18,10 +17,10 @@ from paramserver.hosting.replicas import CONTROL_TIMEOUT_S
 class RayService:
     """The service on Ray: ``address`` is the coordinator's front door; ``shutdown()`` ends all of it."""
 
-    def __init__(self, coordinator: Any, shards: list[Any], placement_group: Any, started_ray: bool, address: str) -> None:
+    def __init__(self, coordinator: Any, shards: list[Any], placement_groups: list[Any], started_ray: bool, address: str) -> None:
         self.coordinator_actor = coordinator
         self.shard_actors = shards
-        self.placement_group = placement_group
+        self.placement_groups = placement_groups
         self.started_ray = started_ray
         self.address = address
 
@@ -72,7 +71,8 @@ class RayService:
         finally:
             for a in actors:
                 ray.kill(a)
-            remove_placement_group(self.placement_group)
+            for pg in self.placement_groups:
+                remove_placement_group(pg)
             if self.started_ray:
                 ray.shutdown()
 
@@ -118,22 +118,29 @@ def serve(num_shards: int = 1, *, config: ServerConfig | None = None, ray_config
 
     bundle = {"CPU": cpus_per_shard, **({"GPU": gpus_per_shard} if gpus_per_shard else {})}
     replicas = ray_config.replicas
-    pg = placement_group([dict(bundle) for _ in range(num_shards * (1 + replicas))], strategy=placement)
+    if replicas:
+        # each shard's primary and standby in a group of their own: on two nodes wherever the cluster has two
+        apart = "STRICT_SPREAD" if len([n for n in ray.nodes() if n["Alive"]]) > 1 else "PACK"
+        groups = [placement_group([dict(bundle), dict(bundle)], strategy=apart) for _ in range(num_shards)]
+    else:
+        groups = [placement_group([dict(bundle) for _ in range(num_shards)], strategy=placement)]
     try:
-        ray.get(pg.ready(), timeout=placement_timeout)
+        ray.get([pg.ready() for pg in groups], timeout=placement_timeout)
     except ray.exceptions.GetTimeoutError:
-        remove_placement_group(pg)
+        for pg in groups:
+            remove_placement_group(pg)
         if started_ray:
             ray.shutdown()
         raise TimeoutError(
-            f"cannot place {num_shards} shards (x{1 + replicas} with standbys) of {bundle} with strategy {placement} "
-            f"within {placement_timeout:.0f}s; the cluster has {ray.cluster_resources() if ray.is_initialized() else 'no resources'}"
+            f"cannot place {num_shards} shards (x{1 + replicas} with standbys) of {bundle} with strategy "
+            f"{apart if replicas else placement} within {placement_timeout:.0f}s; the cluster has "
+            f"{ray.cluster_resources() if ray.is_initialized() else 'no resources'}"
         ) from None
 
     device = "cuda" if gpus_per_shard else "cpu"
     shard_cls = ray.remote(ShardProcess)
 
-    def spawn(j: int, bundle_index: int, role: str) -> Any:
+    def spawn(j: int, pg: Any, bundle_index: int, role: str) -> Any:
         return shard_cls.options(
             num_cpus=cpus_per_shard,
             num_gpus=gpus_per_shard,
@@ -143,12 +150,10 @@ def serve(num_shards: int = 1, *, config: ServerConfig | None = None, ray_config
         ).remote(j, config, device, role, bool(replicas))
 
     if replicas:
-        nodes = ray.util.placement_group_table(pg)["bundles_to_node_id"]
-        pairs = pair_bundles([nodes[i] for i in range(2 * num_shards)])
-        shards = [spawn(j, p, "primary") for j, (p, _) in enumerate(pairs)]
-        standbys = [spawn(j, s, "standby") for j, (_, s) in enumerate(pairs)]
+        shards = [spawn(j, pg, 0, "primary") for j, pg in enumerate(groups)]
+        standbys = [spawn(j, pg, 1, "standby") for j, pg in enumerate(groups)]
     else:
-        shards = [spawn(j, j, "primary") for j in range(num_shards)]
+        shards = [spawn(j, groups[0], j, "primary") for j in range(num_shards)]
         standbys = []
     if config.port == 0:
         # a coordinator that Ray restarts serves on the same address: fix the port now
@@ -162,23 +167,7 @@ def serve(num_shards: int = 1, *, config: ServerConfig | None = None, ray_config
     ).remote(shards, standbys or None, config)
     deadline = time.monotonic() + placement_timeout
     address = ray.get(coordinator.address.remote(), timeout=max(1.0, deadline - time.monotonic()))
-    return RayService(coordinator, [*shards, *standbys], pg, started_ray, address)
-
-
-def pair_bundles(nodes: Sequence[str]) -> list[tuple[int, int]]:
-    """Pair the bundles (by the node each is on) into (primary, standby), each pair on two nodes wherever the
-    nodes allow: the next primary comes from the node with the most bundles left, its standby from the
-    other node with the most left."""
-    left: dict[str, list[int]] = {}
-    for i, node in enumerate(nodes):
-        left.setdefault(node, []).append(i)
-    pairs = []
-    for _ in range(len(nodes) // 2):
-        by_count = sorted((n for n in left if left[n]), key=lambda n: -len(left[n]))
-        first = by_count[0]
-        second = by_count[1] if len(by_count) > 1 else first
-        pairs.append((left[first].pop(0), left[second].pop(0)))
-    return pairs
+    return RayService(coordinator, [*shards, *standbys], groups, started_ray, address)
 
 
 def _free_port(host: str) -> int:

@@ -182,3 +182,29 @@ def test_step_policies_with_a_slow_worker_process_equal_a_replay_of_what_the_ser
                 assert max(clocks.values()) - min(clocks.values()) <= policy["max_staleness"] + 1, clocks
     else:  # steps close on two pushes while the fast workers train; the slow one is left out of some
         assert len(closed[0][0]) >= 2 and any(2 not in c for c, _ in closed)
+
+
+def test_below_min_workers_a_step_waits_until_a_dead_workers_rank_joins_again(service):
+    import ray
+
+    job = "min-workers"
+    workers = _workers(service, job, range(2), min_workers=2)
+    ray.get([w.train.remote(2) for w in workers], timeout=WAIT_S)
+    os.kill(ray.get(workers[1].pid.remote(), timeout=WAIT_S), signal.SIGKILL)
+    waiting = workers[0].train.remote(3)  # step 2 opens; after worker 1's lease only one member is left
+    time.sleep(LEASE_S + 2.0)
+    done, _ = ray.wait([waiting], timeout=0)
+    assert not done  # below min_workers: the step waits for a join
+    from workers.client import ServiceClient
+
+    status = ServiceClient(service.address, job).status()
+    # rank 2 (of num_workers=3) never came and was dropped after its first lease; rank 1 after the kill
+    assert list(status.members) == [0] and [(c.rank, c.reason) for c in status.changes] == [(2, "lease expired"), (1, "lease expired")]
+    [again] = _workers(service, job, range(1, 2), min_workers=2)  # rank 1 joins again, in a new process
+    assert ray.get(again.step_count.remote(), timeout=WAIT_S) == 2
+    later = ray.get([waiting, again.train.remote(3)], timeout=WAIT_S)
+    assert all([(s, c) for s, c, _ in d] == [(2, [0, 1])] for d in later)
+    reference = _reference({0: [0, 1], 1: [0, 1], 2: [0, 1]})
+    for weights in ray.get([w.weights.remote() for w in (workers[0], again)], timeout=WAIT_S):
+        for a, b in zip(weights, reference):
+            assert torch.equal(a, b)
