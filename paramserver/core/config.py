@@ -124,7 +124,8 @@ class JobConfig:
     scheduler steps once per applied update), and ``step()`` returns with the latest weights."""
     max_staleness: int | None = None
     """With ``mode="async"``: bounded staleness (SSP, Ho et al. 2013): a worker more than this many updates ahead
-    of the slowest live member waits in ``step()``; None: no bound."""
+    of the slowest live member waits in ``step()``; None: no bound. 0 is bulk synchronous: the same training as
+    ``mode="sync"``."""
     staleness_lr: bool = False
     """With ``mode="async"``: each update's learning rates divided by its staleness (Zhang et al. 2016)."""
     close_after: int | None = None
@@ -186,6 +187,12 @@ class JobConfig:
             raise ValueError(f"split_threshold_bytes must be a positive integer or None, got {self.split_threshold_bytes!r}")
         if self.grad_dtype not in GRAD_DTYPES:
             raise ValueError(f"grad_dtype must be None (the parameters' dtype), float32, bfloat16 or float16, got {self.grad_dtype}")
+
+    @property
+    def step_mode(self) -> str:
+        """How steps run: ``mode``, except that asynchronous steps bounded to staleness 0 are synchronous steps
+        (bulk synchronous parallel, SSP's s=0): every member's gradient of a version, averaged into one update."""
+        return "sync" if self.mode == "async" and self.max_staleness == 0 else self.mode
 
     @property
     def workers_limit(self) -> int:

@@ -78,7 +78,7 @@ class JobSpec:
             num_workers=self.config.workers_limit,
             members=range(self.config.num_workers),
             quorum=quorum(self.config),
-            mode=self.config.mode,
+            mode=self.config.step_mode,
             max_staleness=self.config.max_staleness,
             deterministic=self.config.deterministic,
             reject_nonfinite=self.config.nonfinite == "error",

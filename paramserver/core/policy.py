@@ -160,7 +160,7 @@ class AsyncPolicy:
 
 def policy_for(config: JobConfig, num_shards: int) -> StepPolicy:
     """The step policy a job's configuration names."""
-    if config.mode == "async":
+    if config.step_mode == "async":
         return AsyncPolicy(num_shards)
     if config.close_after is not None:
         return BackupWorkersPolicy(num_shards, config.close_after, config.min_workers)

@@ -119,3 +119,19 @@ def test_staleness_aware_learning_rate_divides_by_the_staleness():
 def test_bad_async_options_are_refused(options, match):
     with pytest.raises(ValueError, match=match):
         ps.JobConfig(**options)  # type: ignore[arg-type]
+
+
+def test_bounded_staleness_zero_is_the_same_training_as_sync():
+    runs = []
+    for options in ({"mode": "async", "max_staleness": 0}, {}):
+        model = _model()
+        config = ps.JobConfig(num_workers=3, clip=ps.ClipConfig(max_norm=CLIP), **options)  # type: ignore[arg-type]
+        engine = ps.StepEngine(model.named_parameters(), "Adam", lr=0.1, num_shards=2, config=config)
+        assert config.step_mode == "sync"
+        for version in range(4):
+            for rank in (2, 0, 1):  # any arrival order
+                engine.push(rank, version, _grads(version, rank, model))
+        assert engine.last_result.contributors == (0, 1, 2)
+        runs.append(engine.parameters())
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -80,3 +80,38 @@ def test_async_workers_equal_a_replay_of_the_servers_order(max_staleness):
         assert torch.equal(a.detach(), b)
     if max_staleness is None:
         assert any(r.staleness > 0 for r in order)  # the slow worker's gradients were stale
+
+
+def test_bounded_staleness_zero_through_the_service_trains_like_sync():
+    service = serve_local(2)
+    models = [make_model() for _ in range(W)]
+
+    def worker(rank: int) -> None:
+        model = models[rank]
+        with RemoteOptimizer(model.named_parameters(), "Adam", address=service.address, job="ssp0", rank=rank, num_workers=W,
+                             mode="async", max_staleness=0, timeout=30, **OPTIONS) as opt:
+            for step in range(UPDATES_PER_WORKER):
+                for p, g in zip(model.parameters(), worker_grads(list(model.parameters()), step, W)[rank]):
+                    p.grad = g.clone()
+                if rank == 2:
+                    time.sleep(SLOW_S)
+                opt.step()
+                assert opt.step_count == step + 1 and opt.last_step["contributors"] == [0, 1, 2]
+
+    try:
+        run_threads(W, worker, timeout=120)
+    finally:
+        service.shutdown()
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), **OPTIONS)
+    for step in range(UPDATES_PER_WORKER):
+        every = worker_grads(list(model.parameters()), step, W)
+        for i, p in enumerate(model.parameters()):
+            total = every[0][i].clone()
+            for g in every[1:]:
+                total.add_(g[i])
+            p.grad = total.div_(W)
+        opt.step()
+    for m in models:
+        for a, b in zip(m.parameters(), model.parameters()):
+            assert torch.equal(a.detach(), b.detach())
