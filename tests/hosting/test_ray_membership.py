@@ -27,11 +27,11 @@ class Worker:
     """One data-parallel worker in its own process (a Ray actor): trains on the reference gradients and
     records, per step, the contributors the service reports."""
 
-    def __init__(self, address: str, job: str, rank: int, max_workers: int = W, **policy: object) -> None:
+    def __init__(self, address: str, job: str, rank: int, max_workers: int = W, num_workers: int = W, **policy: object) -> None:
         from workers.remote_optimizer import RemoteOptimizer
 
         self.model = make_model()
-        self.opt = RemoteOptimizer(self.model.named_parameters(), "Adam", address=address, job=job, rank=rank, num_workers=W,
+        self.opt = RemoteOptimizer(self.model.named_parameters(), "Adam", address=address, job=job, rank=rank, num_workers=num_workers,
                                    max_workers=max_workers, lease_timeout=LEASE_S, timeout=60, join_timeout=60, **policy, **OPTIONS)
         self.rank = rank
 
@@ -208,3 +208,20 @@ def test_below_min_workers_a_step_waits_until_a_dead_workers_rank_joins_again(se
     for weights in ray.get([w.weights.remote() for w in (workers[0], again)], timeout=WAIT_S):
         for a, b in zip(weights, reference):
             assert torch.equal(a, b)
+
+
+def test_one_async_worker_process_equals_local_torch_optim(service):
+    import ray
+
+    job = "async-one"
+    cls = ray.remote(num_cpus=0)(Worker)
+    worker = cls.remote(service.address, job, 0, num_workers=1, mode="async")
+    ray.get(worker.train_updates.remote(4, 0.0), timeout=WAIT_S)
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), **OPTIONS)
+    for version in range(4):
+        for p, g in zip(model.parameters(), worker_grads(list(model.parameters()), version, W + 1)[0]):
+            p.grad = g.clone()
+        opt.step()
+    for a, b in zip(ray.get(worker.weights.remote(), timeout=WAIT_S), model.parameters()):
+        assert torch.equal(a, b.detach())
