@@ -1,0 +1,126 @@
+"""A shard's copies of itself: its piece of a checkpoint (copied at a step boundary, into the buffers of its last
+copy once that one is written) and the whole state a standby takes over (``replica_state`` / ``adopt``). A part
+of ``Shard``, kept apart because it is one concern: plain Python and torch."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from paramserver.core.scheduling import hyperparameters
+
+
+def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def locked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
+@dataclass(frozen=True)
+class SnapshotWrite:
+    """A shard's piece of a checkpoint, copied at a step boundary, on its way to its file ``path``. ``piece``: the
+    copy itself (version, weights, state), which the checkpoint's writer writes, for a shard in the caller's
+    process; None for a shard in its own process, which writes the file there and reports its checksum
+    (``ShardControl.snapshot_written``)."""
+
+    path: str
+    version: int
+    piece: dict[str, Any] | None = None
+    # called once the piece is written: its buffers then serve the shard's next copy (None: nothing to hand back)
+    release: Callable[[], None] | None = field(default=None, compare=False)
+
+
+class ShardCopies:
+    """``Shard``'s copies (it mixes this in): every attribute used here is the shard's own."""
+
+    @_locked
+    def snapshot(self) -> dict[str, Any]:
+        """Copies, on the CPU, of the weights and of every slice's optimizer state: this shard's piece of a
+        checkpoint. The copy is all a step waits for; writing it happens elsewhere."""
+        return {
+            "version": self.version,
+            "weights": [w.detach().to("cpu", copy=True) for w in self.weights],
+            "state": [{k: _cpu_copy(v) for k, v in st.items()} for st in self.optimizer_state()],
+        }
+
+    def save_snapshot(self, path: str) -> SnapshotWrite:
+        """This shard's piece of a checkpoint, copied now, for the caller to write to ``path`` and then
+        ``release()``. The copy goes into the buffers of the last one once its write released them: copying into
+        memory already touched takes a fraction of the time of new memory, and the copy is what the step waits for."""
+        with self._lock:
+            spare, self._spare_snapshot = self._spare_snapshot, None
+            piece = self._copy_into(spare) if spare is not None else None
+            if piece is None:
+                piece = self.snapshot()
+        return SnapshotWrite(path, piece["version"], piece, functools.partial(self._keep_spare, piece))
+
+    def _copy_into(self, spare: dict[str, Any]) -> dict[str, Any] | None:
+        """``snapshot()`` into ``spare``'s tensors; None when their number, shapes or dtypes no longer match."""
+        states = self.optimizer_state()
+        if len(spare["weights"]) != len(self.weights) or len(spare["state"]) != len(states):
+            return None
+        pairs = list(zip(spare["weights"], self.weights))
+        for old, new in zip(spare["state"], states):
+            if old.keys() != new.keys():
+                return None
+            pairs += [(old[k], v) for k, v in new.items() if isinstance(v, torch.Tensor)]
+            if any(isinstance(v, torch.Tensor) != isinstance(old[k], torch.Tensor) for k, v in new.items()):
+                return None
+        if any(dst.shape != src.shape or dst.dtype != src.dtype for dst, src in pairs):
+            return None
+        for dst, src in pairs:
+            dst.copy_(src.detach())
+        for old, new in zip(spare["state"], states):
+            old.update({k: copy.deepcopy(v) for k, v in new.items() if not isinstance(v, torch.Tensor)})
+        spare["version"] = self.version
+        return spare
+
+    def _keep_spare(self, piece: dict[str, Any]) -> None:
+        with self._lock:
+            self._spare_snapshot = piece
+
+    def snapshot_written(self, path: str, timeout: float) -> dict[str, Any]:
+        raise RuntimeError(f"shard {self.shard_id} is in the caller's process: the caller writes {path} from save_snapshot's copy")
+
+    @_locked
+    def replica_state(self) -> dict[str, Any]:
+        """Everything a standby needs to become this shard's copy (``adopt``): ``snapshot()`` plus the weights
+        generation, the groups' hyperparameters, who pushed the step that closed last, and the record."""
+        return {
+            **self.snapshot(), "generation": self.generation, "hyperparameters": copy.deepcopy(hyperparameters(self.optimizer)),
+            "closed_received": sorted(self._closed_received), "record": copy.deepcopy(self.record),
+            "members": sorted(self.members),
+        }
+
+    @_locked
+    def adopt(self, replica: dict[str, Any]) -> None:
+        """Become a copy of the shard whose ``replica_state()`` this is: weights, optimizer state, version and
+        generation, the open step empty (a standby receives no pushes)."""
+        self.load_optimizer_state(replica["state"], replica["hyperparameters"])
+        self._check_buffers(replica["weights"], "replica weights", exact_dtype=True)
+        with self._changed:
+            for dst, src in zip(self.weights, replica["weights"]):
+                dst.copy_(src)
+            self.accumulator.reset()
+            self._with_grad = set()
+            self._missing.clear()
+            self.version = replica["version"]
+            self.generation = replica["generation"]
+            self._closed_received = frozenset(replica["closed_received"])
+            self.record = replica["record"]
+            self.members = frozenset(replica["members"])
+            self.initialized = True
+            self._changed.notify_all()
+            self._notify_version_listeners()
+
+
+def _cpu_copy(value: Any) -> Any:
+    return value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else copy.deepcopy(value)
