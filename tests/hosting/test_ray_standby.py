@@ -69,11 +69,17 @@ def _train(address: str, job: str, before_step: Callable[[int, int], None] | Non
     return models
 
 
-def _assert_like_torch(models: list[torch.nn.Module], total: int = TOTAL) -> None:
+def _torch_model(total: int = TOTAL) -> torch.nn.Module:
+    """The model after ``total`` uninterrupted steps of local torch.optim on the reference gradients."""
     model = make_model()
     ref = Reference(model.parameters(), torch.optim.Adam, OPTIONS)
     for step in range(total):
         ref.step(worker_grads(list(model.parameters()), step, W))
+    return model
+
+
+def _assert_like_torch(models: list[torch.nn.Module], total: int = TOTAL) -> None:
+    model = _torch_model(total)
     for m in models:
         for a, b in zip(m.parameters(), model.parameters()):
             assert torch.equal(a.detach(), b.detach())
@@ -213,13 +219,13 @@ def test_a_coordinator_killed_while_pushes_are_in_flight_closes_the_step_once_ba
     _assert_like_torch(models)
 
 
-def _stall_checkpoint_renames(marker: str) -> None:
-    """Run inside the coordinator: the next checkpoint write stops at its first rename (the background
-    writer's thread sleeps there), after leaving ``marker``."""
+def _stall_checkpoint_io(op: str, file_prefix: str, marker: str) -> None:
+    """Run inside a process of the service: its next checkpoint file operation ``op`` on a file whose name starts
+    with ``file_prefix`` stops there (the writing thread sleeps), after leaving ``marker``."""
     import paramserver.checkpoint.io as checkpoint_io
 
-    def before(op: str, path: str) -> None:
-        if op == "rename":
+    def before(operation: str, path: str) -> None:
+        if operation == op and os.path.basename(path).startswith(file_prefix):
             with open(marker, "w"):
                 pass
             time.sleep(60)
@@ -235,7 +241,7 @@ def test_a_coordinator_killed_during_a_checkpoint_write_keeps_the_previous_check
             wait_until(lambda: 2 in steps(d, job), "the checkpoint of step 2", WAIT_S)
             import ray
 
-            ray.get(service.coordinator_actor.__ray_call__.remote(lambda self: _stall_checkpoint_renames(marker)), timeout=WAIT_S)
+            ray.get(service.coordinator_actor.__ray_call__.remote(lambda self: _stall_checkpoint_io("rename", "", marker)), timeout=WAIT_S)
 
         def kill_when_renaming() -> None:
             wait_until(lambda: os.path.exists(marker), "the checkpoint write's rename", WAIT_S)
@@ -256,19 +262,6 @@ def test_a_coordinator_killed_during_a_checkpoint_write_keeps_the_previous_check
         service.shutdown()
 
 
-def _stall_shard_file_writes(marker: str) -> None:
-    """Run inside a shard process: its next checkpoint file write stops before writing, after leaving ``marker``."""
-    import paramserver.checkpoint.io as checkpoint_io
-
-    def before(op: str, path: str) -> None:
-        if op == "write" and os.path.basename(path).startswith("shard-"):
-            with open(marker, "w"):
-                pass
-            time.sleep(60)
-
-    checkpoint_io.before = before
-
-
 def test_a_primary_killed_while_writing_its_checkpoint_file_keeps_the_previous_checkpoint(ray_cluster, tmp_path):
     d, job, marker = str(tmp_path / "ckpt"), "primary-ckpt", str(tmp_path / "writing")
     service = ps.serve(2, replicas=1, checkpoint_dir=d, checkpoint_every=2, **RAY)
@@ -277,9 +270,9 @@ def test_a_primary_killed_while_writing_its_checkpoint_file_keeps_the_previous_c
             wait_until(lambda: 2 in steps(d, job), "the checkpoint of step 2", WAIT_S)
             import ray
 
-            [actor] = [a for a in service.shard_actors if ray.get(a.placement.remote(), timeout=WAIT_S)["role"] == "primary"
-                       and ray.get(a.placement.remote(), timeout=WAIT_S)["shard"] == 1]
-            ray.get(actor.__ray_call__.remote(lambda self: _stall_shard_file_writes(marker)), timeout=WAIT_S)
+            places = ray.get([a.placement.remote() for a in service.shard_actors], timeout=WAIT_S)
+            [actor] = [a for a, p in zip(service.shard_actors, places) if p["role"] == "primary" and p["shard"] == 1]
+            ray.get(actor.__ray_call__.remote(lambda self: _stall_checkpoint_io("write", "shard-", marker)), timeout=WAIT_S)
 
         def kill_when_writing() -> None:
             wait_until(lambda: os.path.exists(marker), "shard 1's checkpoint file write", WAIT_S)
@@ -294,10 +287,7 @@ def test_a_primary_killed_while_writing_its_checkpoint_file_keeps_the_previous_c
         saved = steps(d, job)
         assert 2 in saved and 4 not in saved, saved  # the write of step 4 died with shard 1's primary
         wait_until(lambda: 8 in steps(d, job), "a checkpoint after the takeover", WAIT_S)
-        model = make_model()
-        ref = Reference(model.parameters(), torch.optim.Adam, OPTIONS)
-        for step in range(TOTAL):
-            ref.step(worker_grads(list(model.parameters()), step, W))
+        model = _torch_model()
         state = load_torch_state(d, job, step=8)  # written by the standby that took over
         for name, p in model.named_parameters():
             assert torch.equal(state["model"][name], p.detach())

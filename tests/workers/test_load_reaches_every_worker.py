@@ -59,7 +59,7 @@ def service():
     svc.shutdown()
 
 
-def connect(service, job: str) -> tuple[list[torch.nn.Module], list[RemoteOptimizer]]:
+def connect(service, job: str, **options: object) -> tuple[list[torch.nn.Module], list[RemoteOptimizer]]:
     models = [make_model(), make_model()]
     with torch.no_grad():
         for p in models[1].parameters():
@@ -69,6 +69,7 @@ def connect(service, job: str) -> tuple[list[torch.nn.Module], list[RemoteOptimi
         opts.append(RemoteOptimizer(
             models[rank].named_parameters(), torch.optim.Adam, lr=LR, address=service.address, job=job, num_workers=2, rank=rank,
             scheduler=torch.optim.lr_scheduler.StepLR, scheduler_kwargs={"step_size": STEP_SIZE, "gamma": GAMMA}, timeout=T,
+            **options,
         ))
     return models, opts
 
@@ -202,15 +203,7 @@ def test_a_worker_that_reports_a_metric_after_anothers_load_gets_the_reload(serv
 
 def test_a_load_refuses_the_gradients_a_worker_pushed_during_backward(service):
     state, local, _ = local_run(8, save_at=4)
-    models = [make_model(), make_model()]
-    opts = [
-        RemoteOptimizer(
-            models[rank].named_parameters(), torch.optim.Adam, lr=LR, address=service.address, job="load-during-backward",
-            num_workers=2, rank=rank, scheduler=torch.optim.lr_scheduler.StepLR,
-            scheduler_kwargs={"step_size": STEP_SIZE, "gamma": GAMMA}, timeout=T, push_during_backward=True,
-        )
-        for rank in range(2)
-    ]
+    models, opts = connect(service, "load-during-backward", push_during_backward=True)
     pool = ThreadPoolExecutor(2)
     try:
         both(pool, models, opts, 0)
