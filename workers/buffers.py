@@ -40,6 +40,7 @@ class ShardBuffers:
                         self.viewed[s.param] = (j, b, off)
                     else:
                         self.copied.append((s.param, j, b, off, plan.shards[j].index(s)))
+        self.elsewhere: set[int] = set()  # the shards whose buffers ``place`` put elsewhere (shared memory)
         # which parameters each shard needs before its gradients are complete
         self.members = [sorted({s.param for s in slices}) for slices in plan.shards]
         with torch.no_grad():
@@ -49,6 +50,36 @@ class ShardBuffers:
                 self.params[index].data = view  # the model's weights now live in the buffers
             self._copy_pieces(to_buffers=True, grads=False)
             self.zero_grads()
+
+    def place(self, shard: int, grads: Sequence[torch.Tensor] | None = None, weights: Sequence[torch.Tensor] | None = None,
+              weights_hold_values: bool = False) -> None:
+        """Move ``shard``'s flat buffers elsewhere (into shared memory, or back into memory of their own, for
+        ``None``): the gradients' values go along, the weights' too unless the new buffers already hold them (the
+        job's live weights in shared memory), and each viewed parameter is pointed at its place there (a
+        ``.grad`` that is None, or not a view, stays as it is)."""
+        layouts = self.plan.buffers(shard)
+        pin = self.stream is not None
+        (self.elsewhere.add if grads is not None else self.elsewhere.discard)(shard)
+        if grads is None:
+            grads = [torch.zeros(l.numel, dtype=l.dtype, pin_memory=pin) for l in layouts]
+        if weights is None:
+            weights = [torch.empty(l.numel, dtype=l.dtype, pin_memory=pin) for l in layouts]
+            weights_hold_values = False
+        here = [i for i, (j, _, _) in self.viewed.items() if j == shard]
+        with torch.no_grad():
+            was_view = {i for i in here if self.params[i].grad is not None and self.params[i].grad.data_ptr() == self.grad_view(i).data_ptr()}
+            for new, old in zip(grads, self.grads[shard]):
+                if new.data_ptr() != old.data_ptr():
+                    new.copy_(old)
+            if not weights_hold_values:
+                for new, old in zip(weights, self.weights[shard]):
+                    if new.data_ptr() != old.data_ptr():
+                        new.copy_(old)
+            self.grads[shard], self.weights[shard] = list(grads), list(weights)
+            for i in here:
+                self.params[i].data = self.weight_view(i)
+                if i in was_view:
+                    self.params[i].grad = self.grad_view(i)
 
     def _view(self, buffers: list[list[torch.Tensor]], index: int) -> torch.Tensor:
         j, b, off = self.viewed[index]

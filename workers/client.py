@@ -10,6 +10,7 @@ a wrong token as ``UnauthenticatedError`` (a ``PermissionError``), a deadline as
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
@@ -19,6 +20,8 @@ import torch
 
 from paramserver.core.params import ParamInfo
 from paramserver.core.sharding import ShardingPlan, Slice
+from paramserver.dataplane.segments import available as shared_memory_available
+from paramserver.dataplane.segments import host_identity
 from paramserver.wire import codec, json_values
 from paramserver.wire import errors as wire_errors
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
@@ -28,7 +31,11 @@ from paramserver.wire.protocol import (
     SHARD_SERVICE,
 )
 
+from workers.shared_memory import SharedShard, open_attachment
+
 T = TypeVar("T")
+log = logging.getLogger("paramserver")
+TRANSPORTS = ("auto", "grpc", "shared_memory")
 
 
 def error_from_rpc(exc: grpc.RpcError) -> Exception:
@@ -59,6 +66,11 @@ class ShardCalls:
         self.PullParameters = channel.unary_stream(
             prefix + "PullParameters", request_serializer=pb.PullRequest.SerializeToString, response_deserializer=codec.decode_chunk
         )
+        stub = pb_grpc.ShardStub(channel)  # the shared-memory calls carry small messages: the generated code
+        self.AttachSharedMemory = stub.AttachSharedMemory
+        self.PushShared = stub.PushShared
+        self.PullShared = stub.PullShared
+        self.DetachSharedMemory = stub.DetachSharedMemory
 
 
 class ServiceClient:
@@ -73,8 +85,15 @@ class ServiceClient:
         timeout: float = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
+        transport: str = "auto",
     ) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.job = job
+        # "auto": shared memory with the shards on this host (once attach_shared_memory succeeds), gRPC chunks
+        # with the others; "grpc": chunks everywhere; "shared_memory": as auto, but a shard it cannot share
+        # memory with is an error
+        self.transport = transport
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self._metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
@@ -101,6 +120,8 @@ class ServiceClient:
         # shard), and the newest of them; None until a pull reported one.
         self.generations: list[int | None] = []
         self.generation: int | None = None
+        # per shard: its buffers in shared memory (attach_shared_memory), or None (gRPC chunks)
+        self.shared: list[SharedShard | None] = []
 
     def _channel(self, address: str) -> grpc.Channel:
         if self._root_certificates is not None or self._client_certificate is not None:
@@ -140,6 +161,9 @@ class ServiceClient:
                 channel.close()
         self._shard_channels = self._channels[-len(self.shards):] if self.shards else []
         self.moved = [j for j, s in enumerate(info.shards) if j < len(old) and old[j] != s.address]
+        # a shard that moved starts without this worker's shared memory (attach it again)
+        kept = self.shared if len(self.shared) == len(self.shards) else [None] * len(self.shards)
+        self.shared = [None if j in self.moved else kept[j] for j in range(len(self.shards))]
         if self._pool is not None:
             self._pool.shutdown(wait=False)
         # a push and a pull per shard may be in flight at once
@@ -172,11 +196,58 @@ class ServiceClient:
     def leave(self, worker: int) -> None:
         self._call(self.coordinator.LeaveJob, pb.LeaveJobRequest(job=self.job, worker=worker))
 
+    @property
+    def transport_in_use(self) -> str:
+        """How this worker's bytes move now: "shared_memory" (every shard), "grpc" (none) or "mixed"."""
+        shared = sum(s is not None for s in self.shared)
+        return "shared_memory" if shared and shared == len(self.shared) else "mixed" if shared else "grpc"
+
+    def attach_shared_memory(self, worker: int, shards: Sequence[int] | None = None) -> list[SharedShard | None]:
+        """Ask each of ``shards`` (None: all) for shared memory (under transport "auto" or "shared_memory"):
+        a shard on this host answers with segments, which count once they open here. Returns ``self.shared``
+        (per shard, its buffers in shared memory or None). Pushes and pulls of an attached shard go through
+        its segments from then on."""
+        assert self.plan is not None
+        for j in range(len(self.shards)) if shards is None else shards:
+            self.shared[j] = None
+            if self.transport == "grpc":
+                continue
+            why = "" if shared_memory_available() else "this host has no /dev/shm"
+            if not why:
+                reply = self._call(self.shards[j].AttachSharedMemory, pb.AttachRequest(job=self.job, worker=worker, shard=j, host=host_identity()))
+                sizes = [(layout.numel, layout.dtype) for layout in self.plan.buffers(j)]
+                if not reply.grads_segment:
+                    why = f"the shard is on host {reply.host or '(without shared memory)'}"
+                else:
+                    try:
+                        self.shared[j] = open_attachment(reply, sizes)
+                    except OSError as exc:
+                        why = f"its segments do not open here ({exc})"
+                        self.detach_shared_memory(worker, [j])
+            if self.shared[j] is not None:
+                log.info("job %s: worker %d moves shard %d's bytes through shared memory (%s weights)", self.job, worker, j,
+                         "shared" if self.shared[j].weights_shared else "copied")  # type: ignore[union-attr]
+            elif self.transport == "shared_memory":
+                raise ConnectionError(f"job {self.job!r}: transport='shared_memory', but shard {j} cannot share memory with worker {worker}: {why}")
+            else:
+                log.info("job %s: worker %d moves shard %d's bytes over gRPC: %s", self.job, worker, j, why)
+        return self.shared
+
+    def detach_shared_memory(self, worker: int, shards: Sequence[int] | None = None) -> None:
+        """Let the shards go of this worker's segments (best effort: a shard that is gone let go already)."""
+        for j in range(len(self.shards)) if shards is None else shards:
+            self.shared[j] = None
+            try:
+                self._call(self.shards[j].DetachSharedMemory, pb.DetachRequest(job=self.job, worker=worker, shard=j), timeout=5.0)
+            except (ConnectionError, LookupError, TimeoutError, ValueError) as exc:
+                log.debug("job %s: shard %d did not detach worker %d: %s", self.job, j, worker, exc)
+
     def renew_lease(self, worker: int, timeout: float | None = None) -> int:
         """Renew ``worker``'s lease on its membership (every call to the coordinator does; pushes and pulls go
         to the shards and do not); returns the job's membership epoch. A worker that is not a member (its lease
         expired, it left, it never joined) gets ``NotAMemberError``: it may join again."""
-        return self._call(self.coordinator.RenewLease, pb.RenewLeaseRequest(job=self.job, worker=worker), timeout).epoch
+        request = pb.RenewLeaseRequest(job=self.job, worker=worker, transport=self.transport_in_use)
+        return self._call(self.coordinator.RenewLease, request, timeout).epoch
 
     # -- data ------------------------------------------------------------------------------------------------
 
@@ -203,6 +274,11 @@ class ServiceClient:
         another generation (a state was loaded since) refuses the push with ``StateReloadedError``."""
         assert self._pool is not None
         extra = {} if generation is None else {"generation": generation}
+        shared = self.shared[shard] if shard < len(self.shared) else None
+        if shared is not None:
+            _copy_unless_same(grads, shared.grads)
+            request = pb.SharedPush(job=self.job, worker=worker, step=step, shard=shard, missing_params=list(missing), **extra)
+            return self._pool.submit(self._call, self.shards[shard].PushShared, request)
         stream = codec.encode(grads, self.chunk_bytes, job=self.job, worker=worker, step=step, shard=shard, missing_params=list(missing), **extra)
         return self._pool.submit(self._call, self.shards[shard].PushGradients, stream)
 
@@ -223,6 +299,15 @@ class ServiceClient:
         generations: list[int | None] = [None] * len(self.shards)
 
         def one(j: int) -> tuple[int, list[torch.Tensor]]:
+            shared = self.shared[j] if j < len(self.shared) else None
+            if shared is not None:
+                pulled = pb.PullRequest(job=self.job, shard=j, min_version=min_version, worker=worker, **request)
+                reply = self._call(self.shards[j].PullShared, pulled, timeout)
+                generations[j] = reply.generation
+                if destinations is not None:
+                    _copy_unless_same(shared.weights, destinations[j])
+                    return reply.version, list(destinations[j])
+                return reply.version, shared.weights
             layouts = self.plan.buffers(j)
             assembler = codec.Assembler(
                 [layout.numel for layout in layouts], [layout.dtype for layout in layouts], None if destinations is None else destinations[j]
@@ -274,6 +359,13 @@ class ServiceClient:
             self._pool.shutdown(wait=False)
         for channel in self._channels:
             channel.close()
+
+
+def _copy_unless_same(sources: Sequence[torch.Tensor], destinations: Sequence[torch.Tensor]) -> None:
+    """Copy each buffer that is not already its destination (a caller whose buffers are the segments' copies nothing)."""
+    for src, dst in zip(sources, destinations):
+        if src.data_ptr() != dst.data_ptr() or src.dtype != dst.dtype:
+            dst.copy_(src)
 
 
 def _with_step(chunks: Iterator[pb.StateChunk], step: int) -> Iterator[pb.StateChunk]:

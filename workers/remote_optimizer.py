@@ -91,6 +91,7 @@ class RemoteOptimizer:
         grad_dtype: torch.dtype | None = default_of("grad_dtype"),
         # How this worker talks to the service.
         push_during_backward: bool = False,
+        transport: str = "auto",
         auth_token: str | None = None,
         root_certificates: bytes | None = None,
         client_certificate: tuple[bytes, bytes] | None = None,
@@ -120,7 +121,8 @@ class RemoteOptimizer:
         self.join_timeout = join_timeout
         self.grad_dtype = grad_dtype
         self.client = ServiceClient(
-            address, job, auth_token=auth_token, root_certificates=root_certificates, client_certificate=client_certificate, timeout=timeout
+            address, job, auth_token=auth_token, root_certificates=root_certificates, client_certificate=client_certificate, timeout=timeout,
+            transport=transport,
         )
         # Membership: the lease renewals' thread and its stop event, whether this worker left, and a refusal
         # (NotAMemberError) the renewals met, raised by the next step()
@@ -138,6 +140,7 @@ class RemoteOptimizer:
                 info = self.client.join_job(rank, timeout=join_timeout)
                 self._check_same_params()
                 self.buffers = ShardBuffers(self.plan, self._tensors)
+            self._attach_shared_memory()
             # Every worker remembers the generation of its weights (a load starts a new one; a push computed
             # on another generation's weights is refused): rank 0 that just gave a new job its weights holds
             # the first one; every other worker starts from the server's weights and their generation.
@@ -370,6 +373,25 @@ class RemoteOptimizer:
             return buffers
         return [b.to(self.grad_dtype) if b.is_floating_point() else b for b in buffers]
 
+    def _attach_shared_memory(self, shards: list[int] | None = None) -> None:
+        """Move the buffers of ``shards`` (None: all) into the shared memory of those on this host, back into
+        memory of their own for the others (``transport`` decides; see ``ServiceClient.attach_shared_memory``).
+        Under synchronous steps the model's parameters then are the job's weights on this host: an in-place write
+        to them (``model.load_state_dict``) changes them for every worker here, as in one process."""
+        targets = range(self.plan.num_shards) if shards is None else shards
+        shared = self.client.attach_shared_memory(self.rank, list(targets))
+        for j in targets:
+            s = shared[j]
+            if s is not None:
+                self.buffers.place(j, s.grads, s.weights, weights_hold_values=s.weights_shared)
+            elif j in self.buffers.elsewhere:
+                self.buffers.place(j)  # was in shared memory: memory of its own again
+        self.transport = self.client.transport_in_use  # "shared_memory", "grpc" or "mixed"
+        try:  # status shows it from now (every lease renewal names it)
+            self.client.renew_lease(self.rank)
+        except (ConnectionError, LookupError, TimeoutError, NotAMemberError) as exc:
+            log.debug("worker %d: lease renewal after attaching: %s", self.rank, exc)
+
     def _resync(self, min_version: int) -> int:
         """Each shard's weights once at ``min_version``, straight into the model (the buffers its parameters
         are views of), all shards in parallel, and their generation; returns their version. Pulls again
@@ -397,6 +419,7 @@ class RemoteOptimizer:
         info = self.client.join_job(self.rank, timeout=self.join_timeout)
         if not self.client.moved:
             raise error
+        self._attach_shared_memory(self.client.moved)  # the gradients go along: the open step is pushed again
         if info.generation != self.generation:
             self._rolled_back(error)
         self._check_same_params()
@@ -479,6 +502,7 @@ class RemoteOptimizer:
             self.client.leave(self.rank)
         except NotAMemberError:
             pass  # dropped already
+        self.client.detach_shared_memory(self.rank, [j for j, s in enumerate(self.client.shared) if s is not None])
         self._left = True
         self._not_a_member = NotAMemberError(f"worker {self.rank} left job {self.client.job!r}; rejoin() to go on")
 
@@ -490,6 +514,7 @@ class RemoteOptimizer:
         self._drop_in_flight()
         info = self.client.join_job(self.rank, timeout=self.join_timeout)
         self._check_same_params()
+        self._attach_shared_memory()  # a worker that left or was dropped lost its segments
         self._left = False
         self._not_a_member = None
         self._sent_step, self._sent_missing = None, {}

@@ -108,6 +108,9 @@ class Shard(ShardCopies):
         # another generation is refused, and a pull that holds an older one returns with the new weights.
         self.generation = 0
         self.placement = "this process"  # where the shard runs, in words; its host fills it in
+        # Called with the new members after every change, the lock held (its host lets go of what the workers
+        # that left held); None: nothing to tell.
+        self.on_members: Callable[[frozenset[int]], None] | None = None
         # What the coordinator sent with the last update (its step, schedule, ...): a coordinator that restarts
         # goes on from the records of the job's shards (``Coordinator.resume``). None: nothing sent yet.
         self.record: dict[str, Any] | None = None
@@ -231,6 +234,8 @@ class Shard(ShardCopies):
     def set_members(self, members: Collection[int]) -> None:
         """The job's members changed: the open step waits for these ranks' pushes, and refuses others'."""
         self.members = frozenset(members)
+        if self.on_members is not None:
+            self.on_members(self.members)
         if self.ledger is not None:
             self.ledger.joined(self.members)
             with self._changed:  # a bounded-staleness wait may end with a member gone
@@ -424,6 +429,28 @@ class Shard(ShardCopies):
     def weight_buffers(self) -> list[torch.Tensor]:
         """The shard's flat weights (live buffers: callers copy what they keep)."""
         return self.weights
+
+    @_locked
+    def place_weights(self, buffers: Sequence[torch.Tensor]) -> None:
+        """Move the flat weights into ``buffers`` (same sizes and dtypes, on the shard's device): shared memory
+        that workers on this host read without a copy. The values are copied over and every optimizer parameter
+        is pointed at its place in the new buffers (the same tensor objects: the optimizer's state stays keyed
+        by them). Nothing replaces ``self.weights`` afterwards: updates, loads and adoptions write into them."""
+        if len(buffers) != len(self.weights) or any(
+            b.numel() != w.numel() or b.dtype != w.dtype or b.device != w.device for b, w in zip(buffers, self.weights)
+        ):
+            raise ValueError(f"shard {self.shard_id}: new weight buffers must match the layouts {[(w.numel(), w.dtype) for w in self.weights]}")
+        with torch.no_grad():
+            for dst, src in zip(buffers, self.weights):
+                dst.copy_(src)
+            k = 0
+            for layout, flat in zip(self.layouts, buffers):
+                for off in layout.offsets:
+                    view = flat[off : off + self._weight_views[k].numel()].view(self._weight_views[k].shape)
+                    self.tensors[k].data = view
+                    self._weight_views[k] = view
+                    k += 1
+        self.weights = list(buffers)
 
     @_locked
     def weight_copies(self) -> list[torch.Tensor]:

@@ -29,6 +29,7 @@ from paramserver.service.checkpoints import ServiceCheckpoints
 from paramserver.service.coordinator_host import RECOVER_TIMEOUT_S, CoordinatorHost
 from paramserver.service.metrics import start_metrics_server
 from paramserver.service.server import create_coordinator_server, create_shard_server
+from paramserver.dataplane import segments
 from paramserver.service.shard_host import ShardHost
 from paramserver.wire.jobconfig import build_job
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
@@ -72,6 +73,7 @@ class ShardProcess:
         import ray
 
         bind_host = config.host
+        segments.sweep()  # shared memory of shard processes killed before they could let go of it
         self.host = ShardHost(shard_id, placement=f"node {ray.get_runtime_context().get_node_id()[:12]} ({_advertised('0.0.0.0')})")
         self.host.on_initial_weights = self._hand_initial_weights
         self.server, port = create_shard_server(self.host, f"{bind_host}:0", config)

@@ -14,7 +14,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from paramserver.core.coordinator import Coordinator, StepResult
@@ -141,6 +141,8 @@ class Job:
     coordinator: Coordinator
     restored: bool = False  # started from a checkpoint: rank 0's initial weights do not replace its state
     lost: str | None = None  # a shard died and there was no checkpoint to roll back to: why the job failed
+    # per worker, the transport its last lease renewal named ("shared_memory", "grpc", "mixed")
+    transports: dict[int, str] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
@@ -385,10 +387,17 @@ class CoordinatorHost:
         """``worker`` leaves ``name`` at once: the open step no longer waits for it."""
         self.job(name).coordinator.leave(worker)
 
-    def renew_lease(self, name: str, worker: int) -> int:
-        """A call of ``worker``: its lease starts over (``NotAMemberError`` if it is no member). Returns the epoch."""
+    def renew_lease(self, name: str, worker: int, transport: str = "") -> int:
+        """A call of ``worker``: its lease starts over (``NotAMemberError`` if it is no member). Returns the epoch.
+        ``transport``: how the worker moves its bytes, if it says (shown in status and metrics)."""
         job = self.job(name)
         job.coordinator.renew(worker)
+        if transport and job.transports.get(worker) != transport:
+            old = job.transports.get(worker)
+            if old is not None:
+                metrics.WORKER_TRANSPORT.labels(name, str(worker), old).set(0)
+            job.transports[worker] = transport
+            metrics.WORKER_TRANSPORT.labels(name, str(worker), transport).set(1)
         return job.epoch
 
     def expire_leases(self) -> None:
@@ -433,6 +442,7 @@ class CoordinatorHost:
             "skipped_steps": coordinator.skipped_steps,
             "last_total_norm": last.total_norm if last is not None else 0.0,
             "waiting_for": f"step {step}: " + "; ".join(waiting) if waiting else "",
+            "transports": dict(job.transports),
         }
 
 

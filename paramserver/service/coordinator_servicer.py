@@ -108,7 +108,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     @translate_errors
     async def RenewLease(self, request: pb.RenewLeaseRequest, context: grpc.aio.ServicerContext) -> pb.RenewLeaseReply:
         # NotAMemberError (lease expired, left, never joined) -> FAILED_PRECONDITION / NOT_A_MEMBER
-        epoch = await self._run(self.host.renew_lease, request.job, request.worker)
+        epoch = await self._run(self.host.renew_lease, request.job, request.worker, request.transport)
         return pb.RenewLeaseReply(epoch=epoch)
 
     @translate_errors
@@ -130,6 +130,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             param_groups_json=[json_values.dumps(g, "param group") for g in st["hyperparameters"]],
             epoch=st.get("epoch", 0),
             changes=[pb.MembershipChange(rank=c["rank"], reason=c["reason"], step=c["step"]) for c in st.get("changes", ())],
+            transports=st.get("transports", {}),
         )
         last = self.host.job(request.job).coordinator.last_result
         if last is not None:

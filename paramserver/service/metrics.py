@@ -28,6 +28,11 @@ MEMBERS = Gauge("paramserver_members", "Live members of a job", ["job"])
 MEMBERSHIP_CHANGES = Counter("paramserver_membership_changes", "Membership changes, by reason", ["job", "reason"])
 CONTRIBUTORS = Gauge("paramserver_contributors", "Workers whose gradients the last step used", ["job"])
 BYTES_OUT = Counter("paramserver_bytes_out", "Payload bytes sent by a shard (weights)", ["job", "shard"])
+SHARED_MEMORY_WORKERS = Gauge("paramserver_shared_memory_workers", "Workers attached to a shard through shared memory", ["job", "shard"])
+SHARED_MEMORY_BYTES = Counter(
+    "paramserver_shared_memory_bytes", "Payload bytes a shard read (in) or handed (out) through shared memory", ["job", "shard", "direction"]
+)
+WORKER_TRANSPORT = Gauge("paramserver_worker_transport", "1 for the transport each worker's lease renewal named", ["job", "worker", "transport"])
 
 
 def record_step(job: str, result: StepResult) -> None:

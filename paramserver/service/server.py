@@ -100,6 +100,7 @@ def create_shard_server(host: ShardHost, address: str, config: ServerConfig | No
         compute.shutdown(wait=False)
         raise
     server.on_stop(lambda: host.close_watches(server.loop))
+    server.on_stop(host.close)  # its workers' shared memory goes with it
     server.on_stop(lambda: compute.shutdown(wait=False))
     return server, server.port
 

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from paramserver.core.coordinator import Coordinator
-from paramserver.core.errors import JobNotFoundError
+from paramserver.core.errors import JobNotFoundError, NotAMemberError
 from paramserver.core.shard import Shard
+from paramserver.dataplane.plane import Attachment, SharedMemoryPlane
 from paramserver.service.wakeup import LoopWakeup
 
 MAX_WAIT_S = 300.0
@@ -30,6 +31,8 @@ class ShardHost:
         self.on_initial_weights: Callable[[str, Sequence[torch.Tensor]], None] | None = None
         # asyncio pulls wait on these: per shard and event loop, one listener on the shard wakes them all
         self._watches: weakref.WeakKeyDictionary[Shard, dict[asyncio.AbstractEventLoop, LoopWakeup]] = weakref.WeakKeyDictionary()
+        # workers on this host move their gradients and weights through shared memory (paramserver.dataplane)
+        self.shared_memory = SharedMemoryPlane()
 
     def add_job(self, job: str, shard: Shard, coordinator: Any) -> None:
         """Host ``shard`` of ``job``; ``coordinator`` (anything with ``shard_ready(shard, step)``) may come
@@ -39,6 +42,8 @@ class ShardHost:
         self._locks[job] = threading.Lock()
         self._coordinators[job] = coordinator
         self._shards[job] = shard
+        # a worker that leaves or is dropped lets go of its shared memory
+        shard.on_members = lambda members: self.shared_memory.keep(job, members)
 
     def set_coordinator(self, job: str, coordinator: Any) -> None:
         self.shard(job)
@@ -48,6 +53,11 @@ class ShardHost:
         self._shards.pop(job, None)
         self._coordinators.pop(job, None)
         self._locks.pop(job, None)
+        self.shared_memory.drop_job(job)
+
+    def close(self) -> None:
+        """The host stops: every job's shared memory goes."""
+        self.shared_memory.close()
 
     def shard(self, job: str) -> Shard:
         try:
@@ -69,6 +79,50 @@ class ShardHost:
         if applied and ready:
             self._coordinators[job].shard_ready(self.shard_id, version, now, holds)
         return applied, shard.version
+
+    # -- shared memory ------------------------------------------------------------------------------------------
+
+    def attach_shared_memory(self, job: str, worker: int) -> Attachment:
+        """Segments for ``worker`` of ``job`` on this host. Under synchronous steps on a CPU shard the worker
+        reads the job's live weights (moved into shared memory by the first attach); otherwise its own copy,
+        written at each pull. ``OSError`` where there is no shared memory."""
+        shard = self.shard(job)
+        if not isinstance(worker, int) or not 0 <= worker < shard.num_workers:
+            raise ValueError(f"shard {self.shard_id}: worker must be in [0, {shard.num_workers}), got {worker!r}")
+        sizes = [(layout.numel, layout.dtype) for layout in shard.layouts]
+        live = shard.device.type == "cpu" and shard.ledger is None and shard.quorum is None
+        with shard._lock:  # the shard's lock first, then the plane's (as on a membership change)
+            attachment, moved = self.shared_memory.attach(job, worker, sizes, shard.weights if live else None)
+            if moved is not None:
+                shard.place_weights(moved)
+        return attachment
+
+    def _attachment(self, job: str, worker: int) -> Attachment:
+        attachment = self.shared_memory.get(job, worker)
+        if attachment is None:
+            shard = self.shard(job)
+            if worker not in shard.members:
+                raise NotAMemberError(f"shard {self.shard_id}: worker {worker} is not a member of job {job!r}: join again")
+            raise ValueError(f"shard {self.shard_id}: worker {worker} of job {job!r} has no shared memory here: attach it first")
+        return attachment
+
+    def push_shared(self, job: str, worker: int, step: int, missing: Sequence[int] = (), generation: int | None = None) -> tuple[bool, int]:
+        """``push`` of the gradients the worker wrote into its shared memory."""
+        return self.push(job, worker, step, self._attachment(job, worker).grad_buffers, missing, generation)
+
+    def write_pulled(self, job: str, worker: int) -> tuple[int, int]:
+        """After a pull's wait: (version, generation) of the weights the worker now finds in its shared memory.
+        A worker with a segment of its own gets the weights copied in, with their version, under the shard's
+        lock (another worker's update may land any time under asynchronous steps); one that reads the job's
+        live weights needs no copy."""
+        attachment = self._attachment(job, worker)
+        shard = self.shard(job)
+        if attachment.shared_weights:
+            return shard.version, shard.generation
+        with shard._lock:
+            for dst, src in zip(attachment.weight_buffers, shard.weights):
+                dst.copy_(src)
+            return shard.version, shard.generation
 
     def initial_weights(self, job: str, buffers: Sequence[torch.Tensor]) -> None:
         shard = self.shard(job)
@@ -95,6 +149,12 @@ class ShardHost:
     ) -> tuple[int, int, list[torch.Tensor]]:
         """``pull`` for an asyncio server: the wait holds no thread (the shard's version listener wakes it
         through the event loop). Raises ``TimeoutError`` when ``timeout`` (capped by ``MAX_WAIT_S``) passes."""
+        return _weights(await self.wait_async(job, min_version, timeout, generation, worker))
+
+    async def wait_async(
+        self, job: str, min_version: int, timeout: float | None, generation: int | None = None, worker: int | None = None
+    ) -> Shard:
+        """The wait of ``pull_async``; returns the shard, ready to be read."""
         shard = self.shard(job)
         wait = MAX_WAIT_S if timeout is None else min(timeout, MAX_WAIT_S)
         loop = asyncio.get_running_loop()
@@ -108,7 +168,7 @@ class ShardHost:
                 f"shard {shard.shard_id}: still at version {shard.version}"
                 f"{'' if shard.initialized else ' (not initialized)'} after {wait:.1f}s waiting for {min_version}"
             )
-        return _weights(shard)
+        return shard
 
     def waiting_pulls(self, job: str) -> int:
         """How many asyncio pulls of ``job`` wait for a version now (all event loops)."""

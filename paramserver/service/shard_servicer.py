@@ -126,6 +126,58 @@ class ShardServicer(pb_grpc.ShardServicer):
         metrics.BYTES_OUT.labels(request.job, str(self.host.shard_id)).inc(_nbytes(weights))
 
 
+    # -- shared memory: control messages only; the bytes are in the segments ----------------------------------
+
+    @translate_errors
+    async def AttachSharedMemory(self, request: pb.AttachRequest, context: grpc.aio.ServicerContext) -> pb.AttachReply:
+        self._check_shard(request.shard, "attach")
+        host = self.host.shared_memory.host
+        if not host or request.host != host:
+            return pb.AttachReply(host=host)  # another host (or none here): the worker keeps to chunks
+        attachment = await self._run(self.host.attach_shared_memory, request.job, request.worker)
+        metrics.SHARED_MEMORY_WORKERS.labels(request.job, str(self.host.shard_id)).set(len(self.host.shared_memory.workers(request.job)))
+        log.info("job %s: worker %d attached shared memory on shard %d (%s weights)", request.job, request.worker,
+                 self.host.shard_id, "shared" if attachment.shared_weights else "copied")
+        return pb.AttachReply(
+            host=host, grads_segment=attachment.grads.name, weights_segment=attachment.weights.name,
+            weights_shared=attachment.shared_weights, offsets=attachment.offsets, size=attachment.grads.size,
+        )
+
+    @translate_errors
+    async def PushShared(self, request: pb.SharedPush, context: grpc.aio.ServicerContext) -> pb.PushReply:
+        self._check_shard(request.shard, "push")
+        generation = request.generation if request.HasField("generation") else None
+        applied, version = await self._run(
+            self.host.push_shared, request.job, request.worker, request.step, list(request.missing_params), generation
+        )
+        metrics.SHARED_MEMORY_BYTES.labels(request.job, str(self.host.shard_id), "in").inc(self._nbytes(request.job))
+        return pb.PushReply(already_applied=not applied, version=version)
+
+    @translate_errors
+    async def PullShared(self, request: pb.PullRequest, context: grpc.aio.ServicerContext) -> pb.SharedPullReply:
+        self._check_shard(request.shard, "pull")
+        self.host._attachment(request.job, request.worker)  # fail before waiting
+        generation = request.generation if request.HasField("generation") else None
+        await self.host.wait_async(request.job, request.min_version, context.time_remaining(), generation, request.worker)
+        version, generation = await self._run(self.host.write_pulled, request.job, request.worker)
+        metrics.SHARED_MEMORY_BYTES.labels(request.job, str(self.host.shard_id), "out").inc(self._nbytes(request.job))
+        return pb.SharedPullReply(version=version, generation=generation)
+
+    @translate_errors
+    async def DetachSharedMemory(self, request: pb.DetachRequest, context: grpc.aio.ServicerContext) -> pb.DetachReply:
+        self._check_shard(request.shard, "detach")
+        self.host.shared_memory.detach(request.job, request.worker)
+        metrics.SHARED_MEMORY_WORKERS.labels(request.job, str(self.host.shard_id)).set(len(self.host.shared_memory.workers(request.job)))
+        return pb.DetachReply()
+
+    def _check_shard(self, shard: int, what: str) -> None:
+        if shard != self.host.shard_id:
+            raise ValueError(f"this is shard {self.host.shard_id}, the {what} is for shard {shard}")
+
+    def _nbytes(self, job: str) -> int:
+        return sum(layout.numel * layout.dtype.itemsize for layout in self.host.shard(job).layouts)
+
+
 def _to_cpu(buffers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [b.cpu() for b in buffers]
 
@@ -148,5 +200,16 @@ def shard_handler(servicer: ShardServicer) -> grpc.GenericRpcHandler:
             "PullParameters": grpc.unary_stream_rpc_method_handler(
                 servicer.PullParameters, request_deserializer=pb.PullRequest.FromString, response_serializer=codec.encode_chunk
             ),
+            **{
+                name: grpc.unary_unary_rpc_method_handler(
+                    getattr(servicer, name), request_deserializer=request.FromString, response_serializer=reply.SerializeToString
+                )
+                for name, request, reply in [
+                    ("AttachSharedMemory", pb.AttachRequest, pb.AttachReply),
+                    ("PushShared", pb.SharedPush, pb.PushReply),
+                    ("PullShared", pb.PullRequest, pb.SharedPullReply),
+                    ("DetachSharedMemory", pb.DetachRequest, pb.DetachReply),
+                ]
+            },
         },
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import urllib.request
 
+import pytest
 import torch
 from prometheus_client import REGISTRY
 
@@ -17,11 +18,15 @@ def sample(name, **labels):
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def test_metrics_count_steps_stages_bytes_norm_lr_and_skips():
-    job = "metrics-job"
+@pytest.mark.parametrize("transport", ["grpc", "shared_memory"])
+def test_metrics_count_steps_stages_bytes_norm_lr_and_skips(transport):
+    job = f"metrics-job-{transport}"
     model = make_model()
     with serve_local(2) as service, RemoteOptimizer(model.named_parameters(), "SGD", lr=0.1, address=service.address, job=job,
-                                                    scheduler="StepLR", scheduler_kwargs={"step_size": 1, "gamma": 0.5}, timeout=10) as opt:
+                                                    scheduler="StepLR", scheduler_kwargs={"step_size": 1, "gamma": 0.5}, timeout=10,
+                                                    transport=transport) as opt:
+        assert service.coordinator.status(job)["transports"] == {0: transport}
+        assert sample("paramserver_worker_transport", job=job, worker="0", transport=transport) == 1
         for _ in range(3):
             for p in model.parameters():
                 p.grad = torch.ones_like(p)
@@ -34,8 +39,15 @@ def test_metrics_count_steps_stages_bytes_norm_lr_and_skips():
     for stage in ("aggregate", "clip", "update", "schedule"):
         assert sample("paramserver_stage_seconds_count", job=job, stage=stage) >= 3
     nbytes = sum(p.numel() * 4 for p in model.parameters())
-    assert sum(sample("paramserver_bytes_in_total", job=job, shard=str(j)) for j in range(2)) == nbytes * 5  # initial + 4 pushes
-    assert sum(sample("paramserver_bytes_out_total", job=job, shard=str(j)) for j in range(2)) == nbytes * 4
+    grpc_in, grpc_out = (sum(sample(f"paramserver_bytes_{d}_total", job=job, shard=str(j)) for j in range(2)) for d in ("in", "out"))
+    shm_in, shm_out = (
+        sum(sample("paramserver_shared_memory_bytes_total", job=job, shard=str(j), direction=d) for j in range(2)) for d in ("in", "out")
+    )
+    if transport == "grpc":
+        assert (grpc_in, grpc_out, shm_in, shm_out) == (nbytes * 5, nbytes * 4, 0, 0)  # initial + 4 pushes; 4 pulls
+    else:  # the initial weights go over gRPC; then every push and pull through shared memory
+        assert (grpc_in, grpc_out, shm_in, shm_out) == (nbytes, 0, nbytes * 4, nbytes * 4)
+        assert sample("paramserver_shared_memory_workers", job=job, shard="0") == 0  # the worker let go when it closed
     assert sample("paramserver_lr", job=job, group="0") == 0.1 * 0.5**3
     assert sample("paramserver_grad_norm", job=job) != sample("paramserver_grad_norm", job=job)  # nan after the skipped step
 

@@ -198,7 +198,14 @@ class MembershipChange(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., reason: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("job", "version", "num_workers", "members", "shards", "lrs", "skipped_steps", "last_total_norm", "waiting_for", "param_groups_json", "epoch", "last_step", "changes")
+    __slots__ = ("job", "version", "num_workers", "members", "shards", "lrs", "skipped_steps", "last_total_norm", "waiting_for", "param_groups_json", "epoch", "last_step", "changes", "transports")
+    class TransportsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: str
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
     JOB_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +219,7 @@ class StatusReply(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LAST_STEP_FIELD_NUMBER: _ClassVar[int]
     CHANGES_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     job: str
     version: int
     num_workers: int
@@ -225,7 +233,8 @@ class StatusReply(_message.Message):
     epoch: int
     last_step: StepReport
     changes: _containers.RepeatedCompositeFieldContainer[MembershipChange]
-    def __init__(self, job: _Optional[str] = ..., version: _Optional[int] = ..., num_workers: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., lrs: _Optional[_Iterable[float]] = ..., skipped_steps: _Optional[int] = ..., last_total_norm: _Optional[float] = ..., waiting_for: _Optional[str] = ..., param_groups_json: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., last_step: _Optional[_Union[StepReport, _Mapping]] = ..., changes: _Optional[_Iterable[_Union[MembershipChange, _Mapping]]] = ...) -> None: ...
+    transports: _containers.ScalarMap[int, str]
+    def __init__(self, job: _Optional[str] = ..., version: _Optional[int] = ..., num_workers: _Optional[int] = ..., members: _Optional[_Iterable[int]] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., lrs: _Optional[_Iterable[float]] = ..., skipped_steps: _Optional[int] = ..., last_total_norm: _Optional[float] = ..., waiting_for: _Optional[str] = ..., param_groups_json: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., last_step: _Optional[_Union[StepReport, _Mapping]] = ..., changes: _Optional[_Iterable[_Union[MembershipChange, _Mapping]]] = ..., transports: _Optional[_Mapping[int, str]] = ...) -> None: ...
 
 class LeaveJobRequest(_message.Message):
     __slots__ = ("job", "worker")
@@ -240,12 +249,14 @@ class LeaveJobReply(_message.Message):
     def __init__(self) -> None: ...
 
 class RenewLeaseRequest(_message.Message):
-    __slots__ = ("job", "worker")
+    __slots__ = ("job", "worker", "transport")
     JOB_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     job: str
     worker: int
-    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ...) -> None: ...
+    transport: str
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., transport: _Optional[str] = ...) -> None: ...
 
 class RenewLeaseReply(_message.Message):
     __slots__ = ("epoch",)
@@ -306,6 +317,72 @@ class PullRequest(_message.Message):
     worker: int
     generation: int
     def __init__(self, job: _Optional[str] = ..., shard: _Optional[int] = ..., min_version: _Optional[int] = ..., worker: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("job", "worker", "shard", "host")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    worker: int
+    shard: int
+    host: str
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., shard: _Optional[int] = ..., host: _Optional[str] = ...) -> None: ...
+
+class AttachReply(_message.Message):
+    __slots__ = ("host", "grads_segment", "weights_segment", "weights_shared", "offsets", "size")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    GRADS_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHARED_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    grads_segment: str
+    weights_segment: str
+    weights_shared: bool
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    size: int
+    def __init__(self, host: _Optional[str] = ..., grads_segment: _Optional[str] = ..., weights_segment: _Optional[str] = ..., weights_shared: _Optional[bool] = ..., offsets: _Optional[_Iterable[int]] = ..., size: _Optional[int] = ...) -> None: ...
+
+class SharedPush(_message.Message):
+    __slots__ = ("job", "worker", "step", "shard", "missing_params", "generation")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    MISSING_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    worker: int
+    step: int
+    shard: int
+    missing_params: _containers.RepeatedScalarFieldContainer[int]
+    generation: int
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., shard: _Optional[int] = ..., missing_params: _Optional[_Iterable[int]] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class SharedPullReply(_message.Message):
+    __slots__ = ("version", "generation")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    generation: int
+    def __init__(self, version: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class DetachRequest(_message.Message):
+    __slots__ = ("job", "worker", "shard")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    worker: int
+    shard: int
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., shard: _Optional[int] = ...) -> None: ...
+
+class DetachReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class StateRequest(_message.Message):
     __slots__ = ("job",)

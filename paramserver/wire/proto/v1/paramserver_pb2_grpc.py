@@ -520,6 +520,26 @@ class ShardStub:
                 request_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.TensorChunk.SerializeToString,
                 response_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.PushReply.FromString,
                 _registered_method=True)
+        self.AttachSharedMemory = channel.unary_unary(
+                '/paramserver.v1.Shard/AttachSharedMemory',
+                request_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.AttachRequest.SerializeToString,
+                response_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.AttachReply.FromString,
+                _registered_method=True)
+        self.PushShared = channel.unary_unary(
+                '/paramserver.v1.Shard/PushShared',
+                request_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.SharedPush.SerializeToString,
+                response_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.PushReply.FromString,
+                _registered_method=True)
+        self.PullShared = channel.unary_unary(
+                '/paramserver.v1.Shard/PullShared',
+                request_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.PullRequest.SerializeToString,
+                response_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.SharedPullReply.FromString,
+                _registered_method=True)
+        self.DetachSharedMemory = channel.unary_unary(
+                '/paramserver.v1.Shard/DetachSharedMemory',
+                request_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.DetachRequest.SerializeToString,
+                response_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.DetachReply.FromString,
+                _registered_method=True)
 
 
 class ShardServicer:
@@ -546,6 +566,36 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttachSharedMemory(self, request, context):
+        """The shared-memory data plane, for a worker on the shard's host (the bytes move through memory both
+        processes map; these calls carry only the control messages, with the same rules as their chunk twins).
+        Attach: segments for this worker, when the request's host identity is the shard's (else none are made).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushShared(self, request, context):
+        """PushGradients of the gradients the worker wrote into its gradient segment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullShared(self, request, context):
+        """PullParameters whose weights are in the worker's weights segment when the reply comes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DetachSharedMemory(self, request, context):
+        """The worker lets go of its segments (leaving, or going back to chunks).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -563,6 +613,26 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.PushParameters,
                     request_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.TensorChunk.FromString,
                     response_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.PushReply.SerializeToString,
+            ),
+            'AttachSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachSharedMemory,
+                    request_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.AttachRequest.FromString,
+                    response_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.AttachReply.SerializeToString,
+            ),
+            'PushShared': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushShared,
+                    request_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.SharedPush.FromString,
+                    response_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.PushReply.SerializeToString,
+            ),
+            'PullShared': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullShared,
+                    request_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.PullRequest.FromString,
+                    response_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.SharedPullReply.SerializeToString,
+            ),
+            'DetachSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.DetachSharedMemory,
+                    request_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.DetachRequest.FromString,
+                    response_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.DetachReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -646,6 +716,114 @@ class Shard:
             '/paramserver.v1.Shard/PushParameters',
             paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.TensorChunk.SerializeToString,
             paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.Shard/AttachSharedMemory',
+            paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.AttachRequest.SerializeToString,
+            paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.AttachReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushShared(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.Shard/PushShared',
+            paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.SharedPush.SerializeToString,
+            paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullShared(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.Shard/PullShared',
+            paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.PullRequest.SerializeToString,
+            paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.SharedPullReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DetachSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.Shard/DetachSharedMemory',
+            paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.DetachRequest.SerializeToString,
+            paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.DetachReply.FromString,
             options,
             channel_credentials,
             insecure,
