@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -47,3 +49,73 @@ def rate(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
 def peak_rss_mb() -> float:
     """This process's peak resident set size so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def mlp_hidden(num_params: int) -> int:
+    """The hidden width h of ``mlp_of_size(num_params)``: solved from INPUT*h + h*h + CLASSES*h + 2h + CLASSES."""
+    b = INPUT + CLASSES + 2
+    return max(1, round((-b + math.sqrt(b * b + 4 * max(0, num_params - CLASSES))) / 2))
+
+
+def mlp_params(hidden: int) -> int:
+    """The exact parameter count of the MLP INPUT -> hidden -> hidden -> CLASSES."""
+    return INPUT * hidden + hidden * hidden + CLASSES * hidden + 2 * hidden + CLASSES
+
+
+def mlp_of_size(num_params: int, seed: int = 0) -> nn.Module:
+    """An MLP of about ``num_params`` parameters (within 0.1% from 1M up): INPUT -> h -> h -> CLASSES."""
+    hidden = mlp_hidden(num_params)
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(INPUT, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, CLASSES))
+
+
+def proc_status_mb(pid: int | str = "self", fields: tuple[str, ...] = ("VmRSS", "VmHWM", "RssAnon", "RssShmem")) -> dict[str, float]:
+    """Fields of /proc/<pid>/status, in MB (2**20 bytes): VmRSS (resident now), VmHWM (peak resident),
+    RssAnon (private: heap, anonymous mappings), RssShmem (shared memory: /dev/shm segments, shmem)."""
+    found: dict[str, float] = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            name, _, rest = line.partition(":")
+            if name in fields:
+                found[name] = float(rest.split()[0]) / 1024  # kB
+    return found
+
+
+def shard_bytes(metrics_addresses: list[str], job: str, timeout: float = 10.0) -> dict[str, float]:
+    """The payload bytes the shards' Prometheus counters have counted for ``job``, summed over the shards at
+    ``metrics_addresses`` ("host:port"): ``grpc_in``, ``grpc_out`` (paramserver_bytes_in/out) and ``shm_in``,
+    ``shm_out`` (paramserver_shared_memory_bytes by direction)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = {"grpc_in": 0.0, "grpc_out": 0.0, "shm_in": 0.0, "shm_out": 0.0}
+    for address in metrics_addresses:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout) as reply:
+            text = reply.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if not sample.name.endswith("_total") or sample.labels.get("job") != job:
+                    continue
+                if family.name == "paramserver_bytes_in":
+                    totals["grpc_in"] += sample.value
+                elif family.name == "paramserver_bytes_out":
+                    totals["grpc_out"] += sample.value
+                elif family.name == "paramserver_shared_memory_bytes":
+                    totals["shm_" + sample.labels.get("direction", "in")] += sample.value
+    return totals
+
+
+@contextlib.contextmanager
+def ray_session() -> Iterator[None]:
+    """One embedded local Ray for what runs inside (on 127.0.0.1, see above); the caller's Ray where there is one."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import batch, make_mlp, param_count, peak_rss_mb
+from benchmarks.common import batch, make_mlp, mlp_of_size, param_count, peak_rss_mb, proc_status_mb, ray_session, shard_bytes
 from paramserver import StepEngine
 from paramserver.core.config import ClipConfig, JobConfig
 from paramserver.core.params import normalize_params
@@ -79,68 +79,140 @@ def _vm_kib(pid: int, field: str) -> float:
     raise KeyError(field)
 
 
+# What a worker's RemoteOptimizer must report for each transport asked for, all processes on one host: under
+# "auto" a silent fallback to gRPC would otherwise pass as a shared-memory figure.
+EXPECTED_ON_ONE_HOST = {"auto": "shared_memory", "shared_memory": "shared_memory", "grpc": "grpc"}
+
+
+def _settled_bytes(metrics: Sequence[str], job: str, step_s: float) -> dict[str, float]:
+    """The shards' byte counters of ``job``, read by rank 0 between two of its steps after the others have had
+    time to reach the same point (1.5 steps: they have pulled this version and pushed their next gradients, and
+    wait for rank 0's), so the counts between two such reads are whole steps of every worker."""
+    time.sleep(min(10.0, 1.5 * step_s))
+    return shard_bytes(list(metrics), job)
+
+
 def _bench_worker(
-    rank: int, num_workers: int, address: str, steps: int, warmup: int, batch_size: int, threads: int, grad_dtype: torch.dtype | None
+    rank: int,
+    num_workers: int,
+    address: str,
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    threads: int,
+    grad_dtype: torch.dtype | None,
+    transport: str = "auto",
+    job: str = "e2e",
+    num_params: int | None = None,
+    shard_pids: Sequence[int] = (),
+    metrics: Sequence[str] = (),
 ) -> dict[str, Any]:
+    """One worker of ``e2e`` and of ``benchmarks.scaling``: trains the MLP (``num_params``: one of that size,
+    None: ``make_mlp()``) through a ``RemoteOptimizer`` with ``transport``, and fails if the transport in use
+    is not the one expected on one host. Rank 0 also reads, outside the timed steps, the shards' byte counters
+    (``metrics``: their endpoints) at the first and the last timed step, and the shards' memory
+    (``shard_pids``, /proc status) after the last one, while the job still holds its shared memory."""
     from workers.remote_optimizer import RemoteOptimizer
 
     torch.set_num_threads(threads)
     idle_mb = peak_rss_mb()  # the process with its imports, before the model exists
-    model = make_mlp()
+    idle = proc_status_mb()
+    model = make_mlp() if num_params is None else mlp_of_size(num_params)
     loss_fn = torch.nn.CrossEntropyLoss()
-    with RemoteOptimizer(model.named_parameters(), "Adam", lr=1e-3, address=address, job="e2e", num_workers=num_workers,
-                         rank=rank, clip_grad_norm=1.0, push_during_backward=True, grad_dtype=grad_dtype, timeout=300) as opt:
-        start = 0.0
-        for step in range(warmup + steps):
+    counted = rank == 0 and bool(metrics)
+    before: dict[str, float] = {}
+    after: dict[str, float] = {}
+    with RemoteOptimizer(model.named_parameters(), "Adam", lr=1e-3, address=address, job=job, num_workers=num_workers,
+                         rank=rank, clip_grad_norm=1.0, push_during_backward=True, grad_dtype=grad_dtype, timeout=300,
+                         transport=transport) as opt:
+        expected = EXPECTED_ON_ONE_HOST[transport]
+        if opt.transport != expected:
+            raise RuntimeError(f"worker {rank}: transport={transport!r} on one host should give {expected!r}, got {opt.transport!r}")
+        # With counters to read, every worker runs one more step after the timed ones, so that the others are at
+        # the same point at both reads (their next gradients pushed, waiting for rank 0's).
+        start = step_s = elapsed = 0.0
+        for step in range(warmup + steps + (1 if metrics else 0)):
             if step == warmup:
+                if counted:
+                    before = _settled_bytes(metrics, job, step_s)
                 start = time.perf_counter()
+            if step == warmup + steps:
+                elapsed = time.perf_counter() - start
+                if counted:
+                    after = _settled_bytes(metrics, job, step_s)
+            step_start = time.perf_counter()
             x, y = batch(step, rank, batch_size)
             opt.zero_grad()
             loss_fn(model(x), y).backward()
             opt.step()
-        elapsed = time.perf_counter() - start
-    return {"steps_per_s": steps / elapsed, "peak_rss_mb": peak_rss_mb(), "idle_rss_mb": idle_mb}
+            step_s = time.perf_counter() - step_start
+        if not metrics:
+            elapsed = time.perf_counter() - start
+        shards_end = [proc_status_mb(pid) for pid in shard_pids] if rank == 0 else []
+        shard_numel = [sum(layout.numel for layout in opt.plan.buffers(j)) for j in range(opt.plan.num_shards)]
+        worker_end = proc_status_mb()
+        used = opt.transport
+    return {
+        "steps_per_s": steps / elapsed,
+        "peak_rss_mb": peak_rss_mb(),
+        "idle_rss_mb": idle_mb,
+        "idle": idle,
+        "end": worker_end,
+        "shards_end": shards_end,
+        "shard_numel": shard_numel,
+        "transport": used,
+        "bytes_per_step": {k: (after[k] - before[k]) / steps for k in after} if counted else None,
+    }
 
 
-def e2e(num_workers: int, num_shards: int, steps: int, batch_size: int, grad_dtype: torch.dtype | None = None) -> dict[str, float]:
+def e2e(
+    num_workers: int, num_shards: int, steps: int, batch_size: int, grad_dtype: torch.dtype | None = None, transport: str = "auto"
+) -> dict[str, Any]:
     """W worker actors x S shard actors on Ray train the MLP with Adam (clip 1.0) through the service, each
-    shard's gradients pushed as soon as backward has produced them (``grad_dtype``: on the wire).
+    shard's gradients pushed as soon as backward has produced them (``grad_dtype``: on the wire), over
+    ``transport`` (checked in every worker: on one host "auto" must give shared memory).
 
-    Returns steps/s (rank 0, after warmup), the shards' peak RSS and their RSS before any job (the fixed
-    overhead of a shard process), and the workers' peak RSS.
+    Returns steps/s (rank 0, after warmup); the shards' peak RSS (VmHWM, read after the workers are done) and
+    their RSS before any job (the fixed overhead of a shard process); each shard's /proc status (MB) before any
+    job (``shards_idle``) and right after the last timed step, while the job holds its shared memory
+    (``shards_end``); ``shard_numel``: the parameters each shard holds; the workers' peak and idle RSS, and rank
+    0's status before its model existed (``worker_idle``) and after the last timed step (``worker_end``);
+    ``bytes_per_step``: the payload bytes the shards counted per timed step, gRPC and shared memory, in and out.
+    Uses the caller's Ray where there is one (``common.ray_session``), else an embedded one of its own.
     """
     import os
-
-    import ray
 
     import paramserver
     from workers.launcher import run_workers
 
     threads = max(1, (os.cpu_count() or 1) // num_workers)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    try:
-        with paramserver.serve(num_shards, cpus_per_shard=0.01) as service:
-            pids = [p["pid"] for p in service.placements() if p["role"] == "primary"]
-            idle_mb = [_vm_kib(pid, "VmRSS") / 1024 for pid in pids]
-            config = {
-                "address": service.address, "steps": steps, "warmup": 2, "batch_size": batch_size, "threads": threads, "grad_dtype": grad_dtype,
-            }
-            results = run_workers(_bench_worker, num_workers, config=config, num_cpus_per_worker=0.01, timeout=900)
-            shard_peak_mb = [_vm_kib(pid, "VmHWM") / 1024 for pid in pids]
-    finally:
-        if started:
-            ray.shutdown()
+    with ray_session(), paramserver.serve(num_shards, cpus_per_shard=0.01, metrics_port=0) as service:
+        primaries = [p for p in service.placements() if p["role"] == "primary"]
+        pids = [p["pid"] for p in primaries]
+        idle_mb = [_vm_kib(pid, "VmRSS") / 1024 for pid in pids]
+        shards_idle = [proc_status_mb(pid) for pid in pids]
+        config = {
+            "address": service.address, "steps": steps, "warmup": 2, "batch_size": batch_size, "threads": threads,
+            "grad_dtype": grad_dtype, "transport": transport, "shard_pids": pids,
+            "metrics": [p["metrics"] for p in primaries if p["metrics"]],
+        }
+        results = run_workers(_bench_worker, num_workers, config=config, num_cpus_per_worker=0.01, timeout=900)
+        shard_peak_mb = [_vm_kib(pid, "VmHWM") / 1024 for pid in pids]
     return {
         "steps_per_s": results[0]["steps_per_s"],
+        "transport": results[0]["transport"],
         "shard_peak_rss_mb": max(shard_peak_mb),
         "shard_idle_rss_mb": max(idle_mb),
+        "shards_idle": shards_idle,
+        "shards_end": results[0]["shards_end"],
+        "shard_numel": results[0]["shard_numel"],
         "worker_peak_rss_mb": max(r["peak_rss_mb"] for r in results),
         "worker_idle_rss_mb": max(r["idle_rss_mb"] for r in results),
+        "worker_idle": results[0]["idle"],
+        "worker_end": results[0]["end"],
+        "bytes_per_step": results[0]["bytes_per_step"],
         "num_params": param_count(make_mlp()),
     }
-
 
 
 def _serve_one_shard(conn: Any) -> None:

@@ -26,3 +26,17 @@ def ray_cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_shared_memory_left_behind():
+    """After the whole session (its Ray cluster is gone by then: this fixture is set up first, so it ends last),
+    no shared-memory segment of the service may be left in /dev/shm: every segment a test made was unlinked by
+    its owner, or, where a test SIGKILLed the owner, by the sweep of the shard process that replaced it or of
+    the service's shutdown."""
+    from paramserver.dataplane.segments import leftover_names
+
+    before = set(leftover_names())
+    yield
+    left = sorted(set(leftover_names()) - before)
+    assert not left, f"shared memory left in /dev/shm after the tests: {left}"

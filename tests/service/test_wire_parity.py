@@ -1,4 +1,5 @@
-"""The parity suite through real gRPC on 127.0.0.1: workers as threads and as processes, equal to local torch.optim."""
+"""The parity suite through the service on 127.0.0.1, over both transports (gRPC chunks, and shared memory with
+gRPC control messages): workers as threads and as processes, equal to local torch.optim."""
 
 from __future__ import annotations
 
@@ -27,9 +28,15 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 12
 
 
-@pytest.fixture(scope="module", params=[1, 3], ids=["1shard", "3shards"])
+@pytest.fixture(
+    scope="module",
+    params=[(1, "grpc"), (3, "grpc"), (1, "shared_memory"), (3, "shared_memory")],
+    ids=["1shard-grpc", "3shards-grpc", "1shard-shm", "3shards-shm"],
+)
 def service(request):
-    svc = serve(request.param, trusted_modules=("tests",))
+    num_shards, transport = request.param
+    svc = serve(num_shards, trusted_modules=("tests",))
+    svc.transport = transport  # the transport every worker of the module's tests asks for
     yield svc
     svc.shutdown()
 
@@ -72,7 +79,8 @@ def test_parity_over_grpc_with_worker_threads(service, case):
 
     def create(rank):
         opts[rank] = RemoteOptimizer(
-            groups_of(models[rank], use_groups), optimizer, address=service.address, job=job, num_workers=num_workers, rank=rank,
+            groups_of(models[rank], use_groups), optimizer, address=service.address, transport=service.transport, job=job,
+            num_workers=num_workers, rank=rank,
             clip_grad_norm=clip, norm_type=norm_type, scheduler=scheduler, scheduler_kwargs=sched_kwargs, timeout=30.0, **kwargs,
         )
 
@@ -116,7 +124,8 @@ def test_parity_over_grpc_with_worker_processes(service, tmp_path):
     job = f"processes-{id(service)}"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.helpers.wire_worker", service.address, job, str(r), str(num_workers), str(STEPS), str(tmp_path / f"w{r}.pt")],
+            [sys.executable, "-m", "tests.helpers.wire_worker", service.address, job, str(r), str(num_workers), str(STEPS), str(tmp_path / f"w{r}.pt"),
+             service.transport],
             cwd=ROOT,
         )
         for r in range(num_workers)
@@ -141,7 +150,7 @@ def test_state_dict_round_trip_over_grpc(service):
     """Export over the wire -> load into local torch -> continue equals the service continuing, and back."""
     model = make_model()
     job = f"state-{id(service)}"
-    with RemoteOptimizer(model.named_parameters(), "Adam", address=service.address, job=job, lr=0.01, timeout=30.0,
+    with RemoteOptimizer(model.named_parameters(), "Adam", address=service.address, transport=service.transport, job=job, lr=0.01, timeout=30.0,
                          scheduler="StepLR", scheduler_kwargs={"step_size": 2}) as opt:
         params = list(model.parameters())
         for t in range(3):
@@ -183,7 +192,7 @@ def test_parity_low_precision_gradients_on_the_wire(service, grad_dtype):
     job = f"lowp-{grad_dtype}-{id(service)}"
 
     def create(rank):
-        opts[rank] = RemoteOptimizer(models[rank].named_parameters(), "Adam", lr=0.01, address=service.address, job=job,
+        opts[rank] = RemoteOptimizer(models[rank].named_parameters(), "Adam", lr=0.01, address=service.address, transport=service.transport, job=job,
                                      num_workers=num_workers, rank=rank, clip_grad_norm=0.5, grad_dtype=grad_dtype, timeout=30.0)
 
     run_threads(num_workers, create)
@@ -216,7 +225,7 @@ def test_parity_pushing_during_backward(service):
     opts: list[RemoteOptimizer | None] = [None] * num_workers
 
     def create(rank):
-        opts[rank] = RemoteOptimizer(models[rank].named_parameters(), "Adam", lr=0.01, address=service.address, job=job,
+        opts[rank] = RemoteOptimizer(models[rank].named_parameters(), "Adam", lr=0.01, address=service.address, transport=service.transport, job=job,
                                      num_workers=num_workers, rank=rank, clip_grad_norm=0.5, push_during_backward=True, timeout=30.0)
 
     def data(t, rank):
@@ -256,7 +265,7 @@ def test_parity_pushing_during_backward(service):
 
 def test_pushing_during_backward_refuses_a_second_backward_in_one_step(service):
     model = make_model()
-    with RemoteOptimizer(model.named_parameters(), "SGD", lr=0.1, address=service.address, job=f"accum-{id(service)}",
+    with RemoteOptimizer(model.named_parameters(), "SGD", lr=0.1, address=service.address, transport=service.transport, job=f"accum-{id(service)}",
                          push_during_backward=True, timeout=30.0) as opt:
         x = torch.randn(4, 6)
         model(x).sum().backward()
