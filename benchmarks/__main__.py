@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import checkpoint, failover, peers, service, straggler
-from benchmarks.common import make_mlp, param_count
+from benchmarks import checkpoint, failover, peers, scaling, service, straggler
+from benchmarks.common import ray_session
 
 
 @dataclass
@@ -49,11 +49,70 @@ def machine() -> dict:
     }
 
 
+MIB = 2**20
+
+
+def e2e_rows(e2e: dict, e2e_grpc: dict, e2e_bf16: dict | None, *, local: float, ddp: float, ray_ps: float) -> list[Row]:
+    """The end-to-end rows: the service over the default transport (shared memory on one host) and over gRPC,
+    each against the Ray object-store PS, DDP over gloo and one local process; shared memory against gRPC;
+    bf16 gradients against the default."""
+    rows = []
+    for name, result in (("e2e_steps_per_s", e2e), ("e2e_grpc_steps_per_s", e2e_grpc)):
+        rows += [
+            Row(name, result["steps_per_s"], "steps/s", "ray_ps_steps_per_s", ray_ps),
+            Row(name, result["steps_per_s"], "steps/s", "ddp_gloo_steps_per_s", ddp),
+            Row(name, result["steps_per_s"], "steps/s", "local_steps_per_s", local),
+        ]
+    rows.append(Row("e2e_steps_per_s", e2e["steps_per_s"], "steps/s", "e2e_grpc_steps_per_s", e2e_grpc["steps_per_s"]))
+    if e2e_bf16 is not None:
+        rows.append(Row("e2e_bf16_grads_steps_per_s", e2e_bf16["steps_per_s"], "steps/s", "e2e_steps_per_s", e2e["steps_per_s"]))
+    return rows
+
+
+def memory_rows(e2e: dict) -> list[Row]:
+    """Memory of the end-to-end run over the default transport, in MB (2**20 bytes).
+
+    A shard's state is fp32 weights plus Adam's two moments of its part (the largest shard's); the fixed
+    overhead is a shard process's RSS before any job. Peak RSS is VmHWM (after the run); ``*_end_*`` are read
+    right after the last timed step, while the job holds its shared memory: RssAnon is private memory,
+    RssShmem resident shared memory (the segments the shard and the workers share). A worker's model and
+    gradients are fp32 parameters twice."""
+    state = max(e2e["shard_numel"]) * 4 * 3 / MIB
+    idle = e2e["shard_idle_rss_mb"]
+    end = max(e2e["shards_end"], key=lambda s: s["RssAnon"] + s["RssShmem"])
+    idle_anon = max(s["RssAnon"] for s in e2e["shards_idle"])
+    model_and_grads = e2e["num_params"] * 4 * 2 / MIB
+    worker_idle, worker_end = e2e["worker_idle"], e2e["worker_end"]
+    return [
+        Row("shard_idle_rss_MB", idle, "MB"),
+        Row("shard_peak_rss_MB", e2e["shard_peak_rss_mb"], "MB", "shard_state_plus_idle_MB", state + idle),
+        Row("shard_peak_rss_over_idle_MB", e2e["shard_peak_rss_mb"] - idle, "MB", "shard_state_MB", state),
+        Row("shard_rss_anon_end_over_idle_MB", end["RssAnon"] - idle_anon, "MB", "shard_state_MB", state),
+        Row("shard_rss_shmem_end_MB", end["RssShmem"], "MB", "shard_state_MB", state),
+        Row("worker_peak_rss_MB", e2e["worker_peak_rss_mb"], "MB", "model_and_grads_MB", model_and_grads),
+        Row("worker_peak_rss_over_idle_MB", e2e["worker_peak_rss_mb"] - e2e["worker_idle_rss_mb"], "MB", "model_and_grads_MB", model_and_grads),
+        Row("worker_rss_anon_end_over_idle_MB", worker_end["RssAnon"] - worker_idle["RssAnon"], "MB", "model_and_grads_MB", model_and_grads),
+        Row("worker_rss_shmem_end_MB", worker_end["RssShmem"], "MB", "model_and_grads_MB", model_and_grads),
+    ]
+
+
+def table_lines(rows: list[Row]) -> list[str]:
+    lines = [f"{'name':34} {'value':>12} {'unit':10} {'baseline':28} {'baseline value':>15} {'ratio':>7}"]
+    for r in rows:
+        base = f"{r.baseline_value:15.3f}" if r.baseline_value is not None else " " * 15
+        ratio = f"{r.ratio:7.3f}" if r.ratio is not None else " " * 7
+        lines.append(f"{r.name:34} {r.value:12.3f} {r.unit:10} {r.baseline or '':28} {base} {ratio}")
+    return lines
+
+
 # Workers on one shard (threads with a client each, a tiny model): the shard server's cost per worker.
 SHARD_WORKERS = (1, 8, 32, 128)
 
 
-def run(quick: bool) -> list[Row]:
+def run(quick: bool, extras: dict | None = None) -> list[Row]:
+    """Every measurement of the main table, as rows; ``extras`` (a dict) gets the scaling grid (``scaling``),
+    the per-link figure (``link``) and the multi-host table computed from it (``multihost``)."""
+    extras = {} if extras is None else extras
     mib = 2**20
     nbytes = (16 if quick else 64) * mib
     chunk = 2 * mib
@@ -81,18 +140,15 @@ def run(quick: bool) -> list[Row]:
     in_service, standalone = service.update_mparams_per_s(2_000_000 if quick else 10_000_000, repeats)
     rows.append(Row("update_Mparams_per_s", in_service, "Mparams/s", "torch_adam_Mparams_per_s", standalone))
 
-    timed("end to end: local, DDP gloo, Ray PS, the service")
+    timed("end to end: local, DDP gloo, Ray PS, the service over shared memory and over gRPC")
     local = peers.local_steps_per_s(steps, batch_size)
     ddp = peers.ddp_gloo_steps_per_s(2, steps, batch_size)
-    ray_ps = peers.ray_ps_steps_per_s(2, steps, batch_size)
-    e2e = service.e2e(2, 2, steps, batch_size)
-    e2e_bf16 = service.e2e(2, 2, steps, batch_size, grad_dtype=torch.bfloat16)
-    rows += [
-        Row("e2e_bf16_grads_steps_per_s", e2e_bf16["steps_per_s"], "steps/s", "ray_ps_steps_per_s", ray_ps),
-        Row("e2e_steps_per_s", e2e["steps_per_s"], "steps/s", "ray_ps_steps_per_s", ray_ps),
-        Row("e2e_steps_per_s", e2e["steps_per_s"], "steps/s", "ddp_gloo_steps_per_s", ddp),
-        Row("e2e_steps_per_s", e2e["steps_per_s"], "steps/s", "local_steps_per_s", local),
-    ]
+    with ray_session():  # one Ray for the Ray PS and the service's runs
+        ray_ps = peers.ray_ps_steps_per_s(2, steps, batch_size)
+        e2e = service.e2e(2, 2, steps, batch_size)  # transport="auto": checked to be shared memory in every worker
+        e2e_grpc = service.e2e(2, 2, steps, batch_size, transport="grpc")
+        e2e_bf16 = service.e2e(2, 2, steps, batch_size, grad_dtype=torch.bfloat16)
+    rows += e2e_rows(e2e, e2e_grpc, e2e_bf16, local=local, ddp=ddp, ray_ps=ray_ps)
 
     timed("checkpoint stall")
     stall_ms = checkpoint.checkpoint_stall_ms(3 if quick else 10)
@@ -106,15 +162,7 @@ def run(quick: bool) -> list[Row]:
         Row("rollback_s", failover.rollback_s(1 if quick else 3), "s", "e2e_step_s", step_s),
     ]
 
-    num_params = param_count(make_mlp())
-    shard_state_mb = num_params * 4 * 3 / 2 / mib  # fp32 weights + Adam's two moments, over 2 shards
-    model_and_grads_mb = num_params * 4 * 2 / mib
-    rows += [
-        Row("shard_peak_rss_MB", e2e["shard_peak_rss_mb"], "MB", "shard_state_MB", shard_state_mb),
-        Row("shard_peak_rss_over_idle_MB", e2e["shard_peak_rss_mb"] - e2e["shard_idle_rss_mb"], "MB", "shard_state_MB", shard_state_mb),
-        Row("worker_peak_rss_MB", e2e["worker_peak_rss_mb"], "MB", "model_and_grads_MB", model_and_grads_mb),
-        Row("worker_peak_rss_over_idle_MB", e2e["worker_peak_rss_mb"] - e2e["worker_idle_rss_mb"], "MB", "model_and_grads_MB", model_and_grads_mb),
-    ]
+    rows += memory_rows(e2e)
     timed("workers per shard")
     per_shard = service.shard_steps_per_s(SHARD_WORKERS, 5 if quick else 20)
     rows += [Row(f"shard_steps_per_s_w{w}", v, "steps/s", "shard_steps_per_s_w1", per_shard[1]) for w, v in per_shard.items()]
@@ -132,6 +180,12 @@ def run(quick: bool) -> list[Row]:
     result = straggler.straggler_run(quick)
     rows += [Row(*r) for r in straggler.target_rows(result)]
     print(f"straggler plot: {result['plot']}", file=sys.stderr)
+
+    # How the cost grows (one host, shared memory), and the multi-host case computed from this run's gRPC B.
+    timed(f"scaling: {scaling.grid_for(quick).note}")
+    extras["scaling"] = scaling.scaling_run(scaling.grid_for(quick), log=sys.stderr)
+    extras["link"] = {"push_GBps": push, "pull_GBps": pull, "link_GBps": min(push, pull)}
+    extras["multihost"] = scaling.multihost_table(min(push, pull), {name: scaling.model_params(name) for name in scaling.MODELS})
     return rows
 
 
@@ -141,16 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    rows = run(args.quick)
-    print(f"{'name':32} {'value':>12} {'unit':10} {'baseline':28} {'baseline value':>15} {'ratio':>7}")
-    for r in rows:
-        base = f"{r.baseline_value:15.3f}" if r.baseline_value is not None else " " * 15
-        ratio = f"{r.ratio:7.3f}" if r.ratio is not None else " " * 7
-        print(f"{r.name:32} {r.value:12.3f} {r.unit:10} {r.baseline or '':28} {base} {ratio}")
-    print(f"({time.perf_counter() - started:.0f}s)")
+    extras: dict = {}
+    rows = run(args.quick, extras)
+    print("\n".join(table_lines(rows)))
+    scaling.print_all(extras["scaling"], extras["link"], extras["multihost"])
+    seconds = time.perf_counter() - started
+    print(f"({seconds:.0f}s)")
     if args.json:
         results = [{**asdict(r), "ratio": r.ratio} for r in rows]
-        args.json.write_text(json.dumps({"machine": machine(), "quick": args.quick, "results": results}, indent=1))
+        args.json.write_text(json.dumps(
+            {"machine": machine(), "quick": args.quick, "seconds": seconds, "results": results, **extras}, indent=1, default=str))
     return 0
 
 

@@ -107,6 +107,9 @@ def test_a_worker_killed_mid_step_is_dropped_after_its_lease_and_the_others_go_o
     workers = _workers(service, job, range(W))
     first = ray.get([w.train.remote(2) for w in workers], timeout=WAIT_S)
     assert all(c == [0, 1, 2] for done in first for _, c, _ in done)
+    shard_pids = [p["pid"] for p in service.placements() if p["role"] == "primary"]
+    # every worker process shares memory with both shards: its gradients (one segment each) and the job's weights
+    assert [len(_shared_memory_mapped(pid)) for pid in shard_pids] == [W + 1, W + 1]
     survivors = [w.train.remote(5) for w in workers[:2]]  # step 2 opens; worker 2 never pushes it
     time.sleep(0.3)
     os.kill(ray.get(workers[2].pid.remote(), timeout=WAIT_S), signal.SIGKILL)
@@ -125,6 +128,15 @@ def test_a_worker_killed_mid_step_is_dropped_after_its_lease_and_the_others_go_o
     status = ServiceClient(service.address, job).status()
     assert list(status.members) == [0, 1]
     assert [(c.rank, c.reason) for c in status.changes] == [(2, "lease expired")]
+    assert dict(status.transports) == dict.fromkeys(range(W), "shared_memory")
+    # the dropped worker's gradient segments are unmapped in the shards: the kernel freed them
+    assert [len(_shared_memory_mapped(pid)) for pid in shard_pids] == [W, W]
+
+
+def _shared_memory_mapped(pid: int) -> set[str]:
+    """The service's shared-memory segments process ``pid`` maps now."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return {line.split("/dev/shm/")[1].split()[0] for line in maps if "/dev/shm/paramserver-" in line}
 
 
 def test_a_worker_that_leaves_is_not_waited_for_and_one_that_joins_starts_at_the_open_step(service):

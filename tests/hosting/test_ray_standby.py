@@ -17,6 +17,7 @@ import torch
 
 import paramserver as ps
 from paramserver.checkpoint import load_torch_state, steps
+from paramserver.dataplane.segments import PREFIX, leftover_names
 from tests.helpers.reference import Reference, make_model, run_threads, worker_grads
 from tests.helpers.training import wait_until
 from workers.client import ServiceClient
@@ -131,6 +132,11 @@ def test_a_primary_killed_twice_between_steps_is_taken_over_with_no_step_lost(re
     assert primary["pid"] not in killed and job in primary["jobs"]
     status = ServiceClient(replicated.address, job).status()
     assert status.shards[1].address == primary["address"]  # the shard map names the standby that took over
+    # the workers went on through shared memory with the new primaries, and the job's weights segment of each
+    # killed primary lost its name when Ray restarted that process (its sweep at start)
+    assert dict(status.transports) == dict.fromkeys(range(W), "shared_memory")
+    wait_until(lambda: not [n for n in leftover_names() for pid in killed if n.startswith(f"{PREFIX}{pid}-")],
+               "the sweep of the killed primaries' shared memory", WAIT_S, poll=0.1)
 
 
 def test_a_killed_standby_is_rebuilt_and_training_goes_on(replicated):
