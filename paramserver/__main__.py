@@ -146,6 +146,8 @@ def _status(args: argparse.Namespace) -> int:
           f"{st.skipped_steps} skipped, last total norm {st.last_total_norm:.4g}, lrs {[round(x, 8) for x in st.lrs]}")
     for s in st.shards:
         print(f"  shard {s.shard} at {s.address} on {s.placement}: version {s.version}, pushed by workers {list(s.pushed_workers)}")
+    if st.transports:
+        print("  transports: " + ", ".join(f"worker {w} {t}" for w, t in sorted(st.transports.items())))
     print(f"  waiting for: {st.waiting_for or 'nothing'}")
     return 0
 

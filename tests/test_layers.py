@@ -16,6 +16,7 @@ PACKAGES = ["paramserver", "workers"]
 # package prefix -> imports it must never make (anywhere in a module, lazy imports included)
 FORBIDDEN = {
     "paramserver.core": ["grpc", "google.protobuf", "ray", "paramserver.wire", "paramserver.service", "paramserver.hosting", "workers"],
+    "paramserver.dataplane": ["grpc", "google.protobuf", "ray", "paramserver.wire", "paramserver.service", "paramserver.hosting", "workers"],
     "paramserver.checkpoint": ["grpc", "google.protobuf", "ray", "paramserver.service", "paramserver.hosting", "workers"],
     "paramserver.wire": ["ray", "paramserver.service", "paramserver.hosting", "workers"],
     "paramserver.service": ["ray", "paramserver.hosting", "workers"],
@@ -24,6 +25,7 @@ FORBIDDEN = {
     "workers.client": ["paramserver.service", "paramserver.hosting"],
     "workers.buffers": ["paramserver.service", "paramserver.hosting"],
     "workers.remote_optimizer": ["paramserver.service", "paramserver.hosting"],
+    "workers.shared_memory": ["paramserver.service", "paramserver.hosting"],
 }
 
 

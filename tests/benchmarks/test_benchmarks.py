@@ -54,3 +54,158 @@ def test_straggler_run_runs(tmp_path):
     assert "straggler_sync_s_to_95" in names and "straggler_backup_s_to_95" in names
     if result["plot"] is not None:
         assert result["plot"].exists()
+
+
+# --- scaling, the multi-host formula table, the rows and the report (pure functions, no Ray) ---
+
+
+def test_mlp_of_size_has_the_count_it_is_asked_for():
+    from benchmarks.common import mlp_hidden, mlp_of_size, mlp_params, param_count
+
+    assert param_count(mlp_of_size(200_000)) == mlp_params(mlp_hidden(200_000))
+    for nominal in (1_000_000, 10_000_000, 50_000_000):
+        assert abs(mlp_params(mlp_hidden(nominal)) - nominal) / nominal < 1e-3
+
+
+def test_the_multihost_formulas():
+    from benchmarks import scaling
+
+    m, b = 100e6, 1e9  # 100 MB, 1 GB/s
+    assert scaling.ps_seconds(m, 1, 1, b) == pytest.approx(0.1)
+    assert scaling.ps_seconds(m, 8, 1, b) == pytest.approx(0.8)  # the one server link carries n*M
+    assert scaling.ps_seconds(m, 8, 8, b) == pytest.approx(0.1)  # k = n: M/B, whatever n
+    assert scaling.ps_seconds(m, 8, 2, b) == pytest.approx(0.4)
+    assert scaling.ring_allreduce_seconds(m, 1, b) == 0
+    assert scaling.ring_allreduce_seconds(m, 2, b) == pytest.approx(0.1)
+    assert scaling.ring_allreduce_seconds(m, 16, b) == pytest.approx(2 * 15 / 16 * 0.1)
+    assert scaling.planned_bytes(4, 1000) == 16_000
+
+
+def test_the_multihost_table():
+    from benchmarks import scaling
+
+    rows = scaling.multihost_table(2.0, {"a": 1_000_000, "b": 10_000_000}, ns=(1, 2, 16))
+    assert [(r["model"], r["n"], r["k"]) for r in rows] == [
+        ("a", 1, 1), ("a", 2, 1), ("a", 2, 2), ("a", 16, 1), ("a", 16, 16),
+        ("b", 1, 1), ("b", 2, 1), ("b", 2, 2), ("b", 16, 1), ("b", 16, 16),
+    ]
+    r = rows[4]  # 1M params, n = k = 16 at 2 GB/s
+    assert r["model_MB"] == pytest.approx(4.0)
+    assert r["ps_ms"] == pytest.approx(2.0) and r["ring_ms"] == pytest.approx(2 * 15 / 16 * 2.0)
+    assert r["ps_server_link_MB"] == pytest.approx(4.0) and rows[3]["ps_server_link_MB"] == pytest.approx(64.0)
+    assert rows[0]["ps_over_ring"] is None  # one machine: no all-reduce traffic
+    assert len(scaling.multihost_lines(rows)) == len(rows) + 1
+    assert len(scaling.multihost_lines(rows, markdown=True)) == len(rows) + 2
+
+
+def test_the_quick_grid_is_smaller_than_the_full_one():
+    from benchmarks import scaling
+
+    full, quick = scaling.grid_for(False), scaling.grid_for(True)
+    assert (full.workers, full.shards, full.models) == (scaling.WORKERS, scaling.SHARDS, tuple(scaling.MODELS))
+    assert len(quick.workers) * len(quick.shards) * len(quick.models) < len(full.workers) * len(full.shards) * len(full.models)
+    assert quick.steps <= full.steps and quick.budget_s < full.budget_s and "reduced" in quick.note
+
+
+def _e2e_result(steps_per_s: float) -> dict:
+    status = {"VmHWM": 500.0, "VmRSS": 450.0, "RssAnon": 300.0, "RssShmem": 40.0}
+    return {
+        "steps_per_s": steps_per_s, "transport": "shared_memory", "shard_peak_rss_mb": 550.0, "shard_idle_rss_mb": 280.0,
+        "shards_idle": [{"RssAnon": 150.0, "RssShmem": 0.0}] * 2, "shards_end": [status, status], "shard_numel": [4_000_000, 3_000_000],
+        "worker_peak_rss_mb": 400.0, "worker_idle_rss_mb": 280.0, "worker_idle": {"RssAnon": 150.0, "RssShmem": 0.0},
+        "worker_end": status, "bytes_per_step": None, "num_params": 7_000_000,
+    }
+
+
+def test_the_e2e_and_memory_rows():
+    from benchmarks.__main__ import e2e_rows, memory_rows, table_lines
+
+    rows = e2e_rows(_e2e_result(10.0), _e2e_result(4.0), _e2e_result(9.0), local=20.0, ddp=6.0, ray_ps=5.0)
+    pairs = {(r.name, r.baseline) for r in rows}
+    for name in ("e2e_steps_per_s", "e2e_grpc_steps_per_s"):
+        for base in ("ray_ps_steps_per_s", "ddp_gloo_steps_per_s", "local_steps_per_s"):
+            assert (name, base) in pairs
+    assert ("e2e_steps_per_s", "e2e_grpc_steps_per_s") in pairs and ("e2e_bf16_grads_steps_per_s", "e2e_steps_per_s") in pairs
+    assert next(r for r in rows if r.name == "e2e_steps_per_s" and r.baseline == "ddp_gloo_steps_per_s").ratio == pytest.approx(10 / 6)
+
+    memory = {r.name: r for r in memory_rows(_e2e_result(10.0))}
+    state = 4_000_000 * 12 / 2**20  # the largest shard's weights and two moments
+    assert memory["shard_peak_rss_MB"].baseline == "shard_state_plus_idle_MB"
+    assert memory["shard_peak_rss_MB"].baseline_value == pytest.approx(state + 280.0)
+    assert memory["shard_peak_rss_over_idle_MB"].value == 270.0 and memory["shard_peak_rss_over_idle_MB"].baseline_value == pytest.approx(state)
+    assert memory["shard_rss_anon_end_over_idle_MB"].value == 150.0 and memory["shard_rss_shmem_end_MB"].value == 40.0
+    assert memory["shard_idle_rss_MB"].value == 280.0 and memory["shard_idle_rss_MB"].ratio is None
+    assert memory["worker_rss_shmem_end_MB"].baseline_value == pytest.approx(7_000_000 * 8 / 2**20)
+    assert len(table_lines(rows)) == len(rows) + 1
+
+
+def _run_json(quick: bool) -> dict:
+    from dataclasses import asdict
+
+    from benchmarks import scaling
+    from benchmarks.__main__ import e2e_rows
+
+    rows = e2e_rows(_e2e_result(10.0), _e2e_result(4.0), None, local=20.0, ddp=6.0, ray_ps=5.0)
+    rows.append(Row("takeover_s", 0.8, "s", "e2e_step_s", 0.1))
+    points = [
+        {"model": "1M", "num_params": 999_562, "shards": 1, "workers": 2, "planned_bytes_per_step": 8e6, "steps_per_s": 30.0,
+         "transport": "shared_memory", "measured": {"grpc_in": 0, "grpc_out": 0, "shm_in": 8e6, "shm_out": 8e6},
+         "bytes_in_per_step": 8e6, "bytes_out_per_step": 8e6, "error": None},
+        {"model": "50M", "num_params": 49_999_786, "shards": 4, "workers": 8, "planned_bytes_per_step": 1.6e9, "steps_per_s": None,
+         "error": "skipped: the grid's time budget was spent"},
+    ]
+    return {
+        "machine": {"date": "2026-11-25", "cpus": 2, "processor": "x86_64", "platform": "Linux", "python": "3.11", "torch": "2", "cuda": None},
+        "quick": quick, "seconds": 300.0, "results": [{**asdict(r), "ratio": r.ratio} for r in rows],
+        "scaling": {"grid": {**asdict(scaling.grid_for(quick))}, "points": points, "seconds": 100.0, "bytes_source": "measured"},
+        "link": {"push_GBps": 2.0, "pull_GBps": 1.5, "link_GBps": 1.5},
+        "multihost": scaling.multihost_table(1.5, {"1M": 999_562}, ns=(1, 2)),
+    }
+
+
+def test_the_report_renders_every_table(tmp_path):
+    from benchmarks import report
+
+    text = report.render(_run_json(quick=True))
+    assert "quick run" in text and "to be replaced" in text
+    assert "| e2e_grpc_steps_per_s | 4 | steps/s | ray_ps_steps_per_s | 5 | 0.8 |" in text
+    assert "| e2e (shared memory) ≥ 1.5 × DDP gloo | 1.667 (10 steps/s against 6) | yes |" in text
+    assert "| e2e (shared memory) ≥ 2.5 × Ray object-store PS | 2 (10 steps/s against 5) | **no** |" in text
+    assert "| in-service update ≥ 0.8 × standalone torch.optim | not in this run | |" in text
+    assert "skipped: the grid's time budget was spent" in text and "| 1M | 1.00M | 1 | 2 | 30 | 8 | 8 | 8/8 | 8 |" in text
+    assert "computed, not measured across machines" in text and "| 1M | 3.998 | 2 | 1 |" in text
+    assert "to be replaced" not in report.render(_run_json(quick=False))
+
+    data = tmp_path / "run.json"
+    data.write_text(json.dumps(_run_json(quick=False)))
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text(f"# head\n\nprose\n\n{report.BEGIN}\nold figures\n{report.END}\n\nmore prose\n")
+    assert report.main([str(data), "--write", str(doc)]) == 0
+    written = doc.read_text()
+    assert written.startswith("# head\n\nprose\n\n") and written.endswith(f"{report.END}\n\nmore prose\n")
+    assert "old figures" not in written and "| e2e_steps_per_s | 10 |" in written
+    with pytest.raises(ValueError, match="report:begin"):
+        report.replace_generated("no markers", "x")
+
+
+def test_shard_bytes_reads_the_shards_counters():
+    """The counters as a shard exposes them, read back over HTTP (this process's own metrics server)."""
+    from prometheus_client import start_http_server
+
+    from benchmarks.common import shard_bytes
+    from paramserver.service import metrics
+
+    server, thread = start_http_server(0, addr="127.0.0.1")
+    try:
+        address = f"127.0.0.1:{server.server_port}"
+        before = shard_bytes([address], "bench-counters")
+        metrics.BYTES_IN.labels("bench-counters", "0").inc(100)
+        metrics.BYTES_OUT.labels("bench-counters", "1").inc(50)
+        metrics.SHARED_MEMORY_BYTES.labels("bench-counters", "0", "in").inc(7)
+        metrics.SHARED_MEMORY_BYTES.labels("bench-counters", "1", "out").inc(3)
+        metrics.BYTES_IN.labels("another-job", "0").inc(1000)
+        after = shard_bytes([address], "bench-counters")
+    finally:
+        server.shutdown()
+        thread.join(10)
+    assert {k: after[k] - before[k] for k in after} == {"grpc_in": 100, "grpc_out": 50, "shm_in": 7, "shm_out": 3}

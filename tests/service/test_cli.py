@@ -68,6 +68,7 @@ def test_status_and_stop_reach_a_server_with_mtls_and_a_token(tmp_path):
             opt.close()
         assert status.returncode == 0, status.stderr
         assert "job cli: step 1, members [0] of 1 workers" in status.stdout, status.stdout
+        assert "transports: worker 0 shared_memory" in status.stdout  # the control messages went with the token over mTLS
         missing = _run("status", "--address", address, "--job", "nothing", "--auth-token-env", "PS_TOKEN", *tls_flags, env=env)
         assert missing.returncode == 1 and "no job 'nothing'" in missing.stderr, missing.stderr
         wrong = _run("status", "--address", address, "--auth-token-env", "WRONG_TOKEN", *tls_flags, env=env)
