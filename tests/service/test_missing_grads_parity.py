@@ -52,14 +52,15 @@ def test_parity_engine_skips_parameters_no_worker_has_a_gradient_for(num_shards)
     assert sorted(engine.state_dict()["optimizer"]["state"]) == sorted(ropt.state_dict()["state"]) == [1, 2, 3]
 
 
-def test_parity_frozen_parameter_through_the_service():
+@pytest.mark.parametrize("transport", ["grpc", "shared_memory"])
+def test_parity_frozen_parameter_through_the_service(transport):
     model = two_layers()
     model[0].weight.requires_grad_(False)  # frozen but given to the optimizer, as model.parameters() does
     ref = copy.deepcopy(model)
     ropt = torch.optim.AdamW(ref.named_parameters(), lr=0.1, weight_decay=0.1)
     x = torch.randn(8, 4)
     with serve_local(2) as service, RemoteOptimizer(model.named_parameters(), "AdamW", lr=0.1, weight_decay=0.1,
-                                                   address=service.address, job="frozen", timeout=30) as opt:
+                                                   address=service.address, job="frozen", timeout=30, transport=transport) as opt:
         for _ in range(3):
             opt.zero_grad()
             model(x).sum().backward()
@@ -84,9 +85,10 @@ class WithUnused(torch.nn.Module):
         return self.head(torch.tanh(self.used(x)))
 
 
+@pytest.mark.parametrize("transport", ["grpc", "shared_memory"])
 @pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("split", [None, 256], ids=["whole", "split"])
-def test_parity_unused_parameters_follow_zero_grad_set_to_none(set_to_none, split):
+def test_parity_unused_parameters_follow_zero_grad_set_to_none(set_to_none, split, transport):
     """zero_grad(set_to_none=True): an unused parameter has no gradient and is skipped; set_to_none=False:
     it has a zero gradient and weight decay and momentum move it, exactly as in torch. Split parameters
     (copied in and out of the buffers) are cleared by zero_grad like the others."""
@@ -96,7 +98,7 @@ def test_parity_unused_parameters_follow_zero_grad_set_to_none(set_to_none, spli
     ropt = torch.optim.SGD(ref.named_parameters(), **kwargs)
     x = torch.randn(8, 4)
     with serve_local(3) as service, RemoteOptimizer(model.named_parameters(), "SGD", address=service.address, job="unused",
-                                                   split_threshold_bytes=split, timeout=30, **kwargs) as opt:
+                                                   split_threshold_bytes=split, timeout=30, transport=transport, **kwargs) as opt:
         if split:
             assert any(opt.plan.is_split(p.index) for p in opt.plan.params)
         for _ in range(4):
