@@ -110,8 +110,9 @@ SHARD_WORKERS = (1, 8, 32, 128)
 
 
 def run(quick: bool, extras: dict | None = None) -> list[Row]:
-    """Every measurement of the main table, as rows; ``extras`` (a dict) gets the scaling grid (``scaling``),
-    the per-link figure (``link``) and the multi-host table computed from it (``multihost``)."""
+    """Every measurement of the main table, as rows; ``extras`` (a dict) gets the end-to-end runs' details
+    (``e2e``), the scaling grid (``scaling``), the per-link figure (``link``) and the multi-host table computed
+    from it (``multihost``)."""
     extras = {} if extras is None else extras
     mib = 2**20
     nbytes = (16 if quick else 64) * mib
@@ -149,6 +150,8 @@ def run(quick: bool, extras: dict | None = None) -> list[Row]:
         e2e_grpc = service.e2e(2, 2, steps, batch_size, transport="grpc")
         e2e_bf16 = service.e2e(2, 2, steps, batch_size, grad_dtype=torch.bfloat16)
     rows += e2e_rows(e2e, e2e_grpc, e2e_bf16, local=local, ddp=ddp, ray_ps=ray_ps)
+    # each run's details in the JSON: the transport in use, the bytes per step the shards counted, memory
+    extras["e2e"] = {"auto": e2e, "grpc": e2e_grpc, "auto_bf16_grads": e2e_bf16}
 
     timed("checkpoint stall")
     stall_ms = checkpoint.checkpoint_stall_ms(3 if quick else 10)

@@ -114,7 +114,7 @@ def render(data: dict[str, Any]) -> str:
     if "scaling" in data:
         s = data["scaling"]
         out += ["", "### Scaling on one host (transport auto: shared memory)", "",
-                (f"{s['grid']['note']}; {s['grid']['steps']} timed steps after {s['grid']['warmup']} warmup, batch "
+                (f"{s['grid']['note']}; batch "
                 f"{s['grid']['batch_size']} per worker; {s['seconds']:.0f} s. Bytes per step: {s['bytes_source']}."), "",
                 *scaling.scaling_lines(s, markdown=True)]
     if "multihost" in data:
@@ -122,7 +122,7 @@ def render(data: dict[str, Any]) -> str:
         out += ["", "### Multi-host, gRPC only: computed, not measured across machines", "",
                 (f"B = {link['link_GBps']:.3g} GB/s each way, the slower of this run's service push ({link['push_GBps']:.3g} GB/s) and "
                 f"pull ({link['pull_GBps']:.3g} GB/s) over loopback. PS time max(M/B, nM/(kB)) (BytePS), ring all-reduce "
-                "2(n-1)M/(nB); M = the model's fp32 bytes; link MB are per step, each way."), "",
+                "2(n-1)M/(nB); n worker machines, k server machines, M = the model's fp32 bytes; link MB are per step, each way."), "",
                 *scaling.multihost_lines(data["multihost"], markdown=True)]
     return "\n".join(out) + "\n"
 

@@ -128,15 +128,20 @@ def _bench_worker(
         expected = EXPECTED_ON_ONE_HOST[transport]
         if opt.transport != expected:
             raise RuntimeError(f"worker {rank}: transport={transport!r} on one host should give {expected!r}, got {opt.transport!r}")
-        # With counters to read, every worker runs one more step after the timed ones, so that the others are at
-        # the same point at both reads (their next gradients pushed, waiting for rank 0's).
+        # With counters to read (every worker runs the same steps, so all know ``metrics``): rank 0 reads them at
+        # step ``warmup`` and at the end of the timed steps, each time after the others have reached the same point
+        # (their next gradients pushed, waiting for rank 0's), so the difference is whole steps of every worker.
+        # The step after the first read is not timed (the others had a head start on it), and every worker runs
+        # one step after the timed ones (the others' next gradients at the second read).
+        extra = 1 if metrics else 0
+        first, last = warmup + extra, warmup + extra + steps  # the timed steps: [first, last)
         start = step_s = elapsed = 0.0
-        for step in range(warmup + steps + (1 if metrics else 0)):
-            if step == warmup:
-                if counted:
-                    before = _settled_bytes(metrics, job, step_s)
+        for step in range(last + extra):
+            if step == warmup and counted:
+                before = _settled_bytes(metrics, job, step_s)
+            if step == first:
                 start = time.perf_counter()
-            if step == warmup + steps:
+            if step == last:
                 elapsed = time.perf_counter() - start
                 if counted:
                     after = _settled_bytes(metrics, job, step_s)
@@ -161,7 +166,7 @@ def _bench_worker(
         "shards_end": shards_end,
         "shard_numel": shard_numel,
         "transport": used,
-        "bytes_per_step": {k: (after[k] - before[k]) / steps for k in after} if counted else None,
+        "bytes_per_step": {k: (after[k] - before[k]) / (last - warmup) for k in after} if counted else None,
     }
 
 

@@ -431,28 +431,6 @@ class Shard(ShardCopies):
         return self.weights
 
     @_locked
-    def place_weights(self, buffers: Sequence[torch.Tensor]) -> None:
-        """Move the flat weights into ``buffers`` (same sizes and dtypes, on the shard's device): shared memory
-        that workers on this host read without a copy. The values are copied over and every optimizer parameter
-        is pointed at its place in the new buffers (the same tensor objects: the optimizer's state stays keyed
-        by them). Nothing replaces ``self.weights`` afterwards: updates, loads and adoptions write into them."""
-        if len(buffers) != len(self.weights) or any(
-            b.numel() != w.numel() or b.dtype != w.dtype or b.device != w.device for b, w in zip(buffers, self.weights)
-        ):
-            raise ValueError(f"shard {self.shard_id}: new weight buffers must match the layouts {[(w.numel(), w.dtype) for w in self.weights]}")
-        with torch.no_grad():
-            for dst, src in zip(buffers, self.weights):
-                dst.copy_(src)
-            k = 0
-            for layout, flat in zip(self.layouts, buffers):
-                for off in layout.offsets:
-                    view = flat[off : off + self._weight_views[k].numel()].view(self._weight_views[k].shape)
-                    self.tensors[k].data = view
-                    self._weight_views[k] = view
-                    k += 1
-        self.weights = list(buffers)
-
-    @_locked
     def weight_copies(self) -> list[torch.Tensor]:
         return [w.clone() for w in self.weights]
 

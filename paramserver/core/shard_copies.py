@@ -1,6 +1,7 @@
 """A shard's copies of itself: its piece of a checkpoint (copied at a step boundary, into the buffers of its last
-copy once that one is written) and the whole state a standby takes over (``replica_state`` / ``adopt``). A part
-of ``Shard``, kept apart because it is one concern: plain Python and torch."""
+copy once that one is written), the whole state a standby takes over (``replica_state`` / ``adopt``), and its
+weights moved into memory workers share (``place_weights``). A part of ``Shard``, kept apart because it is one
+concern: plain Python and torch."""
 
 from __future__ import annotations
 
@@ -120,6 +121,29 @@ class ShardCopies:
             self.initialized = True
             self._changed.notify_all()
             self._notify_version_listeners()
+
+
+    @_locked
+    def place_weights(self, buffers: list[torch.Tensor]) -> None:
+        """Move the flat weights into ``buffers`` (same sizes and dtypes, on the shard's device): shared memory
+        that workers on this host read without a copy. The values are copied over and every optimizer parameter
+        is pointed at its place in the new buffers (the same tensor objects: the optimizer's state stays keyed
+        by them). Nothing replaces ``self.weights`` afterwards: updates, loads and adoptions write into them."""
+        if len(buffers) != len(self.weights) or any(
+            b.numel() != w.numel() or b.dtype != w.dtype or b.device != w.device for b, w in zip(buffers, self.weights)
+        ):
+            raise ValueError(f"shard {self.shard_id}: new weight buffers must match the layouts {[(w.numel(), w.dtype) for w in self.weights]}")
+        with torch.no_grad():
+            for dst, src in zip(buffers, self.weights):
+                dst.copy_(src)
+            k = 0
+            for layout, flat in zip(self.layouts, buffers):
+                for off in layout.offsets:
+                    view = flat[off : off + self._weight_views[k].numel()].view(self._weight_views[k].shape)
+                    self.tensors[k].data = view
+                    self._weight_views[k] = view
+                    k += 1
+        self.weights = list(buffers)
 
 
 def _cpu_copy(value: Any) -> Any:

@@ -135,14 +135,20 @@ def sweep() -> list[str]:
     """Remove the names whose creator is no longer alive (killed before it could unlink them); returns them."""
     removed = []
     for name in leftover_names():
-        pid = name[len(PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        pid = creator(name)
+        if pid is not None and not alive(pid):
             _unlink(name)
             removed.append(name)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def creator(name: str) -> int | None:
+    """The pid of the process that made segment ``name`` (None for a name of another form)."""
+    pid = name[len(PREFIX):].split("-", 1)[0]
+    return int(pid) if name.startswith(PREFIX) and pid.isdigit() else None
+
+
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
