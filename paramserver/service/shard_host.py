@@ -97,7 +97,7 @@ class ShardHost:
                 shard.place_weights(moved)
         return attachment
 
-    def _attachment(self, job: str, worker: int) -> Attachment:
+    def attachment(self, job: str, worker: int) -> Attachment:
         attachment = self.shared_memory.get(job, worker)
         if attachment is None:
             shard = self.shard(job)
@@ -108,14 +108,14 @@ class ShardHost:
 
     def push_shared(self, job: str, worker: int, step: int, missing: Sequence[int] = (), generation: int | None = None) -> tuple[bool, int]:
         """``push`` of the gradients the worker wrote into its shared memory."""
-        return self.push(job, worker, step, self._attachment(job, worker).grad_buffers, missing, generation)
+        return self.push(job, worker, step, self.attachment(job, worker).grad_buffers, missing, generation)
 
     def write_pulled(self, job: str, worker: int) -> tuple[int, int]:
         """After a pull's wait: (version, generation) of the weights the worker now finds in its shared memory.
         A worker with a segment of its own gets the weights copied in, with their version, under the shard's
         lock (another worker's update may land any time under asynchronous steps); one that reads the job's
         live weights needs no copy."""
-        attachment = self._attachment(job, worker)
+        attachment = self.attachment(job, worker)
         shard = self.shard(job)
         if attachment.shared_weights:
             return shard.version, shard.generation

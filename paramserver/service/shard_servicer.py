@@ -156,7 +156,7 @@ class ShardServicer(pb_grpc.ShardServicer):
     @translate_errors
     async def PullShared(self, request: pb.PullRequest, context: grpc.aio.ServicerContext) -> pb.SharedPullReply:
         self._check_shard(request.shard, "pull")
-        self.host._attachment(request.job, request.worker)  # fail before waiting
+        self.host.attachment(request.job, request.worker)  # fail before waiting
         generation = request.generation if request.HasField("generation") else None
         await self.host.wait_async(request.job, request.min_version, context.time_remaining(), generation, request.worker)
         version, generation = await self._run(self.host.write_pulled, request.job, request.worker)
