@@ -491,6 +491,34 @@ def test_pull_errors(wire, job_name):
     assert_status(exc, Code.INVALID_ARGUMENT, r"this is shard 0, the pull is for shard 1")
 
 
+def test_shared_memory_calls_refuse_bad_input_and_change_nothing(wire, job_name):
+    from paramserver.dataplane.segments import host_identity
+
+    job = create(wire, job_name)
+    job.init(initial_weights())
+    before = job.snapshot()
+    stub = job.shard(0)
+    push = pb.SharedPush(job=job_name, worker=0, step=0, shard=0)
+    exc = rpc_error(lambda: stub.PushShared(push, timeout=T))
+    assert_status(exc, Code.INVALID_ARGUMENT, r"worker 0 of job .* has no shared memory here: attach it first")
+    exc = rpc_error(lambda: stub.PullShared(pb.PullRequest(job=job_name, shard=0, min_version=5, worker=0), timeout=T))
+    assert_status(exc, Code.INVALID_ARGUMENT, r"has no shared memory here")  # at once, not at the deadline
+    exc = rpc_error(lambda: stub.PushShared(pb.SharedPush(job=job_name, worker=0, step=0, shard=1), timeout=T))
+    assert_status(exc, Code.INVALID_ARGUMENT, r"this is shard 0, the push is for shard 1")
+    exc = rpc_error(lambda: stub.AttachSharedMemory(pb.AttachRequest(job="no-such-job", shard=0, host=host_identity()), timeout=T))
+    assert_status(exc, Code.NOT_FOUND, r"no job 'no-such-job' on shard 0", "JOB_NOT_FOUND")
+    exc = rpc_error(lambda: stub.AttachSharedMemory(pb.AttachRequest(job=job_name, worker=9, shard=0, host=host_identity()), timeout=T))
+    assert_status(exc, Code.INVALID_ARGUMENT, r"worker must be in \[0, 2\), got 9")
+    other = stub.AttachSharedMemory(pb.AttachRequest(job=job_name, worker=0, shard=0, host="elsewhere"), timeout=T)
+    assert other.host == host_identity() and not other.grads_segment  # another host: nothing made
+    assert_same_snapshot(before, job.snapshot())
+    attached = stub.AttachSharedMemory(pb.AttachRequest(job=job_name, worker=0, shard=0, host=host_identity()), timeout=T)
+    assert attached.grads_segment and attached.weights_shared and list(attached.offsets) == [0]
+    stub.DetachSharedMemory(pb.DetachRequest(job=job_name, worker=0, shard=0), timeout=T)
+    exc = rpc_error(lambda: stub.PushShared(push, timeout=T))
+    assert_status(exc, Code.INVALID_ARGUMENT, r"attach it first")
+
+
 def test_pull_of_a_future_version_ends_at_its_deadline(wire, job_name):
     job = create(wire, job_name)
     job.init(initial_weights())
@@ -711,6 +739,10 @@ def test_auth_refuses_calls_without_the_right_token(auth_svc, job_name, metadata
             "PushParameters": lambda: shard.PushParameters(iter([pb.TensorChunk(header=_h(job_name, n, step=0), data=_f32(n))]),
                                                            timeout=T, metadata=metadata),
             "PullParameters": lambda: shard.PullParameters(pb.PullRequest(job=job_name, shard=0), timeout=T, metadata=metadata),
+            "AttachSharedMemory": lambda: shard.AttachSharedMemory(pb.AttachRequest(job=job_name, shard=0), timeout=T, metadata=metadata),
+            "PushShared": lambda: shard.PushShared(pb.SharedPush(job=job_name, shard=0), timeout=T, metadata=metadata),
+            "PullShared": lambda: shard.PullShared(pb.PullRequest(job=job_name, shard=0), timeout=T, metadata=metadata),
+            "DetachSharedMemory": lambda: shard.DetachSharedMemory(pb.DetachRequest(job=job_name, shard=0), timeout=T, metadata=metadata),
             "Health": lambda: _health(bad.channel(), metadata=metadata),
             "Health on a shard": lambda: _health(bad.channel(job.info.shards[1].address), SHARD, metadata=metadata),
             "Reflection": lambda: _reflected_services(bad.channel(), metadata=metadata),
