@@ -31,6 +31,12 @@ from paramserver.core.staleness import AsyncLedger
 __all__ = ["Shard", "SnapshotWrite"]  # SnapshotWrite: where callers have always imported it from
 
 
+def _over(view: torch.Tensor) -> torch.Tensor:
+    """A tensor over the same memory as ``view`` that is not a view: an optimizer parameter must not keep its
+    flat buffer alive as a view's base once ``place_weights`` has moved it elsewhere."""
+    return torch.empty(0, dtype=view.dtype, device=view.device).set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
+
+
 class Shard(ShardCopies):
     def __init__(
         self,
@@ -88,7 +94,7 @@ class Shard(ShardCopies):
             for s, off in zip(layout.slices, layout.offsets):
                 shape = plan.params[s.param].shape if plan.is_whole(s) else (s.numel,)
                 self._weight_views.append(flat[off : off + s.numel].view(shape))
-                tensor = flat[off : off + s.numel].view(shape)
+                tensor = _over(self._weight_views[-1])
                 self._grad_views.append(grad_flat[off : off + s.numel].view(shape))
                 tensor.grad = self._grad_views[-1]
                 self.slices.append(s)

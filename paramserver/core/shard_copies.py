@@ -140,7 +140,7 @@ class ShardCopies:
             for layout, flat in zip(self.layouts, buffers):
                 for off in layout.offsets:
                     view = flat[off : off + self._weight_views[k].numel()].view(self._weight_views[k].shape)
-                    self.tensors[k].data = view
+                    self.tensors[k].set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
                     self._weight_views[k] = view
                     k += 1
         self.weights = list(buffers)

@@ -74,6 +74,9 @@ class ShardProcess:
 
         bind_host = config.host
         segments.sweep()  # shared memory of shard processes killed before they could let go of it
+        # torch loads torch._dynamo (and sympy) when the first optimizer is built: now, so that the first job does
+        # not wait for it and the idle process's memory is what it runs with
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
         self.host = ShardHost(shard_id, placement=f"node {ray.get_runtime_context().get_node_id()[:12]} ({_advertised('0.0.0.0')})")
         self.host.on_initial_weights = self._hand_initial_weights
         self.server, port = create_shard_server(self.host, f"{bind_host}:0", config)

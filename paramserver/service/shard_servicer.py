@@ -93,16 +93,14 @@ class ShardServicer(pb_grpc.ShardServicer):
         return pb.PushReply(already_applied=not applied, version=version)
 
     def _initial_weights(self, job: str, weights: list[torch.Tensor]) -> None:
-        try:
-            self.host.initial_weights(job, weights)  # copied into the shard's weights
-        finally:
-            self.pool.give_back(weights)
+        # copied into the shard's weights; the receive buffers are not kept for pushes (over shared memory there
+        # are none to receive, and a pool of a job's size would stay resident for nothing)
+        self.host.initial_weights(job, weights)
 
     @translate_errors
     async def PushParameters(self, request_iterator: AsyncIterator[codec.Chunk], context: grpc.aio.ServicerContext) -> pb.PushReply:
         head, weights = await self._receive(request_iterator, check_step=False)
         if head.worker != 0:
-            self.pool.give_back(weights)
             raise ValueError(f"initial weights come from rank 0, not rank {head.worker}")
         nbytes = _nbytes(weights)
         await self._run(self._initial_weights, head.job, weights)
