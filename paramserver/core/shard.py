@@ -23,6 +23,7 @@ from paramserver.core.errors import (
     StaleStepError,
     StateReloadedError,
 )
+from paramserver.core.kernels import keep_kernel, kernel_choice
 from paramserver.core.scheduling import build_optimizer, set_hyperparameters
 from paramserver.core.shard_copies import ShardCopies, SnapshotWrite, _locked
 from paramserver.core.sharding import ShardingPlan, Slice
@@ -108,7 +109,9 @@ class Shard(ShardCopies):
             {"params": [t for s, t in zip(self.slices, self.tensors) if plan.params[s.param].group == g], **options}
             for g, options in enumerate(group_options)
         ]
-        self.optimizer = build_optimizer(optimizer_cls, groups, optimizer_kwargs)
+        # the fastest of torch's implementations that gives torch's default bits (paramserver.core.kernels)
+        self.kernel = kernel_choice(optimizer_cls, group_options, optimizer_kwargs, [layout.dtype for layout in self.layouts], self.device)
+        self.optimizer = build_optimizer(optimizer_cls, groups, {**optimizer_kwargs, **self.kernel})
         self.version = 0  # number of closed steps; pushes are accepted for step == version
         # Of the weights: a load starts a new one (start_generation). A push computed on the weights of
         # another generation is refused, and a pull that holds an older one returns with the new weights.
@@ -322,6 +325,7 @@ class Shard(ShardCopies):
             for buf in self.accumulator.sums:
                 buf.mul_(coef)
         set_hyperparameters(self.optimizer, hyperparameters)
+        keep_kernel(self.optimizer, self.kernel)
         for s, tensor in zip(self.slices, self.tensors):
             if s.param not in self._with_grad:
                 tensor.grad = None  # torch.optim skips it (no update, no state); reduce points it back next step
@@ -494,3 +498,4 @@ class Shard(ShardCopies):
                                  "params": [index[id(t)] for t in group["params"]]})
         state = {i: st for i, st in enumerate(slice_states) if st}
         self.optimizer.load_state_dict({"state": state, "param_groups": local_groups})
+        keep_kernel(self.optimizer, self.kernel)
