@@ -119,6 +119,7 @@ class RemoteOptimizer(WorkerMembership):
         self.timeout = timeout
         self.join_timeout = join_timeout
         self.grad_dtype = grad_dtype
+        self._wire_buffers: dict[int, list[torch.Tensor]] = {}  # per shard, the gradients in grad_dtype (``_wire``)
         self.client = ServiceClient(
             address, job, auth_token=auth_token, root_certificates=root_certificates, client_certificate=client_certificate, timeout=timeout,
             transport=transport,
@@ -364,13 +365,24 @@ class RemoteOptimizer(WorkerMembership):
             # the same step again (a standby took over): the same gradients, still in their buffers, and the same
             # list of parameters without one (gather pointed every .grad at its buffer, so it cannot be read again)
             grads = self.buffers.grads[shard]
-        return self.client.push_shard(self.rank, step, shard, self._wire(grads), missing, self.generation)
+        return self.client.push_shard(self.rank, step, shard, self._wire(shard, grads), missing, self.generation)
 
-    def _wire(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Gradients in the dtype they travel in (the shard accumulates them in the parameters' dtype)."""
+    def _wire(self, shard: int, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Gradients in the dtype they travel in (the shard accumulates them in the parameters' dtype), in buffers
+        kept from step to step. Through shared memory nothing travels: the gradients are rounded to that dtype in
+        place, so that the job trains the same on either transport."""
         if self.grad_dtype is None:
             return buffers
-        return [b.to(self.grad_dtype) if b.is_floating_point() else b for b in buffers]
+        scratch = self._wire_buffers.get(shard)
+        if scratch is None:
+            scratch = self._wire_buffers[shard] = [torch.empty(b.shape, dtype=self.grad_dtype if b.is_floating_point() else b.dtype) for b in buffers]
+        for out, b in zip(scratch, buffers):
+            out.copy_(b)
+        if self.client.shared[shard] is None:
+            return scratch
+        for b, rounded in zip(buffers, scratch):
+            b.copy_(rounded)
+        return buffers
 
     def _attach_shared_memory(self, shards: list[int] | None = None) -> None:
         """Move the buffers of ``shards`` (None: all) into the shared memory of those on this host, back into
