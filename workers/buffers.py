@@ -6,6 +6,10 @@ wire (the same idea as DDP's ``gradient_as_bucket_view``). Pieces of a split par
 GPU, are copied in and out; for a GPU model the buffers are pinned host memory and the copies run on a
 side stream.
 
+The buffers are memory of their own, or, for a shard on this host, its shared-memory segments (``place``):
+then backward writes the gradients where the shard reduces from, and under synchronous steps the model's
+weights are the job's live weights on that shard.
+
 Views are made afresh from the buffers whenever they are handed out, and every push and pull checks that
 each parameter still sits where it should: code that rebinds ``param.data`` or ``param.grad`` gets its
 values copied in and the parameter re-pointed; a parameter whose dtype, shape or device changed after the

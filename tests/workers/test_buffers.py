@@ -67,3 +67,33 @@ def test_rebound_data_is_pointed_back_and_a_changed_dtype_is_an_error():
     model.double()
     with pytest.raises(ValueError, match="is now torch.float64"):
         buffers.gather_grads()
+
+
+def test_placing_a_shards_buffers_elsewhere_moves_values_and_views_and_back():
+    model, plan, buffers = setup()
+    params = list(model.parameters())
+    model(torch.randn(5, 6)).sum().backward()
+    grads_before = [p.grad.clone() for p in params]
+    weights_before = [p.detach().clone() for p in params]
+    params[-1].grad = None  # no gradient: stays None wherever the buffers go
+    on_shard = [i for i, (j, _, _) in buffers.viewed.items() if j == 0]
+    assert on_shard
+    layouts = plan.buffers(0)
+    grads = [torch.empty(l.numel, dtype=l.dtype) for l in layouts]
+    weights = [torch.empty(l.numel, dtype=l.dtype) for l in layouts]
+    buffers.place(0, grads, weights)
+    assert buffers.elsewhere == {0}
+    for i in on_shard:
+        assert params[i].data_ptr() == buffers.weight_view(i).data_ptr()
+        assert params[i].untyped_storage().data_ptr() == weights[buffers.viewed[i][1]].untyped_storage().data_ptr()
+        assert params[i].grad is None if i == len(params) - 1 else params[i].grad.data_ptr() == buffers.grad_view(i).data_ptr()
+    for i, p in enumerate(params):  # the values went along
+        assert torch.equal(p.detach(), weights_before[i])
+        if p.grad is not None:
+            assert torch.equal(p.grad, grads_before[i])
+    held = [torch.full((l.numel,), 7.0, dtype=l.dtype) for l in layouts]  # buffers that hold the job's weights already
+    buffers.place(0, grads, held, weights_hold_values=True)
+    assert all(bool(params[i].eq(7.0).all()) for i in on_shard)
+    buffers.place(0)  # back into memory of its own, the values along
+    assert buffers.elsewhere == set()
+    assert all(bool(params[i].eq(7.0).all()) and params[i].untyped_storage().data_ptr() != held[0].untyped_storage().data_ptr() for i in on_shard)
