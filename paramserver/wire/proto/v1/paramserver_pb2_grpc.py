@@ -79,6 +79,16 @@ class CoordinatorStub:
                 request_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.StopRequest.SerializeToString,
                 response_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.StopReply.FromString,
                 _registered_method=True)
+        self.GetServiceInfo = channel.unary_unary(
+                '/paramserver.v1.Coordinator/GetServiceInfo',
+                request_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.ServiceInfoRequest.SerializeToString,
+                response_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.ServiceInfo.FromString,
+                _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/paramserver.v1.Coordinator/DeleteJob',
+                request_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.DeleteJobReply.FromString,
+                _registered_method=True)
         self.Checkpoint = channel.unary_unary(
                 '/paramserver.v1.Coordinator/Checkpoint',
                 request_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.CheckpointRequest.SerializeToString,
@@ -148,7 +158,22 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Stop(self, request, context):
-        """Ask the process running the service to stop it (`paramserver stop`).
+        """Ask the process running the service to stop it (`paramserver stop`). The request names the service
+        instance (its id from GetServiceInfo): any other id, or none, is refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetServiceInfo(self, request, context):
+        """Which service this is: its instance id, its shards.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteJob(self, request, context):
+        """Delete a job: its state on every shard, its shared memory, its membership. Its checkpoints stay.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -208,6 +233,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Stop,
                     request_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.StopRequest.FromString,
                     response_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.StopReply.SerializeToString,
+            ),
+            'GetServiceInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServiceInfo,
+                    request_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.ServiceInfoRequest.FromString,
+                    response_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.ServiceInfo.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.DeleteJobRequest.FromString,
+                    response_serializer=paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.DeleteJobReply.SerializeToString,
             ),
             'Checkpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.Checkpoint,
@@ -458,6 +493,60 @@ class Coordinator:
             '/paramserver.v1.Coordinator/Stop',
             paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.StopRequest.SerializeToString,
             paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.StopReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServiceInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.Coordinator/GetServiceInfo',
+            paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.ServiceInfoRequest.SerializeToString,
+            paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.ServiceInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.Coordinator/DeleteJob',
+            paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.DeleteJobRequest.SerializeToString,
+            paramserver_dot_wire_dot_proto_dot_v1_dot_paramserver__pb2.DeleteJobReply.FromString,
             options,
             channel_credentials,
             insecure,
