@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import checkpoint, failover, peers, scaling, service, straggler
+from benchmarks import checkpoint, failover, gpt2, peers, scaling, service, straggler
 from benchmarks.common import ray_session
 
 
@@ -152,6 +152,11 @@ def run(quick: bool, extras: dict | None = None) -> list[Row]:
     rows += e2e_rows(e2e, e2e_grpc, e2e_bf16, local=local, ddp=ddp, ray_ps=ray_ps)
     # each run's details in the JSON: the transport in use, the bytes per step the shards counted, memory
     extras["e2e"] = {"auto": e2e, "grpc": e2e_grpc, "auto_bf16_grads": e2e_bf16}
+
+    timed("end to end: GPT-2 (transformers, byte-level), the service and one local process")
+    gpt2_steps = 10 if quick else 30
+    rows.append(Row("e2e_gpt2_steps_per_s", gpt2.service_steps_per_s(2, 2, gpt2_steps), "steps/s", "local_gpt2_steps_per_s",
+                    gpt2.local_steps_per_s(gpt2_steps)))
 
     timed("checkpoint stall")
     stall_ms = checkpoint.checkpoint_stall_ms(3 if quick else 10)

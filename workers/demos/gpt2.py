@@ -43,7 +43,7 @@ def make_gpt2(seed: int = 0, block: int = 64, n_embd: int = 64, n_layer: int = 2
     torch.manual_seed(seed)
     config = GPT2Config(
         vocab_size=VOCAB, n_positions=block, n_embd=n_embd, n_layer=n_layer, n_head=n_head, tie_word_embeddings=True,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,  # bytes: no special tokens
     )
     model = GPT2LMHeadModel(config)
     assert model.lm_head.weight is model.transformer.wte.weight, "the output layer is the input embedding"
