@@ -84,4 +84,5 @@ class JobSpec:
             reject_nonfinite=self.config.nonfinite == "error",
             device=device,
             initialized=not described_only,
+            grad_dtype=self.config.grad_dtype,
         )

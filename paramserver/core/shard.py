@@ -57,6 +57,7 @@ class Shard(ShardCopies):
         reject_nonfinite: bool = False,
         device: str | torch.device = "cpu",
         initialized: bool = True,
+        grad_dtype: torch.dtype | None = None,
     ) -> None:
         self.shard_id = shard_id
         self.plan = plan
@@ -69,6 +70,8 @@ class Shard(ShardCopies):
         # asynchronous steps: each worker's push is its own update (None: synchronous steps)
         self.ledger = AsyncLedger(max_staleness) if mode == "async" else None
         self.reject_nonfinite = reject_nonfinite
+        # the dtype gradients travel in (the job's grad_dtype; None: the parameters'); they are summed in the latter
+        self.grad_dtype = grad_dtype
         if len(weights) != len(self.layouts):
             raise ValueError(f"shard {shard_id}: expected {len(self.layouts)} weight buffers, got {len(weights)}")
         self.weights = [w.detach().to(self.device, copy=True) for w in weights]

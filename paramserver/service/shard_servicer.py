@@ -40,11 +40,18 @@ class ShardServicer(pb_grpc.ShardServicer):
         return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
 
     async def _receive(self, request_iterator: AsyncIterator[codec.Chunk], check_step: bool) -> tuple[pb.ChunkHeader, list]:
+        """The chunks of a push (``check_step``: gradients; else the initial weights), checked one by one as they
+        come. The first chunk's header names the push, so a stream has at least one chunk: a shard without
+        buffers takes exactly one header-only chunk. Every chunk carries its buffer's dtype (for gradients, the
+        job's grad_dtype where it sets one); nothing is converted here, the shard sums in the parameters' dtype."""
         chunks = request_iterator.__aiter__()
         try:
             first = await chunks.__anext__()
         except StopAsyncIteration:
-            raise ValueError("empty stream: no chunks") from None
+            raise ValueError(
+                "empty stream: no chunks (the first chunk's header names the push; a shard that holds no parameter "
+                "takes one header-only chunk)"
+            ) from None
         head = first.header
         if head.shard != self.host.shard_id:
             raise ValueError(f"this is shard {self.host.shard_id}, the chunks are for shard {head.shard}")
@@ -54,7 +61,9 @@ class ShardServicer(pb_grpc.ShardServicer):
         if check_step:
             shard.check_push_step(head.worker, head.step)  # fail a stale or future push before its bytes stream in
         layouts = shard.layouts
-        assembler = codec.Assembler([layout.numel for layout in layouts], [layout.dtype for layout in layouts], allocate=self.pool.take)
+        dtypes = [layout.dtype for layout in layouts]
+        wire_dtypes = codec.gradient_dtypes(dtypes, shard.grad_dtype) if check_step else dtypes
+        assembler = codec.Assembler([layout.numel for layout in layouts], dtypes, allocate=self.pool.take, wire_dtypes=wire_dtypes)
         key = (head.job, head.worker, head.step, head.shard)
         try:
             chunk = first

@@ -3,6 +3,10 @@
 A shard's flat buffer travels as raw little-endian bytes cut into chunks of at most ``chunk_bytes``; each
 chunk's header says which buffer, its dtype, the element offset and the buffer's total length, so a
 receiver checks every chunk against what it expects before a byte lands in its preallocated buffer.
+A chunk carries the buffer's own dtype (a job's ``grad_dtype`` for the gradients of its floating-point
+buffers: ``gradient_dtypes``); nothing is converted on receipt. A shard without buffers (it holds no
+parameter) sends and takes exactly one header-only chunk, which carries the stream's header. The rules are
+written for clients in protos/PROTOCOL.md.
 """
 
 from __future__ import annotations
@@ -46,6 +50,18 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r} (supported: {', '.join(DTYPES)})")
     return DTYPES[name]
+
+
+def gradient_dtypes(buffer_dtypes: Sequence[torch.dtype], grad_dtype: torch.dtype | None) -> list[torch.dtype]:
+    """The dtype the gradient chunks of each buffer carry: the job's ``grad_dtype`` for a real floating-point
+    buffer when the job sets one, else the buffer's own (complex buffers always travel as themselves)."""
+    return [grad_dtype if grad_dtype is not None and d.is_floating_point else d for d in buffer_dtypes]
+
+
+def is_header_only(chunk: Chunk | pb.TensorChunk) -> bool:
+    """The one chunk of a stream for a shard without buffers: no payload, buffer 0, offset 0, total 0, no dtype."""
+    h = chunk.header
+    return not len(chunk.data) and (h.buffer, h.offset, h.total, h.dtype) == (0, 0, 0, "")
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:
@@ -137,7 +153,8 @@ def encode(buffers: Sequence[torch.Tensor], chunk_bytes: int = DEFAULT_CHUNK_BYT
     """Chunks of ``buffers`` (1-D tensors), each with a header made of ``header`` plus its place. The
     payloads are views of the buffers: they must not change until the chunks are sent."""
     if not buffers:
-        # A shard may hold no tensor (more shards than tensors): one empty chunk still carries the header.
+        # A shard may hold no parameter (more shards than tensors): its stream is one header-only chunk, which
+        # names the push (job, worker, step, shard, generation) or the pulled version and generation.
         yield Chunk(pb.ChunkHeader(**header), b"")
         return
     for index, buf in enumerate(buffers):
@@ -152,7 +169,10 @@ def encode(buffers: Sequence[torch.Tensor], chunk_bytes: int = DEFAULT_CHUNK_BYT
 
 class Assembler:
     """Receives the chunks of a set of flat buffers, checking each chunk, into ``destinations`` (the
-    receiver's own buffers: their dtype is then the only one accepted) or into buffers from ``allocate``."""
+    receiver's own buffers) or into buffers from ``allocate``. Every chunk of buffer i must carry
+    ``wire_dtypes[i]`` (default: ``dtypes[i]``, the buffer's own; ``gradient_dtypes`` for gradients under a
+    job's ``grad_dtype``): a chunk of another dtype is refused, never converted. Without buffers, the stream is
+    exactly one header-only chunk."""
 
     def __init__(
         self,
@@ -160,27 +180,49 @@ class Assembler:
         dtypes: Sequence[torch.dtype],
         destinations: Sequence[torch.Tensor] | None = None,
         allocate: Callable[[int, torch.dtype], torch.Tensor] | None = None,
+        wire_dtypes: Sequence[torch.dtype] | None = None,
     ) -> None:
         self.numels = list(numels)
         self.dtypes = list(dtypes)
+        self.wire_dtypes = list(self.dtypes if wire_dtypes is None else wire_dtypes)
+        if len(self.dtypes) != len(self.numels) or len(self.wire_dtypes) != len(self.numels):
+            raise ValueError(f"{len(self.numels)} buffers, but {len(self.dtypes)} dtypes and {len(self.wire_dtypes)} wire dtypes")
         self.buffers: list[torch.Tensor | None] = list(destinations) if destinations is not None else [None] * len(numels)
+        for i, buf in enumerate(self.buffers):
+            if buf is not None and buf.dtype != self.wire_dtypes[i]:
+                raise ValueError(f"buffer {i}: destination of {buf.dtype} for chunks of {dtype_name(self.wire_dtypes[i])}")
         self.received = [0] * len(numels)
+        self.header_only = False  # the one chunk of a stream without buffers came
         self._allocate = allocate or (lambda numel, dtype: torch.empty(numel, dtype=dtype))
+
+    def describe(self) -> str:
+        """The buffers, as an error names them: "0 (float32, 12 elements), 1 (float64, 2 elements)"."""
+        if not self.numels:
+            return "none (this shard holds no parameter: its stream is one header-only chunk)"
+        return ", ".join(f"{i} ({dtype_name(d)}, {n} elements)" for i, (d, n) in enumerate(zip(self.dtypes, self.numels)))
 
     def add(self, chunk: Chunk | pb.TensorChunk) -> None:
         if getattr(chunk, "malformed", None):
             raise ValueError(chunk.malformed)
         h = chunk.header
-        if not self.numels and not len(chunk.data) and (h.buffer, h.offset, h.total, h.dtype) == (0, 0, 0, ""):
-            return  # the header-only chunk of a stream for a shard without buffers
+        if not self.numels and is_header_only(chunk):
+            if self.header_only:
+                raise ValueError("this shard holds no parameter: its stream is exactly one header-only chunk, not two")
+            self.header_only = True
+            return
         if h.buffer >= len(self.numels):
-            raise ValueError(f"chunk for buffer {h.buffer}, but there are only {len(self.numels)} buffers")
+            raise ValueError(f"chunk for buffer {h.buffer}, but there are only {len(self.numels)} buffers: {self.describe()}")
         expected = self.numels[h.buffer]
         if h.total != expected:
             raise ValueError(f"buffer {h.buffer} has {expected} elements, the chunk says {h.total}")
         dtype = parse_dtype(h.dtype)
         if not (dtype.is_floating_point or dtype.is_complex):
             raise ValueError(f"buffer {h.buffer}: dtype {h.dtype} is not floating point")
+        want = self.wire_dtypes[h.buffer]
+        if dtype != want:
+            own = self.dtypes[h.buffer]
+            why = "" if want == own else f" (the job's grad_dtype; the buffer itself is {dtype_name(own)})"
+            raise ValueError(f"buffer {h.buffer}: the chunk carries {h.dtype}, the buffer takes {dtype_name(want)}{why}")
         itemsize = dtype.itemsize
         nbytes = len(chunk.data)
         if nbytes % itemsize:
@@ -194,8 +236,6 @@ class Assembler:
         buf = self.buffers[h.buffer]
         if buf is None:
             buf = self.buffers[h.buffer] = self._allocate(expected, dtype)
-        elif buf.dtype != dtype:
-            raise ValueError(f"buffer {h.buffer}: chunks disagree on dtype ({buf.dtype} then {h.dtype})")
         if count:
             # a byte copy straight from the message into place
             target = buf.view(torch.uint8).numpy()
@@ -207,7 +247,7 @@ class Assembler:
         for i, (got, want) in enumerate(zip(self.received, self.numels)):
             if got != want:
                 raise ValueError(f"buffer {i}: received {got} of {want} elements")
-        return [b if b is not None else torch.empty(0, dtype=d) for b, d in zip(self.buffers, self.dtypes)]
+        return [b if b is not None else torch.empty(0, dtype=d) for b, d in zip(self.buffers, self.wire_dtypes)]
 
 
 def encode_state(skeleton_json: str, tensors: Sequence[torch.Tensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES, job: str = "") -> Iterator[pb.StateChunk]:
