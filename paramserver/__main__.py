@@ -3,15 +3,18 @@
     paramserver serve --num-shards 4 --gpus-per-shard 0.5 [--ray-address auto] [--host 0.0.0.0] [--port 50051]
     paramserver serve --local --num-shards 2            # the same service in this process, without Ray
     paramserver status --address HOST:PORT --job NAME [--tls-ca CA.pem] [--auth-token-env VAR]
-    paramserver stop --address HOST:PORT [--tls-ca CA.pem] [--auth-token-env VAR]
+    paramserver stop --address HOST:PORT [--service-id ID] [--tls-ca CA.pem] [--auth-token-env VAR]
+    paramserver delete --address HOST:PORT --job NAME [--tls-ca CA.pem] [--auth-token-env VAR]
     paramserver checkpoint --address HOST:PORT --job NAME [--tls-ca CA.pem] [--auth-token-env VAR]
     paramserver export --checkpoint-dir DIR --job NAME [--step N] --out FILE.pt
 
 ``serve``'s flags are made from the fields of ``ServerConfig`` and ``RayConfig`` (``--grpc-threads``,
 ``--chunk-bytes``, ``--cpus-per-shard``, ...), with their defaults and help texts; the few that cannot be a
 plain value on a command line (the token, TLS material) are read from an environment variable or files.
-``serve`` runs in the foreground, prints ``serving on HOST:PORT`` once the front door is up, and exits cleanly
-on SIGINT, SIGTERM or ``paramserver stop``.
+``serve`` runs in the foreground, prints ``serving on HOST:PORT`` once the front door is up and then
+``service id: ID`` (random per start), and exits cleanly on SIGINT, SIGTERM or ``paramserver stop`` (which asks
+the service for its id first, or stops only the instance ``--service-id`` names). ``--help`` of every command
+describes each flag with its default.
 """
 
 from __future__ import annotations
@@ -38,6 +41,22 @@ _BY_OTHER_MEANS = {
 _CLI_DEFAULTS = {"port": 50051}  # the service's well-known port; the Python API's default is 0 (any free one)
 # Short spellings kept for existing scripts.
 _ALIASES = {"num_shards": ["--shards"]}
+# The job a command names when --job is not given: RemoteOptimizer's and ServiceClient's default (a test keeps
+# them in step), so `paramserver status` finds the job a trainer made without naming one.
+DEFAULT_JOB = "default"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default, "(required)" for a required flag; a help text that says its
+    default in words already ("(default: ...)") is left as it is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "(default" in text or "%(default)" in text:
+            return text
+        if action.required:
+            return f"{text} (required)"
+        return f"{text} (default: %(default)s)"
 
 T = TypeVar("T")
 
@@ -86,7 +105,7 @@ def add_config_flags(parser: argparse.ArgumentParser, *configs: type) -> list[st
             default = _CLI_DEFAULTS.get(f.name, f.default)
             flags = [f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, [])]
             extra: dict[str, Any] = {"choices": PLACEMENT_STRATEGIES} if f.name == "placement" else {}
-            parser.add_argument(*flags, dest=f.name, type=kind, default=default, help=f"{docs.get(f.name, '')} (default: {default})", **extra)
+            parser.add_argument(*flags, dest=f.name, type=kind, default=default, help=docs.get(f.name, ""), **extra)
             made.append(f.name)
     return made
 
@@ -108,6 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     print(f"serving on {service.address}", flush=True)
+    print(f"service id: {service.service_id}", flush=True)
     while not stop.wait(0.5):
         if service.stop_requested():
             break
@@ -121,7 +141,7 @@ def _client(args: argparse.Namespace):  # noqa: ANN202 - a workers.client.Servic
 
     client_cert = (_read(args.tls_client_cert), _read(args.tls_client_key)) if args.tls_client_cert else None
     return ServiceClient(
-        args.address, getattr(args, "job", "default"), auth_token=_token(args.auth_token_env), root_certificates=_read(args.tls_ca),
+        args.address, getattr(args, "job", DEFAULT_JOB), auth_token=_token(args.auth_token_env), root_certificates=_read(args.tls_ca),
         client_certificate=client_cert, timeout=args.timeout,  # type: ignore[arg-type]
     )
 
@@ -144,6 +164,7 @@ def _status(args: argparse.Namespace) -> int:
         return 1
     print(f"job {st.job}: step {st.version}, members {list(st.members)} of {st.num_workers} workers (epoch {st.epoch}), "
           f"{st.skipped_steps} skipped, last total norm {st.last_total_norm:.4g}, lrs {[round(x, 8) for x in st.lrs]}")
+    print(f"  state: {st.state or 'unknown (an older server)'}")
     for s in st.shards:
         print(f"  shard {s.shard} at {s.address} on {s.placement}: version {s.version}, pushed by workers {list(s.pushed_workers)}")
     if st.transports:
@@ -153,9 +174,18 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    if _ask(args, lambda client: client.stop() or True) is None:
+    # the service's id first (GetServiceInfo), unless --service-id names the instance to stop
+    service_id = _ask(args, lambda client: client.stop(args.service_id))
+    if service_id is None:
         return 1
-    print("stop requested")
+    print(f"stop requested of service {service_id}")
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    if _ask(args, lambda client: client.delete_job() or True) is None:
+        return 1
+    print(f"job {args.job} deleted (its checkpoints stay)")
     return 0
 
 
@@ -183,35 +213,46 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="paramserver", description="A distributed optimizer service with sharded state.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    s = commands.add_parser("serve", help="run the service in the foreground")
+    parser = argparse.ArgumentParser(prog="paramserver", description="A distributed optimizer service with sharded state.",
+                                     formatter_class=_HelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, helptext: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=helptext, description=helptext, formatter_class=_HelpFormatter)
+
+    s = command("serve", "run the service in the foreground (on Ray, or --local in this process)")
     add_config_flags(s, ServerConfig, RayConfig)
     s.add_argument("--local", action="store_true", help="run the shards in this process, without Ray")
-    s.add_argument("--trusted-module", action="append", default=[], help="a module whose optimizers/schedulers may be named by path")
-    s.add_argument("--auth-token-env", help="name of an environment variable holding the bearer token")
-    s.add_argument("--tls-cert", help="the servers' certificate chain (PEM)")
-    s.add_argument("--tls-key", help="the servers' private key (PEM)")
-    s.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mTLS)")
+    s.add_argument("--trusted-module", action="append", default=[],
+                   help="a module whose optimizers/schedulers may be named by path; repeat it for several (default: none)")
+    s.add_argument("--auth-token-env", help="name of an environment variable holding the bearer token that every call "
+                   "but health checks must carry (default: none, no token needed)")
+    s.add_argument("--tls-cert", help="the servers' certificate chain (PEM) (default: none, plaintext)")
+    s.add_argument("--tls-key", help="the servers' private key (PEM), with --tls-cert (default: none)")
+    s.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mTLS) (default: none, no client certificates)")
     for name, helptext in (
-        ("status", "a job's step, members, shards and what a pending step waits for"),
-        ("stop", "stop a running service"),
+        ("status", "a job's state, step, members, shards and what a pending step waits for"),
+        ("stop", "stop a running service (it asks the service for its id first, unless --service-id names it)"),
+        ("delete", "delete a job: its state on every shard, its shared memory, its membership (its checkpoints stay)"),
         ("checkpoint", "write a checkpoint of a job now (the service needs --checkpoint-dir)"),
     ):
-        c = commands.add_parser(name, help=helptext)
-        c.add_argument("--address", required=True)
-        c.add_argument("--auth-token-env", help="name of an environment variable holding the bearer token")
-        c.add_argument("--tls-ca", help="connect with TLS, trusting the server certificates this CA signed (PEM)")
-        c.add_argument("--tls-client-cert", help="this client's certificate (PEM), for a server that demands mTLS")
-        c.add_argument("--tls-client-key", help="this client's private key (PEM)")
+        c = command(name, helptext)
+        c.add_argument("--address", required=True, help="the service's front door, HOST:PORT (what serve printed)")
+        c.add_argument("--auth-token-env", help="name of an environment variable holding the bearer token (default: none, no token sent)")
+        c.add_argument("--tls-ca", help="connect with TLS, trusting the server certificates this CA signed (PEM) (default: none, plaintext)")
+        c.add_argument("--tls-client-cert", help="this client's certificate (PEM), for a server that demands mTLS; needs --tls-ca (default: none)")
+        c.add_argument("--tls-client-key", help="this client's private key (PEM), with --tls-client-cert (default: none)")
         c.add_argument("--timeout", type=float, default=10.0, help="deadline of the call in seconds")
-        if name in ("status", "checkpoint"):
-            c.add_argument("--job", default="default")
-    e = commands.add_parser("export", help="a job's checkpoint as one torch.save file of {model, optimizer, scheduler}")
-    e.add_argument("--checkpoint-dir", required=True)
-    e.add_argument("--job", default="default")
+        if name in ("status", "checkpoint", "delete"):
+            c.add_argument("--job", default=DEFAULT_JOB, help="the job's name (the default is RemoteOptimizer's job name)")
+        if name == "stop":
+            c.add_argument("--service-id", default=None, help="stop only the service instance with this id (what serve printed); "
+                           "another one refuses (default: the id the service at --address reports)")
+    e = command("export", "a job's checkpoint as one torch.save file of {model, optimizer, scheduler}")
+    e.add_argument("--checkpoint-dir", required=True, help="the service's checkpoint directory")
+    e.add_argument("--job", default=DEFAULT_JOB, help="the job's name (the default is RemoteOptimizer's job name)")
     e.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the newest valid one)")
-    e.add_argument("--out", required=True)
+    e.add_argument("--out", required=True, help="the file to write")
     return parser
 
 
@@ -220,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "tls_client_cert", None) and not getattr(args, "tls_ca", None):
         raise SystemExit("--tls-client-cert needs --tls-ca")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    commands = {"serve": _serve, "status": _status, "stop": _stop, "checkpoint": _checkpoint, "export": _export}
+    commands = {"serve": _serve, "status": _status, "stop": _stop, "delete": _delete, "checkpoint": _checkpoint, "export": _export}
     return commands[args.command](args)
 
 

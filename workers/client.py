@@ -184,9 +184,23 @@ class ServiceClient:
     def report_metric(self, worker: int, step: int, metric: float) -> None:
         self._call(self.coordinator.ReportMetrics, pb.ReportMetricsRequest(job=self.job, worker=worker, step=step, metrics={"metric": metric}))
 
-    def stop(self) -> None:
-        """Ask the process running the service to stop it (``paramserver stop``)."""
-        self._call(self.coordinator.Stop, pb.StopRequest())
+    def service_info(self) -> pb.ServiceInfo:
+        """Which service this is: its instance id (random per start of the service) and its shards' addresses."""
+        return self._call(self.coordinator.GetServiceInfo, pb.ServiceInfoRequest())
+
+    def stop(self, service_id: str | None = None) -> str:
+        """Ask the process running the service to stop it (``paramserver stop``). A stop names the instance it
+        stops: ``service_id`` (None: the id the service reports now, from ``service_info()``); a service with
+        another id refuses (``WrongServiceError``). Returns the id of the service asked to stop."""
+        if service_id is None:
+            service_id = self.service_info().service_id
+        self._call(self.coordinator.Stop, pb.StopRequest(service_id=service_id))
+        return service_id
+
+    def delete_job(self, job: str | None = None) -> None:
+        """Delete a job (None: this client's): its state on every shard, its shared memory, its membership; its
+        checkpoints stay. Its name is free for a new job at once. ``JobNotFoundError`` if there is none."""
+        self._call(self.coordinator.DeleteJob, pb.DeleteJobRequest(job=self.job if job is None else job))
 
     def checkpoint(self, timeout: float | None = None) -> int:
         """Write a checkpoint of the job now (the service needs a ``checkpoint_dir``); returns its step once it

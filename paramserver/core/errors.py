@@ -61,6 +61,12 @@ class JobExistsError(ValueError):
     """A job of that name exists already, with another configuration."""
 
 
+class JobFinishedError(ValueError):
+    """The job of that name has finished (every worker left after it trained): creating it again does not
+    silently continue it. Delete it (``paramserver delete --job NAME``) to start anew under its name, or join it
+    as rank 0 to continue it (then the other ranks may join again)."""
+
+
 class JobFailedError(RuntimeError):
     """A step's update failed part-way, so the shards disagree; the job takes no step until a state is loaded."""
 
@@ -80,6 +86,11 @@ class ShardLostError(ConnectionError):
 class NotAMemberError(LookupError):
     """The worker is not a member of the job (its lease expired, it left, or it never joined): its pushes are
     refused; it may join again."""
+
+
+class WrongServiceError(ValueError):
+    """A call (Stop) names another service instance than this one: the id ``GetServiceInfo`` reports changes
+    with every start of the service, so a stop meant for an earlier or another service stops nothing."""
 
 
 class DeadlineExceededError(TimeoutError):

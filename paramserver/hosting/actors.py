@@ -24,12 +24,12 @@ from paramserver.core.config import ServerConfig
 from paramserver.core.errors import StaleStepError
 from paramserver.core.job import JobSpec
 from paramserver.core.shard import Shard, SnapshotWrite
+from paramserver.dataplane import segments
 from paramserver.hosting.replicas import CONTROL_TIMEOUT_S, RayFleet
 from paramserver.service.checkpoints import ServiceCheckpoints
 from paramserver.service.coordinator_host import RECOVER_TIMEOUT_S, CoordinatorHost
 from paramserver.service.metrics import start_metrics_server
 from paramserver.service.server import create_coordinator_server, create_shard_server
-from paramserver.dataplane import segments
 from paramserver.service.shard_host import ShardHost
 from paramserver.wire.jobconfig import build_job
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
@@ -279,7 +279,7 @@ class CoordinatorProcess:
     ``config.host:config.port``. Ray restarts it when it dies; the new process takes every job over from the
     shards (``CoordinatorHost.resume_job``), else from the checkpoints, and serves on the same address."""
 
-    def __init__(self, primaries: Sequence[Any], standbys: Sequence[Any] | None, config: ServerConfig) -> None:
+    def __init__(self, primaries: Sequence[Any], standbys: Sequence[Any] | None, config: ServerConfig, service_id: str | None = None) -> None:
         import ray
 
         bind_host = config.host
@@ -291,7 +291,8 @@ class CoordinatorProcess:
             primaries, standbys = [p for p, _ in pairs], [s for _, s in pairs]
         fleet = RayFleet(primaries, standbys, {a: d["incarnation"] for a, d in by_actor.items()})
         fleet.assign_roles()
-        self.host = CoordinatorHost(fleet, [by_actor[p]["address"] for p in primaries], config.trusted_modules)
+        # service_id: made once by serve(); Ray restarts this actor with the same arguments, so it keeps the id
+        self.host = CoordinatorHost(fleet, [by_actor[p]["address"] for p in primaries], config.trusted_modules, service_id)
         checkpoints = None
         if config.checkpoint_dir:
             checkpoints = ServiceCheckpoints(self.host, config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep)
@@ -320,6 +321,9 @@ class CoordinatorProcess:
 
     def address(self) -> str:
         return self._address
+
+    def service_id(self) -> str:
+        return self.host.service_id
 
     def placement(self) -> dict[str, Any]:
         """This process in ``RayService.placements()``: the coordinator (shard None), its front door's address."""

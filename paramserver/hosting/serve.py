@@ -7,6 +7,7 @@ import dataclasses
 import os
 import socket
 import time
+import uuid
 from typing import Any
 
 from paramserver.core.config import RayConfig, ServerConfig, split_options
@@ -17,7 +18,10 @@ from paramserver.hosting.replicas import CONTROL_TIMEOUT_S
 class RayService:
     """The service on Ray: ``address`` is the coordinator's front door; ``shutdown()`` ends all of it."""
 
-    def __init__(self, coordinator: Any, shards: list[Any], placement_groups: list[Any], started_ray: bool, address: str) -> None:
+    def __init__(self, coordinator: Any, shards: list[Any], placement_groups: list[Any], started_ray: bool, address: str,
+                 service_id: str = "") -> None:
+        # this service instance's id (GetServiceInfo reports it, Stop must name it); a restarted coordinator keeps it
+        self.service_id = service_id
         self.coordinator_actor = coordinator
         self.shard_actors = shards
         self.placement_groups = placement_groups
@@ -158,16 +162,17 @@ def serve(num_shards: int = 1, *, config: ServerConfig | None = None, ray_config
     if config.port == 0:
         # a coordinator that Ray restarts serves on the same address: fix the port now
         config = dataclasses.replace(config, port=_free_port(config.host))
+    service_id = uuid.uuid4().hex  # this start of the service; the coordinator actor keeps it across its restarts
     # The front door lives on this (the driver's) node, where users and `ray up` expect it.
     coordinator = ray.remote(CoordinatorProcess).options(
         num_cpus=0,
         max_concurrency=64,
         max_restarts=MAX_RESTARTS,  # it comes back on the same address and takes the jobs over from the shards
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
-    ).remote(shards, standbys or None, config)
+    ).remote(shards, standbys or None, config, service_id)
     deadline = time.monotonic() + placement_timeout
     address = ray.get(coordinator.address.remote(), timeout=max(1.0, deadline - time.monotonic()))
-    return RayService(coordinator, [*shards, *standbys], groups, started_ray, address)
+    return RayService(coordinator, [*shards, *standbys], groups, started_ray, address, service_id)
 
 
 def _free_port(host: str) -> int:

@@ -1,7 +1,9 @@
 """Bearer-token authentication for every server of the service (sync ``grpc.server`` and ``grpc.aio``).
 
 A refused call ends UNAUTHENTICATED with the rich status of ``UnauthenticatedError`` (reason
-"UNAUTHENTICATED"), so the client raises that class.
+"UNAUTHENTICATED"), so the client raises that class. Health checks (``grpc.health.v1.Health/*``) answer without
+a token: Kubernetes' gRPC probes and grpc_health_probe send none, and a health answer tells nothing but
+"serving". Every other call needs it: reflection, and Stop (which also names the service instance it stops).
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ from paramserver.service.status import rpc_status
 log = logging.getLogger("paramserver")
 
 DENIED = "missing or wrong bearer token"
+# Methods under this prefix need no token (gRPC health checking).
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+def _open(handler_call_details: grpc.HandlerCallDetails) -> bool:
+    method = handler_call_details.method or ""
+    return method.startswith(OPEN_PREFIXES)
 
 
 class _Token:
@@ -43,7 +52,7 @@ def _denying(handler: grpc.RpcMethodHandler, deny: Callable[[Any, Any], Any]) ->
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Refuses every call that lacks ``authorization: Bearer <token>`` (health checks included)."""
+    """Refuses every call that lacks ``authorization: Bearer <token>``, health checks excepted."""
 
     def __init__(self, token: str) -> None:
         self._token = _Token(token)
@@ -56,7 +65,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Callable[..., Any], handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
-        if handler is None or self._token.accepts(handler_call_details):
+        if handler is None or _open(handler_call_details) or self._token.accepts(handler_call_details):
             return handler
         return _denying(handler, self._deny)
 
@@ -77,6 +86,6 @@ class AsyncBearerTokenInterceptor(grpc.aio.ServerInterceptor):
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or self._token.accepts(handler_call_details):
+        if handler is None or _open(handler_call_details) or self._token.accepts(handler_call_details):
             return handler
         return _denying(handler, self._deny)

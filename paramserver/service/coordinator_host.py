@@ -12,13 +12,16 @@ import functools
 import logging
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf import text_format
+
 from paramserver.core.coordinator import Coordinator, StepResult
-from paramserver.core.errors import JobExistsError, JobFailedError, JobNotFoundError
+from paramserver.core.errors import JobExistsError, JobFailedError, JobFinishedError, JobNotFoundError
 from paramserver.core.job import JobSpec
 from paramserver.core.shard import Shard
 from paramserver.core.shards import ShardCheck, ShardGroup
@@ -34,6 +37,46 @@ log = logging.getLogger("paramserver")
 LEASE_CHECK_S = 0.25
 # How long a check of the shards waits for one that died to come back (Ray restarts it) before it gives up.
 RECOVER_TIMEOUT_S = 60.0
+# A job's state as status shows it (StatusReply.state).
+WAITING, RUNNING, FINISHED = "waiting for workers", "running", "finished"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    if isinstance(value, pb.ParamSpec):
+        text = f"{value.name or '?'} {tuple(value.shape)} {value.dtype}" + (f" group {value.group}" if value.group else "")
+    elif hasattr(value, "DESCRIPTOR"):
+        text = "{" + text_format.MessageToString(value, as_one_line=True) + "}"
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def config_difference(existing: pb.JobConfig, given: pb.JobConfig, limit: int = 3) -> str:
+    """The fields where ``given`` differs from ``existing``, in one line: ``field: existing -> given; ...``
+    (at most ``limit`` of them, then how many more)."""
+    diffs = []
+    for fd in pb.JobConfig.DESCRIPTOR.fields:
+        name = fd.name
+        a, b = getattr(existing, name), getattr(given, name)
+        if fd.is_repeated:
+            a, b = list(a), list(b)
+            if a == b:
+                continue
+            if len(a) != len(b):
+                diffs.append(f"{name}: {len(a)} -> {len(b)} entries")
+            else:
+                i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+                diffs.append(f"{name}[{i}]: {_short(a[i])} -> {_short(b[i])}")
+            continue
+        has = fd.has_presence
+        a_set, b_set = (existing.HasField(name), given.HasField(name)) if has else (True, True)
+        if (a_set, a) == (b_set, b):
+            continue
+        diffs.append(f"{name}: {_short(a) if a_set else '(unset)'} -> {_short(b) if b_set else '(unset)'}")
+    if not diffs:
+        return "no field differs"
+    more = f"; and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return "; ".join(diffs[:limit]) + more
 
 class LocalFleet:
     """Shard hosts in this process: a job's shards are plain objects the coordinator calls directly."""
@@ -143,10 +186,35 @@ class Job:
     lost: str | None = None  # a shard died and there was no checkpoint to roll back to: why the job failed
     # per worker, the transport its last lease renewal named ("shared_memory", "grpc", "mixed")
     transports: dict[int, str] = field(default_factory=dict)
+    # the ranks that created or joined the job (rank 0's CreateJob, JoinJob) since this coordinator has it
+    joined: set[int] = field(default_factory=set)
 
     @property
     def ready(self) -> bool:
         return all(s["initialized"] for s in self.coordinator.shards.statuses())
+
+    @property
+    def finished(self) -> bool:
+        """Every worker left after the job trained: no live member, at least one step closed, and the last
+        member went by leaving (a lease that ran out is a worker lost, not a finished job: it may come back)."""
+        coordinator = self.coordinator
+        changes = coordinator.membership.changes
+        return (self.lost is None and not coordinator.membership.live and coordinator.step > 0
+                and bool(changes) and changes[-1].reason == "left")
+
+    def state(self) -> str:
+        """"finished" (``finished``), "waiting for workers" (rank 0's initial weights are not in, fewer than
+        ``min_workers`` members are live, or, before the first step, not every one of the ``num_workers`` ranks has
+        joined), else "running"."""
+        if self.finished:
+            return FINISHED
+        coordinator = self.coordinator
+        live = coordinator.membership.live
+        if not self.ready or not live or len(live) < coordinator.config.min_workers:
+            return WAITING
+        if coordinator.step == 0 and not self.restored and not set(range(coordinator.config.num_workers)) <= self.joined:
+            return WAITING
+        return RUNNING
 
     @property
     def members(self) -> list[int]:
@@ -164,8 +232,11 @@ class CoordinatorHost:
     ``paramserver.hosting.replicas.RayFleet``): ``create_job``, ``connect``, ``delete_job``, ``check`` and
     ``wait_initialized_async`` (the asyncio wait for a job's initial weights)."""
 
-    def __init__(self, fleet: Any, shard_addresses: Sequence[str], trusted_modules: Sequence[str] = ()) -> None:
+    def __init__(self, fleet: Any, shard_addresses: Sequence[str], trusted_modules: Sequence[str] = (), service_id: str | None = None) -> None:
         assert len(fleet) == len(shard_addresses)
+        # this service instance (GetServiceInfo; Stop must name it): random per start of the service, unless the
+        # caller keeps one (on Ray a restarted coordinator actor gets the id of the service it belongs to)
+        self.service_id = service_id or uuid.uuid4().hex
         self.fleet = fleet
         self.shard_addresses = list(shard_addresses)
         self.trusted_modules = tuple(trusted_modules)
@@ -192,10 +263,20 @@ class CoordinatorHost:
         try:
             return self._jobs[name]
         except KeyError:
-            raise JobNotFoundError(f"no job {name!r}") from None
+            names = sorted(self._jobs)
+            has = f"its jobs: {', '.join(map(repr, names[:10]))}{', ...' if len(names) > 10 else ''}" if names else "it has no job"
+            raise JobNotFoundError(f"no job {name!r} on this service ({has})") from None
+
+    def _finished_error(self, job: Job) -> JobFinishedError:
+        return JobFinishedError(
+            f"job {job.name!r} finished at step {job.coordinator.step} (every worker left): delete it "
+            f"(paramserver delete --job {job.name}) to train anew under this name, or join it as rank 0 to continue it"
+        )
 
     def create_job(self, name: str, config: pb.JobConfig) -> Job:
-        """Create a job (rank 0). Creating it again with the same config returns it (a retried call)."""
+        """Create a job (rank 0). Creating it again with the same config returns it (a retried call), unless it
+        has finished (every worker left after it trained): then ``JobFinishedError`` (delete it, or join it as
+        rank 0 to continue it). Another config is ``JobExistsError``, naming the fields that differ."""
         if not name:
             raise ValueError("a job needs a name")
         with self._changed:
@@ -203,12 +284,19 @@ class CoordinatorHost:
                 existing = self._jobs[name]
                 if existing.config != config:
                     what = "restored from a checkpoint" if existing.restored else "exists already"
-                    raise JobExistsError(f"job {name!r} {what} with another configuration")
+                    raise JobExistsError(
+                        f"job {name!r} {what} with another configuration (the job's -> this one's: {config_difference(existing.config, config)}): "
+                        f"use another job name, or delete it (paramserver delete --job {name})"
+                    )
+                if existing.finished:
+                    raise self._finished_error(existing)
                 if existing.restored:
                     log.info("job %s was restored at step %d: rank 0's initial weights do not replace its state", name, existing.coordinator.step)
                 self.add_member(existing, 0)
                 return existing
-            return self._add_job(name, config)
+            job = self._add_job(name, config)
+            job.joined.add(0)
+            return job
 
     def add_restored_job(self, name: str, config: pb.JobConfig) -> Job:
         """A job about to be restored from a checkpoint (``Coordinator.restore``): no member yet; joins wait
@@ -345,7 +433,7 @@ class CoordinatorHost:
         with self._waiting_lock:
             self._waiting_joins[name] = self._waiting_joins.get(name, 0) + 1
         try:
-            job = await self._wait_created(name, loop, deadline, wait)
+            job = await self._wait_created(name, rank, loop, deadline, wait)
             if job.lost is not None:
                 raise JobFailedError(job.lost)
             job.coordinator.check_worker(rank)
@@ -358,19 +446,43 @@ class CoordinatorHost:
                 if not self._waiting_joins[name]:
                     del self._waiting_joins[name]
 
-    async def _wait_created(self, name: str, loop: asyncio.AbstractEventLoop, deadline: float, wait: float) -> Job:
+    async def _wait_created(self, name: str, rank: int, loop: asyncio.AbstractEventLoop, deadline: float, wait: float) -> Job:
+        """Until job ``name`` exists, and for a rank other than 0 until it is not finished (rank 0 continues a
+        finished job by joining it; the others wait for that, as they wait for rank 0's creation)."""
         watch = self._watches.get(loop)
         if watch is None:
             watch = self._watches[loop] = LoopWakeup(loop)
             self.add_job_listener(watch.changed)
-        if not await watch.wait_until(lambda: name in self._jobs, deadline):
-            raise TimeoutError(f"job {name!r} was not created within {wait:.1f}s")
+
+        def joinable() -> bool:
+            job = self._jobs.get(name)
+            return job is not None and (rank == 0 or not job.finished)
+
+        # a finished job is answered a little before the call's deadline, so that the caller learns why
+        early = deadline - min(1.0, 0.1 * wait)
+        if not await watch.wait_until(joinable, early):
+            job = self._jobs.get(name)
+            if job is not None and job.finished:
+                raise self._finished_error(job)
+            if not await watch.wait_until(joinable, deadline):
+                raise TimeoutError(f"job {name!r} was not created within {wait:.1f}s")
         return self._jobs[name]
 
     def add_member(self, job: Job, rank: int) -> None:
         """Rank ``rank`` has joined ``job``: a member (again) from the open step on, its lease fresh (a retried join
-        changes nothing else)."""
+        changes nothing else). Rank 0 joining a finished job continues it: the other ranks' joins that waited go on."""
+        reopened = job.finished
         job.coordinator.join(rank)
+        job.joined.add(rank)
+        if reopened:
+            log.info("job %s: continued at step %d (rank %d joined the finished job)", job.name, job.coordinator.step, rank)
+            self._notify_job_listeners()
+
+    def _notify_job_listeners(self) -> None:
+        with self._waiting_lock:
+            listeners = self._job_listeners
+        for listener in listeners:
+            listener()
 
     def waiting_joins(self, name: str | None = None) -> int:
         """How many asyncio joins (of job ``name``, or of any job) wait now for rank 0."""
@@ -410,9 +522,20 @@ class CoordinatorHost:
                     log.error("job %s: dropping expired members failed: %s: %s", job.name, type(exc).__name__, exc)
 
     def delete_job(self, name: str) -> None:
+        """Delete job ``name``: its state on every shard (and standby), its shared memory, its membership; its
+        checkpoints stay. ``JobNotFoundError`` if there is none. A call of the job that races the deletion fails
+        (``JobFailedError`` on the coordinator, ``JobNotFoundError`` on the shards); its name is free at once."""
         with self._changed:
-            self._jobs.pop(name, None)
-            self.fleet.delete_job(name)
+            job = self.job(name)
+            del self._jobs[name]
+            coordinator = job.coordinator
+            with coordinator._lock:  # no step of the job runs while its shards go
+                coordinator.failed = f"job {name!r} was deleted"
+                job.lost = coordinator.failed
+                self.fleet.delete_job(name)
+            for worker in list(job.transports):
+                metrics.WORKER_TRANSPORT.labels(name, str(worker), job.transports[worker]).set(0)
+        log.info("job %s deleted at step %d", name, coordinator.step)
 
     def record_metric(self, name: str, worker: int, step: int, metric: float) -> None:
         self.job(name).coordinator.record_metric(worker, step, metric)
@@ -443,6 +566,7 @@ class CoordinatorHost:
             "last_total_norm": last.total_norm if last is not None else 0.0,
             "waiting_for": f"step {step}: " + "; ".join(waiting) if waiting else "",
             "transports": dict(job.transports),
+            "state": job.state(),
         }
 
 

@@ -1,4 +1,5 @@
-"""The Coordinator service, the front door: jobs, membership, status, state in torch's formats, stop.
+"""The Coordinator service, the front door: jobs, membership, status, state in torch's formats, the service's
+identity, stop.
 
 It runs on a ``grpc.aio`` server (``create_coordinator_server``): every method is a coroutine."""
 
@@ -17,6 +18,7 @@ import grpc
 import grpc.aio
 
 from paramserver.core.coordinator import StepResult
+from paramserver.core.errors import WrongServiceError
 from paramserver.core.state import loaded_step
 from paramserver.service.coordinator_host import RECOVER_TIMEOUT_S, CoordinatorHost, Job
 from paramserver.service.shard_host import MAX_WAIT_S
@@ -131,6 +133,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             epoch=st.get("epoch", 0),
             changes=[pb.MembershipChange(rank=c["rank"], reason=c["reason"], step=c["step"]) for c in st.get("changes", ())],
             transports=st.get("transports", {}),
+            state=st.get("state", ""),
         )
         last = self.host.job(request.job).coordinator.last_result
         if last is not None:
@@ -204,7 +207,24 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return self.host.checkpoints.save(job).result(MAX_WAIT_S if remaining is None else min(remaining, MAX_WAIT_S))
 
     @translate_errors
+    async def DeleteJob(self, request: pb.DeleteJobRequest, context: grpc.aio.ServicerContext) -> pb.DeleteJobReply:
+        await self._run(self.host.delete_job, request.job)
+        return pb.DeleteJobReply()
+
+    @translate_errors
+    async def GetServiceInfo(self, request: pb.ServiceInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServiceInfo:
+        return pb.ServiceInfo(service_id=self.host.service_id, shard_addresses=list(self.host.shard_addresses))
+
+    @translate_errors
     async def Stop(self, request: pb.StopRequest, context: grpc.aio.ServicerContext) -> pb.StopReply:
+        # A stop names the instance it stops: an empty request (or any payload that happens to parse as one)
+        # stops nothing, nor does one meant for an earlier start of the service or another service.
+        if not request.service_id:
+            raise ValueError("a Stop must name the service it stops (service_id, from GetServiceInfo)")
+        if request.service_id != self.host.service_id:
+            raise WrongServiceError(
+                f"this is service {self.host.service_id}, not {request.service_id!r}: nothing stopped (ask GetServiceInfo for its id)"
+            )
         log.info("stop requested")
         await self._run(self.host.stop_requested.set)
         return pb.StopReply()

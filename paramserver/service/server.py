@@ -1,8 +1,10 @@
 """Start the service: gRPC servers for the coordinator and the shards, and ``serve()`` that runs them all.
 
 ``create_*_server(host, address, config) -> (server, port)`` follow gRPC's examples: bind ``host:0`` in tests
-and read the port back. Every server also answers gRPC health checks and reflection. ``config`` is the
-service's ``ServerConfig`` (auth token, TLS, message and chunk sizes, the front door's threads).
+and read the port back. Every server also answers gRPC health checks (without a token: probes send none) and
+reflection, under both ``grpc.reflection.v1`` (grpcurl and current clients) and ``grpc.reflection.v1alpha``
+(older ones). ``config`` is the service's ``ServerConfig`` (auth token, TLS, message and chunk sizes, the front
+door's threads).
 
 Every server is a ``grpc.aio`` server on its own event loop (``AioServer``): a call that waits holds no thread.
 A shard's pull waits for its step on the loop, its CPU work runs on ``SHARD_COMPUTE_THREADS`` threads; the
@@ -13,14 +15,16 @@ job, state, status) runs on ``ServerConfig.grpc_threads`` threads.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any
 
 import grpc
 import grpc.aio
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from paramserver.core.config import ServerConfig, TLSConfig
 from paramserver.core.malloc import fix_mmap_threshold
@@ -37,6 +41,60 @@ __all__ = ["SHARD_COMPUTE_THREADS", "Service", "TLSConfig", "create_coordinator_
 
 # Threads of a shard server for CPU work only (folding pushes, the update); never for waiting.
 SHARD_COMPUTE_THREADS = 4
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+REFLECTION_V1ALPHA = reflection.SERVICE_NAME  # "grpc.reflection.v1alpha.ServerReflection"
+_DESCRIPTOR_LOCK = threading.Lock()
+
+
+def reflection_v1_descriptor() -> Any:
+    """The file descriptor of ``grpc/reflection/v1/reflection.proto`` in the default pool, so that reflection can
+    describe its own v1 service too. grpcio-reflection (1.85) ships only v1alpha; v1 has the same messages,
+    field for field, under another package, so it is made from v1alpha's descriptor (once per process)."""
+    pool = descriptor_pool.Default()
+    name = "grpc/reflection/v1/reflection.proto"
+    with _DESCRIPTOR_LOCK:
+        try:
+            return pool.FindFileByName(name)
+        except KeyError:
+            return _add_reflection_v1(pool, name)
+
+
+def _add_reflection_v1(pool: Any, name: str) -> Any:
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    proto.name, proto.package = name, "grpc.reflection.v1"
+    proto.ClearField("options")
+    for message in proto.message_type:
+        for field in message.field:
+            if field.type_name:
+                field.type_name = field.type_name.replace(old, new)
+    for service in proto.service:
+        service.ClearField("options")
+        for method in service.method:
+            method.input_type, method.output_type = method.input_type.replace(old, new), method.output_type.replace(old, new)
+    try:
+        pool.Add(proto)
+    except TypeError:  # added meanwhile by another thread (else the KeyError below says what went wrong)
+        pass
+    return pool.FindFileByName(name)
+
+
+def _enable_reflection(service_names: Sequence[str], server: grpc.aio.Server) -> None:
+    """Reflection under v1alpha and v1: one servicer; v1's messages are byte for byte v1alpha's, so v1alpha's
+    (de)serializers serve both names."""
+    reflection_v1_descriptor()
+    servicer = reflection.aio.ReflectionServicer([*service_names, REFLECTION_V1, REFLECTION_V1ALPHA])
+    handler = {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+    }
+    for name in (REFLECTION_V1, REFLECTION_V1ALPHA):
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handler),))
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -79,7 +137,7 @@ def _start(address: str, config: ServerConfig, add: Callable[[grpc.aio.Server], 
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for service in [*service_names, ""]:
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-        reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        _enable_reflection([*service_names, health.SERVICE_NAME], server)
         port = _bind(server, address, config.tls)
         await server.start()
         return server, port
@@ -130,6 +188,11 @@ class Service:
         self._servers = servers
         self.address = address
         self.metrics = metrics
+
+    @property
+    def service_id(self) -> str:
+        """This service instance's id (random per start): ``GetServiceInfo`` reports it, ``Stop`` must name it."""
+        return self.coordinator.service_id
 
     def placements(self) -> list[dict[str, Any]]:
         """Every part of the service, as ``RayService.placements()`` gives them: the coordinator first (role

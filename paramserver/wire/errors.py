@@ -18,10 +18,12 @@ the status code only when there is no ErrorInfo (errors made by gRPC itself, or 
 | NonFiniteGradientError | INVALID_ARGUMENT | NONFINITE_GRADIENT | a gradient holds inf or nan and the job's policy is 'error' |
 | JobExistsError | ALREADY_EXISTS | JOB_EXISTS | CreateJob names a job that exists with another configuration |
 | JobNotFoundError | NOT_FOUND | JOB_NOT_FOUND | a call names a job the server does not have |
+| JobFinishedError | FAILED_PRECONDITION | JOB_FINISHED | creating (or joining) a job whose workers all left after it trained: delete it, or join it as rank 0 to continue it |
+| WrongServiceError | FAILED_PRECONDITION | WRONG_SERVICE | a Stop names another service instance than this one (GetServiceInfo's id) |
 | ValueError | INVALID_ARGUMENT | INVALID_ARGUMENT | any other bad input: shape, dtype, size, chunks, worker, config |
 | ShardLostError | UNAVAILABLE | SHARD_LOST | a shard's process died during the call; the worker re-resolves the shards and retries |
 | DeadlineExceededError | DEADLINE_EXCEEDED | DEADLINE | a wait on the server ran out (any TimeoutError: a pull, a join) |
-| UnauthenticatedError | UNAUTHENTICATED | UNAUTHENTICATED | no or the wrong bearer token (health and reflection included) |
+| UnauthenticatedError | UNAUTHENTICATED | UNAUTHENTICATED | no or the wrong bearer token (reflection included; health checks need none) |
 | InternalError | INTERNAL | INTERNAL | anything else (a bug): the message names the exception, the log has the traceback |
 
 "Carries the server's version": ErrorInfo.metadata["version"], and the trailer "ps-version" for older
@@ -53,6 +55,7 @@ from paramserver.core.errors import (
     InternalError,
     JobExistsError,
     JobFailedError,
+    JobFinishedError,
     JobNotFoundError,
     NonFiniteGradientError,
     NotAMemberError,
@@ -63,6 +66,7 @@ from paramserver.core.errors import (
     StateReloadedError,
     StepMismatchError,
     UnauthenticatedError,
+    WrongServiceError,
 )
 from paramserver.wire.protocol import VERSION_METADATA_KEY
 
@@ -106,6 +110,10 @@ TABLE: tuple[ErrorKind, ...] = (
               "CreateJob names a job that exists with another configuration"),
     ErrorKind(JobNotFoundError, Code.NOT_FOUND, "JOB_NOT_FOUND",
               "a call names a job the server does not have"),
+    ErrorKind(JobFinishedError, Code.FAILED_PRECONDITION, "JOB_FINISHED",
+              "creating (or joining) a job whose workers all left after it trained: delete it, or join it as rank 0 to continue it"),
+    ErrorKind(WrongServiceError, Code.FAILED_PRECONDITION, "WRONG_SERVICE",
+              "a Stop names another service instance than this one (GetServiceInfo's id)"),
     ErrorKind(ValueError, Code.INVALID_ARGUMENT, "INVALID_ARGUMENT",
               "any other bad input: shape, dtype, size, chunks, worker, config"),
     ErrorKind(ShardLostError, Code.UNAVAILABLE, "SHARD_LOST",
@@ -113,7 +121,7 @@ TABLE: tuple[ErrorKind, ...] = (
     ErrorKind(DeadlineExceededError, Code.DEADLINE_EXCEEDED, "DEADLINE",
               "a wait on the server ran out (any TimeoutError: a pull, a join)"),
     ErrorKind(UnauthenticatedError, Code.UNAUTHENTICATED, "UNAUTHENTICATED",
-              "no or the wrong bearer token (health and reflection included)"),
+              "no or the wrong bearer token (reflection included; health checks need none)"),
     ErrorKind(InternalError, Code.INTERNAL, "INTERNAL",
               "anything else (a bug): the message names the exception, the log has the traceback"),
 )

@@ -4,7 +4,8 @@
   job's state is unchanged afterwards (version, who has pushed, the weights; and the step still closes to
   the reference result once the good push comes);
 * a retried push is applied once; a pull for a future version ends at its deadline;
-* bearer-token auth (health checks included), TLS and mTLS; health and reflection on every server.
+* bearer-token auth (health checks answer without a token; every other call needs it), TLS and mTLS; health and
+  reflection (v1 and v1alpha) on every server.
 
 Everything binds 127.0.0.1 and every call has a deadline of a few seconds.
 """
@@ -21,12 +22,14 @@ from dataclasses import dataclass
 import grpc
 import pytest
 import torch
+from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from paramserver.core.config import TLSConfig
 from paramserver.core.errors import FutureStepError, JobNotFoundError, StaleStepError, UnauthenticatedError
 from paramserver.service.local import serve_local as serve
+from paramserver.service.server import reflection_v1_descriptor
 from paramserver.wire import errors as wire_errors
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
 from paramserver.wire.proto.v1 import paramserver_pb2_grpc as pb_grpc
@@ -344,7 +347,7 @@ BAD_PUSHES = [
      Code.INVALID_ARGUMENT, r"chunks of one stream disagree on job, worker, step or shard", None),
     ("chunks disagree on dtype", lambda job, n: [pb.TensorChunk(header=_h(job, n), data=_f32(6)),
                                                  pb.TensorChunk(header=_h(job, n, offset=6, dtype="float64"), data=bytes(8 * 6))],
-     Code.INVALID_ARGUMENT, r"chunks disagree on dtype", None),
+     Code.INVALID_ARGUMENT, r"chunks disagree on dtype|the chunk carries float64, the buffer takes float32", None),
     ("worker out of range", lambda job, n: [pb.TensorChunk(header=_h(job, n, worker=2), data=_f32(n))], Code.INVALID_ARGUMENT,
      r"worker must be in \[0, 2\), got 2", None),
     # (a step from the past: here step 0, which just closed, is a late retry, answered "already applied";
@@ -424,7 +427,7 @@ def test_push_parameters_only_from_rank_0_and_only_at_version_0(wire, job_name):
     assert not create(wire, job_name, job_config(num_workers=1)).info.ready  # still waiting for its weights
     # wrong dtype for the weights (float64 where the job says float32)
     bad = [pb.TensorChunk(header=pb.ChunkHeader(job=job_name, shard=0, dtype="float64", total=12), data=bytes(8 * 12))]
-    assert_status(rpc_error(lambda: job.shard(0).PushParameters(iter(bad), timeout=T)), Code.INVALID_ARGUMENT, r"must be torch.float32")
+    assert_status(rpc_error(lambda: job.shard(0).PushParameters(iter(bad), timeout=T)), Code.INVALID_ARGUMENT, r"must be torch.float32|the chunk carries float64, the buffer takes float32")
     assert not create(wire, job_name, job_config(num_workers=1)).info.ready
     job.init(w0)
     grads = [torch.ones(s) for s in SHAPES.values()]
@@ -705,9 +708,25 @@ def _health(channel: grpc.Channel, service: str = "", metadata: Sequence[tuple[s
     return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=T, metadata=metadata).status
 
 
-def _reflected_services(channel: grpc.Channel, metadata: Sequence[tuple[str, str]] = ()) -> set[str]:
-    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=T, metadata=metadata)
+def _v1(name: str) -> type:
+    """A message class of grpc.reflection.v1 (grpcio-reflection ships only v1alpha's generated code)."""
+    reflection_v1_descriptor()
+    return message_factory.GetMessageClass(descriptor_pool.Default().FindMessageTypeByName(f"grpc.reflection.v1.{name}"))
+
+
+def _reflect(channel: grpc.Channel, version: str = "v1alpha", metadata: Sequence[tuple[str, str]] = (), **request: str) -> list:
+    """The replies of one reflection request, under ``grpc.reflection.<version>.ServerReflection``."""
+    if version == "v1alpha":
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        return list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(**request)]), timeout=T, metadata=metadata))
+    call = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                 request_serializer=_v1("ServerReflectionRequest").SerializeToString,
+                                 response_deserializer=_v1("ServerReflectionResponse").FromString)
+    return list(call(iter([_v1("ServerReflectionRequest")(**request)]), timeout=T, metadata=metadata))
+
+
+def _reflected_services(channel: grpc.Channel, metadata: Sequence[tuple[str, str]] = (), version: str = "v1alpha") -> set[str]:
+    replies = _reflect(channel, version, metadata, list_services="")
     return {s.name for r in replies for s in r.list_services_response.service}
 
 
@@ -743,9 +762,12 @@ def test_auth_refuses_calls_without_the_right_token(auth_svc, job_name, metadata
             "PushShared": lambda: shard.PushShared(pb.SharedPush(job=job_name, shard=0), timeout=T, metadata=metadata),
             "PullShared": lambda: shard.PullShared(pb.PullRequest(job=job_name, shard=0), timeout=T, metadata=metadata),
             "DetachSharedMemory": lambda: shard.DetachSharedMemory(pb.DetachRequest(job=job_name, shard=0), timeout=T, metadata=metadata),
-            "Health": lambda: _health(bad.channel(), metadata=metadata),
-            "Health on a shard": lambda: _health(bad.channel(job.info.shards[1].address), SHARD, metadata=metadata),
+            "Stop": lambda: c.Stop(pb.StopRequest(service_id=auth_svc.service_id), timeout=T, metadata=metadata),
+            "GetServiceInfo": lambda: c.GetServiceInfo(pb.ServiceInfoRequest(), timeout=T, metadata=metadata),
+            "DeleteJob": lambda: c.DeleteJob(pb.DeleteJobRequest(job=job_name), timeout=T, metadata=metadata),
             "Reflection": lambda: _reflected_services(bad.channel(), metadata=metadata),
+            "Reflection v1": lambda: _reflected_services(bad.channel(), metadata=metadata, version="v1"),
+            "Reflection on a shard": lambda: _reflected_services(bad.channel(job.info.shards[1].address), metadata=metadata),
         }
         for name, call in calls.items():
             exc = rpc_error(call)
@@ -754,11 +776,19 @@ def test_auth_refuses_calls_without_the_right_token(auth_svc, job_name, metadata
             assert reason_of(exc) == "UNAUTHENTICATED", name
             assert type(error_from_rpc(exc)) is UnauthenticatedError, name
         assert_same_snapshot(before, job.snapshot())
+        assert not auth_svc.stop_requested()
         assert rpc_error(lambda: good.coordinator.GetStatus(pb.StatusRequest(job=job_name + "-x"), timeout=T, metadata=AUTH)).code() == Code.NOT_FOUND
+        # health checks answer without the token (Kubernetes' gRPC probes and grpc_health_probe send none), and
+        # with any token, on the coordinator and on every shard
+        for shard_info in [None, *job.info.shards]:
+            channel = bad.channel(shard_info.address) if shard_info else bad.channel()
+            for name in ("", SHARD if shard_info else COORDINATOR):
+                assert _health(channel, name, metadata=metadata) == health_pb2.HealthCheckResponse.SERVING, (shard_info, name)
         # with the token, health and reflection answer
         assert _health(good.channel(), metadata=AUTH) == health_pb2.HealthCheckResponse.SERVING
         assert _health(good.channel(job.info.shards[1].address), SHARD, metadata=AUTH) == health_pb2.HealthCheckResponse.SERVING
         assert COORDINATOR in _reflected_services(good.channel(), metadata=AUTH)
+        assert COORDINATOR in _reflected_services(good.channel(), metadata=AUTH, version="v1")
 
 
 def _train(opt: RemoteOptimizer, model: torch.nn.Module, ref: Reference, steps: int) -> None:
@@ -899,14 +929,29 @@ def test_health_and_reflection_on_coordinator_and_shards(wire, job_name):
             assert _health(channel, name) == health_pb2.HealthCheckResponse.SERVING, (address, name)
         other = SHARD if service == COORDINATOR else COORDINATOR
         assert rpc_error(lambda: _health(channel, other)).code() == Code.NOT_FOUND
-        names = _reflected_services(channel)
-        assert {service, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names, names
-        assert other not in names
-        # the descriptors are there too, so grpcurl can call the service
-        replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=service)]), timeout=T)
-        files = [f for r in replies for f in r.file_descriptor_response.file_descriptor_proto]
-        assert files and any(b"paramserver.v1" in f for f in files)
+        expected = {service, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}
+        for version in ("v1", "v1alpha"):  # grpcurl and current clients ask v1, older ones v1alpha
+            names = _reflected_services(channel, version=version)
+            assert names == expected, (version, names)
+            # the descriptors are there too, so grpcurl can call the service (and describe reflection itself)
+            for symbol, package in ((service, b"paramserver.v1"), ("grpc.reflection.v1.ServerReflection", b"grpc.reflection.v1")):
+                replies = _reflect(channel, version, file_containing_symbol=symbol)
+                files = [f for r in replies for f in r.file_descriptor_response.file_descriptor_proto]
+                assert files and any(package in f for f in files), (version, symbol)
+
+
+def test_health_answers_without_a_token_on_every_server(auth_svc):
+    """Kubernetes' gRPC probes and grpc_health_probe send no token: health answers them on every server."""
+    addresses = [auth_svc.address, *auth_svc.coordinator.shard_addresses]
+    with Wire(auth_svc.address) as anonymous:
+        for address, service in zip(addresses, [COORDINATOR] + [SHARD] * (len(addresses) - 1)):
+            for name in ("", service):
+                assert _health(anonymous.channel(address), name) == health_pb2.HealthCheckResponse.SERVING, (address, name)
+            # Watch too (a probe may stream), and an unknown service is NOT_FOUND, not UNAUTHENTICATED
+            watch = health_pb2_grpc.HealthStub(anonymous.channel(address)).Watch(health_pb2.HealthCheckRequest(service=service), timeout=T)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            watch.cancel()
+            assert rpc_error(lambda: _health(anonymous.channel(address), "no.such.Service")).code() == Code.NOT_FOUND
 
 
 def test_a_job_with_more_workers_than_the_servers_threads_is_accepted():
