@@ -18,7 +18,7 @@ from workers.demos.train import digits_worker
 def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--address", required=True)
-    parser.add_argument("--job", default="external")
+    parser.add_argument("--job", default="default", help="the job's name (the default of RemoteOptimizer and the CLI)")
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=5)

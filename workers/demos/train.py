@@ -22,6 +22,8 @@ from torch import nn
 
 from workers.remote_optimizer import RemoteOptimizer
 
+DEFAULT_JOB = "default"  # the job name RemoteOptimizer, ServiceClient and the CLI default to
+
 
 def load_digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
@@ -48,7 +50,7 @@ def digits_worker(
     rank: int,
     num_workers: int,
     address: str,
-    job: str = "digits",
+    job: str = DEFAULT_JOB,
     epochs: int = 15,
     batch_size: int = 64,
     lr: float = 3e-3,
@@ -94,7 +96,7 @@ def train(
     progress: bool = True,
     service_address: str | None = None,
     ray_address: str | None = None,
-    job: str = "digits",
+    job: str = DEFAULT_JOB,
     auth_token: str | None = None,
 ) -> dict:
     """Launch the workers on Ray and gather what they report. Without ``service_address`` the service starts
@@ -109,10 +111,6 @@ def train(
 
     total_steps = epochs * (len(load_digits_split(seed)[0]) // batch_size)
     bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, desc=f"train {num_workers} workers x {num_shards} shards", unit="step")
     started = time.perf_counter()
     if service_address is not None and not ray.is_initialized():
         ray.init(address=ray_address or "local", log_to_driver=False)
@@ -122,12 +120,19 @@ def train(
         watcher = ServiceClient(address, job, auth_token=auth_token, timeout=10.0)
 
         def show_progress() -> None:
-            if bar is None:
+            nonlocal bar
+            if not progress:
                 return
             try:
                 status = watcher.status()
             except (LookupError, ConnectionError, TimeoutError):
                 return  # the job is not created yet
+            if bar is None:
+                if status.version == 0:
+                    return  # the bar starts with the first step (after Ray's and the service's start-up messages)
+                from tqdm import tqdm
+
+                bar = tqdm(total=total_steps, initial=status.version, desc=f"train {num_workers} workers x {num_shards} shards", unit="step")
             bar.update(status.version - bar.n)
             bar.set_postfix(lr=f"{status.lrs[0]:.2e}", grad_norm=f"{status.last_total_norm:.3f}")
 
@@ -138,7 +143,7 @@ def train(
         watcher.close()
     if bar is not None:
         bar.close()
-    losses = torch.tensor([r["losses"] for r in results]).mean(0).tolist()
+    losses = torch.tensor([r["losses"] for r in results]).mean(0).tolist()  # the loss averaged over the workers
     return {
         "steps": total_steps,
         "seconds": time.perf_counter() - started,
@@ -146,46 +151,60 @@ def train(
         "replicas_equal": all(torch.equal(results[0]["weights"], r["weights"]) for r in results[1:]),
         "placements": placements,
         "history": {"loss": losses, "lr": results[0]["lrs"]},
+        "config": {"workers": num_workers, "shards": num_shards, "epochs": epochs, "batch_size": batch_size, "lr": lr},
     }
 
 
-def plot(history: dict[str, list[float]], path: Path) -> None:
+def plot(history: dict[str, list[float]], path: Path, config: dict | None = None, test_accuracy: float | None = None) -> None:
+    """The loss averaged over the workers (each step, and smoothed) and the learning rate, under a title with
+    the run's configuration and its final test accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    loss = history["loss"]
+    window = max(1, len(loss) // 30)
+    smooth = [sum(loss[max(0, i - window + 1) : i + 1]) / len(loss[max(0, i - window + 1) : i + 1]) for i in range(len(loss))]
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    ax_loss.plot(history["loss"], lw=0.8)
+    ax_loss.plot(loss, lw=0.6, alpha=0.45, label="loss, mean over the workers")
+    ax_loss.plot(smooth, lw=1.6, label=f"smoothed ({window} steps)")
     ax_loss.set_ylabel("training loss")
     ax_loss.set_yscale("log")
+    ax_loss.legend()
     ax_lr.plot(history["lr"], color="tab:orange")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
+    if config is not None:
+        title = (f"digits: {config['workers']} workers x {config['shards']} shards, Adam lr {config['lr']:g}, cosine, clip 1.0, "
+                 f"batch {config['batch_size']}, {config['epochs']} epochs")
+        if test_accuracy is not None:
+            title += f"\nfinal test accuracy {test_accuracy:.4f}"
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--out", type=Path, default=Path("runs/digits"))
-    parser.add_argument("--no-progress", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--workers", type=int, default=2, help="data-parallel worker actors")
+    parser.add_argument("--shards", type=int, default=2, help="shard actors of the service")
+    parser.add_argument("--epochs", type=int, default=15, help="passes over the training set")
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch, split over the workers")
+    parser.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate (then a cosine decay)")
+    parser.add_argument("--out", type=Path, default=Path("runs/digits"), help="where the plot and metrics.json go")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--service", help="train through a running service at HOST:PORT instead of starting one")
     parser.add_argument("--ray-address", help="the Ray cluster to run on ('auto' inside `ray job submit`); default: embedded")
-    parser.add_argument("--job", default="digits")
+    parser.add_argument("--job", default=DEFAULT_JOB, help="the job's name on the service")
     parser.add_argument("--auth-token-env", help="environment variable holding the service's bearer token")
     args = parser.parse_args()
     token = os.environ.get(args.auth_token_env) if args.auth_token_env else None
     out = train(args.workers, args.shards, args.epochs, args.batch_size, args.lr, progress=not args.no_progress,
                 service_address=args.service, ray_address=args.ray_address, job=args.job, auth_token=token)
     args.out.mkdir(parents=True, exist_ok=True)
-    plot(out["history"], args.out / "training.png")
+    plot(out["history"], args.out / "training.png", out["config"], out["test_accuracy"])
     (args.out / "metrics.json").write_text(json.dumps({k: v for k, v in out.items()}, indent=1))
     for p in out["placements"]:
         who = "coordinator" if p["shard"] is None else f"shard {p['shard']}"
