@@ -130,11 +130,15 @@ def run(quick: bool, extras: dict | None = None) -> list[Row]:
     grpc_push = peers.raw_grpc_gbps(nbytes, chunk, repeats, "push")
     grpc_pull = peers.raw_grpc_gbps(nbytes, chunk, repeats, "pull")
     push, pull = service.push_pull_gbps(nbytes, chunk, repeats)
+    relay_push, relay_pull = service.push_pull_gbps(nbytes, chunk, repeats, route="relay")
     rows += [
         Row("raw_socket_GBps", socket_gbps, "GB/s"),
         Row("raw_grpc_GBps", grpc_push, "GB/s", "raw_socket_GBps", socket_gbps),
         Row("push_GBps", push, "GB/s", "raw_grpc_GBps", grpc_push),
         Row("pull_GBps", pull, "GB/s", "raw_grpc_GBps", grpc_pull),
+        # through the front door's relay (one reachable port) against the direct route to the shard
+        Row("relay_push_GBps", relay_push, "GB/s", "push_GBps", push),
+        Row("relay_pull_GBps", relay_pull, "GB/s", "pull_GBps", pull),
     ]
 
     timed("update")

@@ -17,8 +17,9 @@ from paramserver.wire.jobconfig import describe_job
 from workers.client import ServiceClient
 
 
-def push_pull_gbps(nbytes: int, chunk_bytes: int, repeats: int) -> tuple[float, float]:
-    """One worker, one shard, a flat fp32 buffer of ``nbytes``, over the service in this process.
+def push_pull_gbps(nbytes: int, chunk_bytes: int, repeats: int, route: str = "direct") -> tuple[float, float]:
+    """One worker, one shard, a flat fp32 buffer of ``nbytes``, over the service in this process; ``route``:
+    "direct" (to the shard's port) or "relay" (through the front door, which forwards the chunks as bytes).
 
     Push: the time of one worker's PushGradients call (receive, check, accumulate) of a 2-worker job, so no
     update runs inside it; pull: PullParameters of the new version. Best of ``repeats``, in GB/s (1e9 B/s).
@@ -27,7 +28,7 @@ def push_pull_gbps(nbytes: int, chunk_bytes: int, repeats: int) -> tuple[float, 
     weights = torch.zeros(n)
     groups = normalize_params([("w", weights)])
     with serve_local(1, chunk_bytes=chunk_bytes, max_message_bytes=max(64 * 2**20, 2 * chunk_bytes)) as service:
-        workers = [ServiceClient(service.address, "transfer", timeout=120, chunk_bytes=chunk_bytes) for _ in range(2)]
+        workers = [ServiceClient(service.address, "transfer", timeout=120, chunk_bytes=chunk_bytes, route=route) for _ in range(2)]
         try:
             workers[0].create_job(describe_job(groups, "SGD", {"lr": 0.0}, num_workers=2, clip=ClipConfig()))
             workers[0].push_initial_weights([[weights]])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
@@ -28,6 +29,7 @@ from paramserver.wire.proto.v1 import paramserver_pb2 as pb
 from paramserver.wire.proto.v1 import paramserver_pb2_grpc as pb_grpc
 from paramserver.wire.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    SHARD_METADATA_KEY,
     SHARD_SERVICE,
 )
 
@@ -36,6 +38,10 @@ from workers.shared_memory import SharedShard, open_attachment
 T = TypeVar("T")
 log = logging.getLogger("paramserver")
 TRANSPORTS = ("auto", "grpc", "shared_memory")
+# How a worker reaches a shard: "direct" (its own address), "relay" (through the front door), "auto" (direct
+# where the shard's address accepts a connection, else the relay)
+ROUTES = ("auto", "direct", "relay")
+PROBE_TIMEOUT_S = 1.0
 
 
 def error_from_rpc(exc: grpc.RpcError) -> Exception:
@@ -53,24 +59,48 @@ def plan_from_info(info: pb.JobInfo) -> ShardingPlan:
 
 
 class ShardCalls:
-    """The Shard service's methods on one channel, with the data path's own chunk codec."""
+    """The Shard service's methods on one channel, with the data path's own chunk codec. ``relay_shard``: the
+    channel is the front door's, which relays every call to that shard (named in each call's metadata)."""
 
-    def __init__(self, channel: grpc.Channel) -> None:
+    def __init__(self, channel: grpc.Channel, relay_shard: int | None = None) -> None:
         prefix = f"/{SHARD_SERVICE}/"
-        self.PushGradients = channel.stream_unary(
+        extra = () if relay_shard is None else ((SHARD_METADATA_KEY, str(relay_shard)),)
+        self.relayed = relay_shard is not None
+        self.PushGradients = _with_metadata(channel.stream_unary(
             prefix + "PushGradients", request_serializer=codec.encode_chunk, response_deserializer=pb.PushReply.FromString
-        )
-        self.PushParameters = channel.stream_unary(
+        ), extra)
+        self.PushParameters = _with_metadata(channel.stream_unary(
             prefix + "PushParameters", request_serializer=codec.encode_chunk, response_deserializer=pb.PushReply.FromString
-        )
-        self.PullParameters = channel.unary_stream(
+        ), extra)
+        self.PullParameters = _with_metadata(channel.unary_stream(
             prefix + "PullParameters", request_serializer=pb.PullRequest.SerializeToString, response_deserializer=codec.decode_chunk
-        )
+        ), extra)
         stub = pb_grpc.ShardStub(channel)  # the shared-memory calls carry small messages: the generated code
-        self.AttachSharedMemory = stub.AttachSharedMemory
-        self.PushShared = stub.PushShared
-        self.PullShared = stub.PullShared
-        self.DetachSharedMemory = stub.DetachSharedMemory
+        self.AttachSharedMemory = _with_metadata(stub.AttachSharedMemory, extra)
+        self.PushShared = _with_metadata(stub.PushShared, extra)
+        self.PullShared = _with_metadata(stub.PullShared, extra)
+        self.DetachSharedMemory = _with_metadata(stub.DetachSharedMemory, extra)
+
+
+def _with_metadata(method: Callable[..., T], extra: tuple[tuple[str, str], ...]) -> Callable[..., T]:
+    """``method`` with ``extra`` added to every call's metadata (none: ``method`` itself)."""
+    if not extra:
+        return method
+
+    def call(request: Any, *, metadata: Sequence[tuple[str, str]] = (), **kwargs: Any) -> T:
+        return method(request, metadata=(*metadata, *extra), **kwargs)
+
+    return call
+
+
+def reachable(address: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether ``address`` ("host:port", "[v6]:port") accepts a TCP connection within ``timeout`` seconds."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 class ServiceClient:
@@ -86,9 +116,12 @@ class ServiceClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
         transport: str = "auto",
+        route: str = "auto",
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        if route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
         self.job = job
         # "auto": shared memory with the shards on this host (once attach_shared_memory succeeds), gRPC chunks
         # with the others; "grpc": chunks everywhere; "shared_memory": as auto, but a shard it cannot share
@@ -108,7 +141,11 @@ class ServiceClient:
         self._channels: list[grpc.Channel] = []
         self._shard_channels: list[grpc.Channel] = []
         self.moved: list[int] = []  # the shards whose address the last (re)join changed
-        self.coordinator = pb_grpc.CoordinatorStub(self._channel(address))
+        self.route = route
+        self.routes: list[str] = []  # per shard: "direct" or "relay", as the last (re)join chose
+        self._reachable: dict[str, bool] = {}  # "auto": each shard address probed once
+        self._front_door = self._channel(address)
+        self.coordinator = pb_grpc.CoordinatorStub(self._front_door)
         self.shards: list[pb_grpc.ShardStub] = []
         # The last CreateJob/JoinJob reply; its .generation is the job's weights generation at that time (a
         # rejoin compares it with its weights' to tell a standby's takeover from a rollback), unlike
@@ -155,11 +192,16 @@ class ServiceClient:
         old = [s.address for s in self.info.shards] if self.info is not None else []
         self.info = info
         self.plan = plan_from_info(info)
-        self.shards = [ShardCalls(self._channel(s.address)) for s in info.shards]
-        if self._shard_channels:  # the old shards' channels and threads (calls still on them end on their own)
-            for channel in self._shard_channels:
-                channel.close()
-        self._shard_channels = self._channels[-len(self.shards):] if self.shards else []
+        self.routes = [self._route(s.address) for s in info.shards]
+        if "relay" in self.routes:
+            log.info("job %s: shards %s go through the front door's relay", self.job, [j for j, r in enumerate(self.routes) if r == "relay"])
+        old_channels = self._shard_channels  # the old shards' channels (calls still on them end on their own)
+        self._shard_channels = [self._channel(s.address) for s, r in zip(info.shards, self.routes) if r == "direct"]
+        channels = iter(self._shard_channels)
+        self.shards = [ShardCalls(self._front_door, j) if r == "relay" else ShardCalls(next(channels)) for j, r in enumerate(self.routes)]
+        for channel in old_channels:
+            channel.close()
+            self._channels.remove(channel)
         self.moved = [j for j, s in enumerate(info.shards) if j < len(old) and old[j] != s.address]
         # a shard that moved starts without this worker's shared memory (attach it again)
         kept = self.shared if len(self.shared) == len(self.shards) else [None] * len(self.shards)
@@ -169,6 +211,17 @@ class ServiceClient:
         # a push and a pull per shard may be in flight at once
         self._pool = ThreadPoolExecutor(max(1, 2 * len(self.shards)), thread_name_prefix="paramserver-client")
         return info
+
+    def _route(self, address: str) -> str:
+        """How this worker reaches the shard at ``address``: "direct" or "relay" (through the front door)."""
+        if self.route != "auto":
+            return self.route
+        if address not in self._reachable:
+            self._reachable[address] = reachable(address)
+            if not self._reachable[address]:
+                log.info("job %s: shard address %s does not accept connections from here: its calls go through the front door's relay",
+                         self.job, address)
+        return "direct" if self._reachable[address] else "relay"
 
     # -- the job ---------------------------------------------------------------------------------------------
 
@@ -227,6 +280,8 @@ class ServiceClient:
             if self.transport == "grpc":
                 continue
             why = "" if shared_memory_available() else "this host has no /dev/shm"
+            if self.shards[j].relayed:
+                why = "the shard is reached through the front door's relay"
             if not why:
                 reply = self._call(self.shards[j].AttachSharedMemory, pb.AttachRequest(job=self.job, worker=worker, shard=j, host=host_identity()))
                 sizes = [(layout.numel, layout.dtype) for layout in self.plan.buffers(j)]

@@ -91,6 +91,7 @@ class RemoteOptimizer(WorkerMembership):
         # How this worker talks to the service.
         push_during_backward: bool = False,
         transport: str = "auto",
+        route: str = "auto",
         auth_token: str | None = None,
         root_certificates: bytes | None = None,
         client_certificate: tuple[bytes, bytes] | None = None,
@@ -122,7 +123,7 @@ class RemoteOptimizer(WorkerMembership):
         self._wire_buffers: dict[int, list[torch.Tensor]] = {}  # per shard, the gradients in grad_dtype (``_wire``)
         self.client = ServiceClient(
             address, job, auth_token=auth_token, root_certificates=root_certificates, client_certificate=client_certificate, timeout=timeout,
-            transport=transport,
+            transport=transport, route=route,
         )
         # Membership: the lease renewals' thread and its stop event, whether this worker left, and a refusal
         # (NotAMemberError) the renewals met, raised by the next step()

@@ -291,6 +291,9 @@ class ServerConfig:
     """Checkpoint every job every this many steps (needs checkpoint_dir); 0: only on demand."""
     checkpoint_keep: int = 3
     """Checkpoints kept per job; older ones are removed once a newer one is valid."""
+    shard_port_base: int | None = None
+    """Shard j listens on this port + j on its node (a shard's standby on this port + num_shards + j), so a
+    firewall can open them; None: any free port. Workers that reach only the front door need none of them."""
 
     def __post_init__(self) -> None:
         if not _is_int(self.num_shards) or self.num_shards < 1:
@@ -306,6 +309,8 @@ class ServerConfig:
             raise ValueError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
         if not _is_int(self.checkpoint_keep) or self.checkpoint_keep < 1:
             raise ValueError(f"checkpoint_keep must be an integer >= 1, got {self.checkpoint_keep!r}")
+        if self.shard_port_base is not None and (not _is_int(self.shard_port_base) or not 0 < self.shard_port_base < 65536 - 2 * self.num_shards):
+            raise ValueError(f"shard_port_base must be None or a port in (0, {65536 - 2 * self.num_shards}), got {self.shard_port_base!r}")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("checkpoint_every needs checkpoint_dir")
         if self.chunk_bytes + 4096 > self.max_message_bytes:

@@ -29,7 +29,7 @@ from paramserver.hosting.replicas import CONTROL_TIMEOUT_S, RayFleet
 from paramserver.service.checkpoints import ServiceCheckpoints
 from paramserver.service.coordinator_host import RECOVER_TIMEOUT_S, CoordinatorHost
 from paramserver.service.metrics import start_metrics_server
-from paramserver.service.server import create_coordinator_server, create_shard_server
+from paramserver.service.server import create_coordinator_server, create_shard_server, shard_port
 from paramserver.service.shard_host import ShardHost
 from paramserver.wire.jobconfig import build_job
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
@@ -79,7 +79,8 @@ class ShardProcess:
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
         self.host = ShardHost(shard_id, placement=f"node {ray.get_runtime_context().get_node_id()[:12]} ({_advertised('0.0.0.0')})")
         self.host.on_initial_weights = self._hand_initial_weights
-        self.server, port = create_shard_server(self.host, f"{bind_host}:0", config)
+        # a fixed port by the role this actor started in: the same after Ray restarts it, whatever its role then
+        self.server, port = create_shard_server(self.host, f"{bind_host}:{shard_port(config, shard_id, role == 'standby')}", config)
         self._address = f"{_advertised(bind_host)}:{port}"
         self.metrics_address = None
         if config.metrics_port is not None:

@@ -7,7 +7,7 @@ from typing import Any
 from paramserver.core.config import ServerConfig, split_options
 from paramserver.service.checkpoints import ServiceCheckpoints
 from paramserver.service.coordinator_host import CoordinatorHost, LocalFleet
-from paramserver.service.server import Service, create_coordinator_server, create_shard_server
+from paramserver.service.server import Service, create_coordinator_server, create_shard_server, shard_port
 from paramserver.service.shard_host import ShardHost
 
 
@@ -31,9 +31,9 @@ def serve_local(num_shards: int = 1, *, config: ServerConfig | None = None, **op
     servers, addresses = [], []
     try:
         for shard_host in shard_hosts:
-            server, shard_port = create_shard_server(shard_host, f"{host}:0", config)
+            server, bound = create_shard_server(shard_host, f"{host}:{shard_port(config, shard_host.shard_id)}", config)
             servers.append(server)
-            addresses.append(f"{host}:{shard_port}")
+            addresses.append(f"{host}:{bound}")
         coordinator = CoordinatorHost(LocalFleet(shard_hosts), addresses, config.trusted_modules)
         if config.checkpoint_dir:
             ServiceCheckpoints(coordinator, config.checkpoint_dir, config.checkpoint_every, config.checkpoint_keep).restore_all()

@@ -32,12 +32,13 @@ from paramserver.service.aio_server import AioServer
 from paramserver.service.auth import AsyncBearerTokenInterceptor
 from paramserver.service.coordinator_host import CoordinatorHost
 from paramserver.service.coordinator_servicer import CoordinatorServicer
+from paramserver.service.relay import ShardRelay
 from paramserver.service.shard_host import ShardHost
 from paramserver.service.shard_servicer import ShardServicer, shard_handler
 from paramserver.wire.proto.v1 import paramserver_pb2_grpc as pb_grpc
 from paramserver.wire.protocol import COORDINATOR_SERVICE, SHARD_SERVICE
 
-__all__ = ["SHARD_COMPUTE_THREADS", "Service", "TLSConfig", "create_coordinator_server", "create_shard_server", "grpc_options"]
+__all__ = ["SHARD_COMPUTE_THREADS", "Service", "TLSConfig", "create_coordinator_server", "create_shard_server", "grpc_options", "shard_port"]
 
 # Threads of a shard server for CPU work only (folding pushes, the update); never for waiting.
 SHARD_COMPUTE_THREADS = 4
@@ -110,6 +111,13 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
 
 
 def _bind(server: grpc.aio.Server, address: str, tls: TLSConfig | None) -> int:
+    try:
+        return _add_port(server, address, tls)
+    except RuntimeError as exc:  # grpc.aio's way of saying the port is taken
+        raise OSError(f"cannot bind {address} (is the port in use?)") from exc
+
+
+def _add_port(server: grpc.aio.Server, address: str, tls: TLSConfig | None) -> int:
     if tls is not None:
         creds = grpc.ssl_server_credentials(
             [(tls.private_key, tls.certificate_chain)],
@@ -124,14 +132,17 @@ def _bind(server: grpc.aio.Server, address: str, tls: TLSConfig | None) -> int:
     return port
 
 
-def _start(address: str, config: ServerConfig, add: Callable[[grpc.aio.Server], None], service_names: Sequence[str], name: str) -> AioServer:
+def _start(address: str, config: ServerConfig, add: Callable[[grpc.aio.Server], None], service_names: Sequence[str], name: str,
+           exclusive: bool = False) -> AioServer:
     """A ``grpc.aio`` server with ``add``'s services, health, reflection and the token check, built and run on
-    its own event loop thread."""
+    its own event loop thread. ``exclusive``: no SO_REUSEPORT (a fixed port another server holds fails to bind
+    instead of sharing its connections)."""
     fix_mmap_threshold()
 
     async def build() -> tuple[grpc.aio.Server, int]:
         interceptors = [AsyncBearerTokenInterceptor(config.auth_token)] if config.auth_token else []
-        server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
+        options = [*grpc_options(config), *([("grpc.so_reuseport", 0)] if exclusive else [])]
+        server = grpc.aio.server(interceptors=interceptors, options=options)
         add(server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -145,6 +156,14 @@ def _start(address: str, config: ServerConfig, add: Callable[[grpc.aio.Server], 
     return AioServer(build, name)
 
 
+def shard_port(config: ServerConfig, shard: int, standby: bool = False) -> int:
+    """The port shard ``shard``'s server binds: ``config.shard_port_base + shard`` (its standby's: after all
+    primaries', ``+ num_shards``), or 0 (any free one) without a base."""
+    if config.shard_port_base is None:
+        return 0
+    return config.shard_port_base + shard + (config.num_shards if standby else 0)
+
+
 def create_shard_server(host: ShardHost, address: str, config: ServerConfig | None = None) -> tuple[AioServer, int]:
     """Shard ``host.shard_id``'s server (``config``: the service's, default ``ServerConfig()``). The returned
     server's ``stop(grace)`` returns an event to ``wait(timeout)`` on, as ``grpc.Server.stop`` does."""
@@ -153,7 +172,7 @@ def create_shard_server(host: ShardHost, address: str, config: ServerConfig | No
     servicer = ShardServicer(host, config.chunk_bytes, compute)
     try:
         server = _start(address, config, lambda s: s.add_generic_rpc_handlers((shard_handler(servicer),)), [SHARD_SERVICE],
-                        f"shard{host.shard_id}-grpc")
+                        f"shard{host.shard_id}-grpc", exclusive=not address.endswith(":0"))
     except BaseException:
         compute.shutdown(wait=False)
         raise
@@ -165,18 +184,27 @@ def create_shard_server(host: ShardHost, address: str, config: ServerConfig | No
 
 def create_coordinator_server(host: CoordinatorHost, address: str, config: ServerConfig | None = None) -> tuple[AioServer, int]:
     """The front door. A JoinJob that waits for rank 0 holds no thread; ``config.grpc_threads`` threads do the
-    blocking work (creating jobs, state, status). ``stop(grace)`` as for a shard server."""
+    blocking work (creating jobs, state, status). It also relays the Shard service (``relay.ShardRelay``) for
+    workers that can reach only this port. ``stop(grace)`` as for a shard server."""
     config = ServerConfig() if config is None else config
     work = futures.ThreadPoolExecutor(config.grpc_threads, thread_name_prefix="coordinator-work")
     servicer = CoordinatorServicer(host, config.chunk_bytes, work)
+    # the Shard service relayed to the shards, for workers that reach only the front door (read at every call:
+    # a takeover moves a shard)
+    relay = ShardRelay(lambda: host.shard_addresses, grpc_options(config), config.tls)
+
+    def add(server: grpc.aio.Server) -> None:
+        pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+        server.add_generic_rpc_handlers((relay.handler(),))
+
     try:
-        server = _start(address, config, lambda s: pb_grpc.add_CoordinatorServicer_to_server(servicer, s), [COORDINATOR_SERVICE],
-                        "coordinator-grpc")
+        server = _start(address, config, add, [COORDINATOR_SERVICE, SHARD_SERVICE], "coordinator-grpc")
     except BaseException:
         work.shutdown(wait=False)
         raise
     server.on_stop(lambda: host.close_watches(server.loop))
     server.on_stop(lambda: work.shutdown(wait=False))
+    server.on_stop(lambda: server.loop.create_task(relay.close()))
     return server, server.port
 
 

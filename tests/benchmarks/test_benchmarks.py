@@ -13,6 +13,8 @@ from benchmarks.__main__ import Row
 def test_transfer_and_update_measurements_run():
     push, pull = service.push_pull_gbps(2 * 2**20, 2**20, 1)
     assert push > 0 and pull > 0
+    relay_push, relay_pull = service.push_pull_gbps(2 * 2**20, 2**20, 1, route="relay")
+    assert relay_push > 0 and relay_pull > 0
     assert peers.raw_grpc_gbps(2 * 2**20, 2**20, 1, "push") > 0
     assert peers.raw_socket_gbps(2 * 2**20, 2**20, 1) > 0
     in_service, standalone = service.update_mparams_per_s(100_000, 2)

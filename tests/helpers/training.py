@@ -39,3 +39,42 @@ def resume_workers(
                 opt.step()
 
     run_threads(num_workers, worker, timeout=4 * timeout)
+
+
+def train_and_compare(address: str, job: str, *, num_workers: int = 2, steps: int = 6, timeout: float = 30.0, **options: Any) -> list[list[str]]:
+    """``num_workers`` threads train a job with Adam (clipped) through RemoteOptimizers of ``options`` and
+    must end bitwise equal to local torch.optim on the mean gradients. Returns each worker's ``client.routes``."""
+    import copy
+
+    import paramserver as ps
+    from tests.helpers.reference import Reference, make_model
+
+    base = make_model()
+    models = [copy.deepcopy(base) for _ in range(num_workers)]
+    ref = Reference(copy.deepcopy(base).named_parameters(), torch.optim.Adam, {"lr": 0.01}, clip=ps.ClipConfig(max_norm=0.5))
+    opts: list[RemoteOptimizer | None] = [None] * num_workers
+
+    def create(rank: int) -> None:
+        opts[rank] = RemoteOptimizer(models[rank].named_parameters(), "Adam", lr=0.01, clip_grad_norm=0.5, address=address, job=job,
+                                     num_workers=num_workers, rank=rank, timeout=timeout, join_timeout=timeout, **options)
+
+    try:
+        run_threads(num_workers, create, timeout=4 * timeout)
+        for t in range(steps):
+            grads = worker_grads(ref.params, t, num_workers)
+
+            def step(rank: int) -> None:
+                for p, g in zip(models[rank].parameters(), grads[rank]):
+                    p.grad = g.clone()
+                opts[rank].step()  # type: ignore[union-attr]
+
+            run_threads(num_workers, step, timeout=4 * timeout)
+            ref.step(grads)
+        for m in models:
+            for got, want in zip(m.parameters(), ref.params):
+                assert torch.equal(got, want.detach())
+        return [list(o.client.routes) for o in opts if o is not None]
+    finally:
+        for o in opts:
+            if o is not None:
+                o.close()

@@ -44,7 +44,7 @@ FRONT_DOOR_PORT = 50051
 CLI_FLAGS = {
     "serve": {
         "--ray-address", "--shards", "--gpus-per-shard", "--host", "--port",
-        "--trusted-module", "--auth-token-env", "--placement",
+        "--trusted-module", "--auth-token-env", "--placement", "--shard-port-base",
     },
     "status": {"--address", "--job", "--auth-token-env"},
     "stop": {"--address", "--auth-token-env"},
@@ -204,6 +204,27 @@ def test_raycluster_manifest():
     assert port["port"] == FRONT_DOOR_PORT
     named = {p.get("name"): p["containerPort"] for p in head["ports"]}
     assert named.get(port["targetPort"], port["targetPort"]) == FRONT_DOOR_PORT
+
+
+@needs_yaml
+def test_the_direct_route_ports_are_the_shard_port_base_ones():
+    """Every start of the service fixes the shards' ports (--shard-port-base B, 2 shards: B..B+1); the AWS
+    security group opens them (the front door's rule alone is the relay route) and the KubeRay worker pods
+    name them."""
+    bases = set()
+    for name in ["aws-gpu.yaml", "onprem.yaml", "kuberay/raycluster.yaml"]:
+        for sub, rest in paramserver_commands(DEPLOY / name, raw=False):
+            if sub == "serve" and "--shards" in rest:
+                bases.add(int(re.search(r"--shard-port-base (\d+)", rest).group(1)))
+    (base,) = bases
+    rules = _load(DEPLOY / "aws-gpu.yaml")["provider"]["security_group"]["IpPermissions"]
+    assert any(r["FromPort"] == base and r["ToPort"] == base + 1 for r in rules)
+    docs = [d for d in yaml.safe_load_all((KUBERAY / "raycluster.yaml").read_text()) if d]
+    (cluster,) = [d for d in docs if d["kind"] == "RayCluster"]
+    (group,) = cluster["spec"]["workerGroupSpecs"]
+    worker = group["template"]["spec"]["containers"][0]
+    assert [p["containerPort"] for p in worker["ports"]] == [base, base + 1]
+    assert f"{base}" in (DEPLOY / "README.md").read_text()
 
 
 @needs_yaml

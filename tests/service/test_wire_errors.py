@@ -921,15 +921,16 @@ def test_mtls_needs_a_client_certificate_from_the_ca(mtls_svc, tls, job_name):
 
 def test_health_and_reflection_on_coordinator_and_shards(wire, job_name):
     job = create(wire, job_name)
-    servers = [(wire.address, COORDINATOR)] + [(s.address, SHARD) for s in job.info.shards]
-    assert len({a for a, _ in servers}) == 3
-    for address, service in servers:
+    # the front door also serves the Shard service (its relay to the shards); a shard serves only its own
+    servers = [(wire.address, COORDINATOR, {COORDINATOR, SHARD})] + [(s.address, SHARD, {SHARD}) for s in job.info.shards]
+    assert len({a for a, _, _ in servers}) == 3
+    for address, service, served in servers:
         channel = wire.channel(address)
-        for name in ("", service):
+        for name in ("", *served):
             assert _health(channel, name) == health_pb2.HealthCheckResponse.SERVING, (address, name)
-        other = SHARD if service == COORDINATOR else COORDINATOR
-        assert rpc_error(lambda: _health(channel, other)).code() == Code.NOT_FOUND
-        expected = {service, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}
+        if service == SHARD:
+            assert rpc_error(lambda: _health(channel, COORDINATOR)).code() == Code.NOT_FOUND
+        expected = {*served, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}
         for version in ("v1", "v1alpha"):  # grpcurl and current clients ask v1, older ones v1alpha
             names = _reflected_services(channel, version=version)
             assert names == expected, (version, names)
