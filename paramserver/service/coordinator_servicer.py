@@ -20,7 +20,8 @@ import grpc.aio
 from paramserver.core.coordinator import StepResult
 from paramserver.core.errors import WrongServiceError
 from paramserver.core.state import loaded_step
-from paramserver.service.coordinator_host import RECOVER_TIMEOUT_S, CoordinatorHost, Job
+from paramserver.service.coordinator_host import RECOVER_TIMEOUT_S, CoordinatorHost
+from paramserver.service.jobs import Job
 from paramserver.service.shard_host import MAX_WAIT_S
 from paramserver.service.status import translate_errors
 from paramserver.wire import codec, jobconfig, json_values
