@@ -163,10 +163,13 @@ class ShardServicer(pb_grpc.ShardServicer):
     @translate_errors
     async def PullShared(self, request: pb.PullRequest, context: grpc.aio.ServicerContext) -> pb.SharedPullReply:
         self._check_shard(request.shard, "pull")
-        self.host.attachment(request.job, request.worker)  # fail before waiting
+        attachment = self.host.attachment(request.job, request.worker)  # fail before waiting
         generation = request.generation if request.HasField("generation") else None
         await self.host.wait_async(request.job, request.min_version, context.time_remaining(), generation, request.worker)
-        version, generation = await self._run(self.host.write_pulled, request.job, request.worker)
+        if attachment.shared_weights:  # the worker reads the live weights: nothing to copy, no thread to hop to
+            version, generation = self.host.write_pulled(request.job, request.worker)
+        else:
+            version, generation = await self._run(self.host.write_pulled, request.job, request.worker)
         metrics.SHARED_MEMORY_BYTES.labels(request.job, str(self.host.shard_id), "out").inc(self._nbytes(request.job))
         return pb.SharedPullReply(version=version, generation=generation)
 

@@ -9,8 +9,6 @@ Everything binds 127.0.0.1 and every call has a deadline of a few seconds.
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from paramserver.service.local import serve_local as serve
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
 from tests.helpers.reference import Reference
 from tests.service.test_wire_errors import Wire, assert_status, rpc_error
@@ -28,24 +25,6 @@ T = 5.0
 LR, MOMENTUM = 0.1, 0.9
 Code = grpc.StatusCode
 TORCH = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@pytest.fixture(scope="module")
-def svc():
-    service = serve(2, host="127.0.0.1")
-    yield service
-    service.shutdown()
-
-
-@pytest.fixture(scope="module")
-def wire(svc):
-    with Wire(svc.address) as w:
-        yield w
-
-
-@pytest.fixture
-def job_name(request: pytest.FixtureRequest) -> str:
-    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', request.node.name)}-{uuid.uuid4().hex[:8]}"
 
 
 # -- a client written from PROTOCOL.md ----------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -250,25 +249,7 @@ def assert_weights(actual: Sequence[torch.Tensor], ref: Reference) -> None:
         assert torch.equal(a, p.detach()), f"max diff {(a - p.detach()).abs().max().item()}"
 
 
-@pytest.fixture
-def job_name(request: pytest.FixtureRequest) -> str:
-    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', request.node.name)}-{uuid.uuid4().hex[:8]}"
-
-
 # -- the services -----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def svc():
-    service = serve(2, host="127.0.0.1")
-    yield service
-    service.shutdown()
-
-
-@pytest.fixture(scope="module")
-def wire(svc):
-    with Wire(svc.address) as w:
-        yield w
 
 
 # -- the bad-input table: PushGradients ---------------------------------------------------------------------------
