@@ -13,6 +13,8 @@ from collections.abc import Collection, Sequence
 
 import torch
 
+from paramserver.core.blocked import mean_in_blocks
+
 
 class GradientAccumulator:
     def __init__(self, sums: Sequence[torch.Tensor], num_workers: int, deterministic: bool, carry_over: bool = False) -> None:
@@ -25,6 +27,8 @@ class GradientAccumulator:
         self._folded = 0  # how many contributions are in the sums
         self._early: dict[int, Sequence[torch.Tensor]] = {}  # deterministic mode: each contribution, until the mean
         self.contributors: tuple[int, ...] | None = None  # set once the sum became the mean of these workers
+        # the mean was taken with every contribution kept (``mean(keep=True)``): ``undo`` can take it again
+        self.kept = False
 
     def holds_all(self, ranks: Collection[int]) -> bool:
         """Whether the contributions of all of ``ranks`` (at least one) are in."""
@@ -50,10 +54,11 @@ class GradientAccumulator:
             total.copy_(g) if first else total.add_(g)
         self._folded += 1
 
-    def mean(self, contributors: Collection[int] | None = None) -> list[torch.Tensor]:
+    def mean(self, contributors: Collection[int] | None = None, keep: bool = False) -> list[torch.Tensor]:
         """Turn the sum into the mean over ``contributors`` (default: all W workers), in place, and return the
         buffers. The step policy chose the contributors; each must have pushed. Others' pushes are left out
-        (deterministic mode; added already otherwise, which is an error)."""
+        (deterministic mode; added already otherwise, which is an error). ``keep`` (deterministic mode): every
+        contribution stays held until ``reset``, so that ``undo`` can take a mean over other workers."""
         assert self.contributors is None, "the mean of this step was taken already"
         who = frozenset(range(self.num_workers) if contributors is None else contributors)
         assert who, "a mean over no workers"
@@ -65,18 +70,32 @@ class GradientAccumulator:
                 f"workers {sorted(extra)} pushed part of this step and left; with deterministic=False their gradients "
                 "are added already and cannot be left out"
             )
-        for rank in sorted(self._early):  # in rank order, whatever the arrival order
-            if rank in who:
+        held = [rank for rank in sorted(self._early) if rank in who]  # in rank order, whatever the arrival order
+        assert not keep or (self.deterministic and self._folded == 0), "only a mean of held contributions can be kept"
+        if self._folded == 0 and held:
+            # all of the mean is here: fold and divide one cache-sized block at a time (the same ops, the same bits)
+            mean_in_blocks(self.sums, [self._early[rank] if keep else self._early.pop(rank) for rank in held], len(who))
+            self._folded = len(held)
+        else:
+            for rank in held:
                 self._fold(self._early.pop(rank))
-            elif not self.carry_over:
-                del self._early[rank]
+            if len(who) > 1:
+                for total in self.sums:
+                    total.div_(len(who))
+        if not self.carry_over and not keep:
+            self._early.clear()  # what is left was pushed by workers outside this mean
         assert self._folded == len(who)
-        if len(who) > 1:
-            for total in self.sums:
-                total.div_(len(who))
         self.received = set(who) | set(self._early)
         self.contributors = tuple(sorted(who))
+        self.kept = keep
         return self.sums
+
+    def undo(self) -> None:
+        """Forget a mean taken with ``keep``: every contribution is held again, to be folded by the next ``mean``."""
+        assert self.kept, "only a kept mean can be taken again"
+        self._folded = 0
+        self.contributors = None
+        self.kept = False
 
     def reset(self, keep_pending: bool = False) -> None:
         """Start the next step; ``keep_pending``: the pushes not in the last mean stay (asynchronous steps)."""
@@ -85,3 +104,4 @@ class GradientAccumulator:
         self.received = set(self._early)
         self._folded = 0
         self.contributors = None
+        self.kept = False

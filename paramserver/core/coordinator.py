@@ -111,6 +111,8 @@ class Coordinator:
         self.interrupted = False  # a step's close stopped at a shard that died: ``recheck`` closes it later
         self._based_on: dict[int, int] = {}  # worker -> the version its reported push was computed on
         self._applied: dict[int, tuple[int, ...]] = {}  # step -> its contributors (the last APPLIED_KEPT steps)
+        # shard -> (generation, step, workers, norms) of the mean it took ahead and reported (``shard_ready``)
+        self._reduced_ahead: dict[int, tuple[int, int, tuple[int, ...], list[torch.Tensor | None]]] = {}
         self._lock = threading.RLock()
 
     def check_worker(self, worker: int) -> None:
@@ -181,12 +183,19 @@ class Coordinator:
             self._metrics.setdefault(step, {})[worker] = float(metric)
 
     def shard_ready(
-        self, shard: int, step: int, generation: int | None = None, holds: Mapping[int, int] | None = None
+        self,
+        shard: int,
+        step: int,
+        generation: int | None = None,
+        holds: Mapping[int, int] | None = None,
+        reduced: tuple[tuple[int, ...], list[torch.Tensor | None]] | None = None,
     ) -> StepResult | None:
         """Shard ``shard``, at version ``step``, holds the pushes of ``holds`` (worker -> the version its push was
         computed on; None: every member's, of this step); if the policy then closes the step, this call runs it
         (and any that the reports already complete) and returns the last result. ``generation``: the weights
-        generation the report is of; a report from before a load (whose pushes the load dropped) is ignored."""
+        generation the report is of; a report from before a load (whose pushes the load dropped) is ignored.
+        ``reduced``: the mean the shard took ahead (``Shard.reduce_ahead``: its workers and norms); a close over
+        those workers uses its norms instead of asking the shard."""
         with self._lock:
             if generation is not None and generation != self.generation:
                 log.debug("shard %d reported step %d of generation %d, now %d: ignored", shard, step, generation, self.generation)
@@ -203,6 +212,8 @@ class Coordinator:
             else:
                 self.check_step(step)
             self._based_on.update(held)
+            if reduced is not None and step == self.step:
+                self._reduced_ahead[shard] = (self.generation, step, tuple(reduced[0]), list(reduced[1]))
             return self._run(self.policy.on_shard_ready(shard, self.step, frozenset(held), members))
 
     def _run(self, close: CloseStep | None) -> StepResult | None:
@@ -241,9 +252,15 @@ class Coordinator:
         step, contributors = close.step, close.contributors
         clip = self.config.clip
         timer = StageTimer()
+        # the norms of the shards that took this very mean ahead (their reports carried them); the others are asked
+        known = {
+            j: norms for j, (generation, at, who, norms) in self._reduced_ahead.items()
+            if (generation, at, who) == (self.generation, step, tuple(contributors))
+        }
+        self._reduced_ahead.clear()
         with timer("aggregate"):
             try:
-                norms = self.shards.reduce(step, clip.norm_type, clip.clip_value, contributors)
+                norms = self.shards.reduce(step, clip.norm_type, clip.clip_value, contributors, known=known)
             except ShardLostError as exc:
                 # Nothing was updated: the step stays open, and closes once the shard's standby has taken over
                 # and holds the step's pushes again (``recheck``). A reduce that ran already runs again unchanged.

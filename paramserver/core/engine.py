@@ -105,7 +105,8 @@ class StepEngine(Coordinator):
                 self.record_metric(worker, step, metric)
             result = None
             for j in range(self.plan.num_shards):
-                ready, _, version, holds = self.shards.shards[j].ready_in()
+                shard = self.shards.shards[j]
+                ready, _, version, holds = shard.ready_in()
                 if ready:
-                    result = self.shard_ready(j, version, None, holds) or result
+                    result = self.shard_ready(j, version, None, holds, shard.reduce_ahead()) or result
             return result

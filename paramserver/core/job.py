@@ -85,4 +85,5 @@ class JobSpec:
             device=device,
             initialized=not described_only,
             grad_dtype=self.config.grad_dtype,
+            clip=(self.config.clip.norm_type, self.config.clip.clip_value),
         )

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from paramserver.core.aggregation import GradientAccumulator
+from paramserver.core.blocked import BlockedStep
 from paramserver.core.clipping import tensor_norms
 from paramserver.core.errors import (
     FutureStepError,
@@ -58,6 +59,7 @@ class Shard(ShardCopies):
         device: str | torch.device = "cpu",
         initialized: bool = True,
         grad_dtype: torch.dtype | None = None,
+        clip: tuple[float, float | None] | None = None,
     ) -> None:
         self.shard_id = shard_id
         self.plan = plan
@@ -70,6 +72,9 @@ class Shard(ShardCopies):
         # asynchronous steps: each worker's push is its own update (None: synchronous steps)
         self.ledger = AsyncLedger(max_staleness) if mode == "async" else None
         self.reject_nonfinite = reject_nonfinite
+        # the job's clipping (norm_type, clip_value): what a mean taken ahead uses (None: never reduce ahead)
+        self.ahead_clip = clip
+        self._ahead_clip: tuple[float, float | None] | None = None  # what the last mean taken ahead used
         # the dtype gradients travel in (the job's grad_dtype; None: the parameters'); they are summed in the latter
         self.grad_dtype = grad_dtype
         if len(weights) != len(self.layouts):
@@ -115,6 +120,8 @@ class Shard(ShardCopies):
         # the fastest of torch's implementations that gives torch's default bits (paramserver.core.kernels)
         self.kernel = kernel_choice(optimizer_cls, group_options, optimizer_kwargs, [layout.dtype for layout in self.layouts], self.device)
         self.optimizer = build_optimizer(optimizer_cls, groups, {**optimizer_kwargs, **self.kernel})
+        # clipping and the foreach step, block by block where that gives the same bits (paramserver.core.blocked)
+        self.stepper = BlockedStep(self.optimizer) if self.kernel.get("foreach") else None
         self.version = 0  # number of closed steps; pushes are accepted for step == version
         # Of the weights: a load starts a new one (start_generation). A push computed on the weights of
         # another generation is refused, and a pull that holds an older one returns with the new weights.
@@ -213,6 +220,8 @@ class Shard(ShardCopies):
                     )
         if not all(isinstance(i, int) and 0 <= i < len(self.plan.params) for i in missing):
             raise ValueError(f"shard {self.shard_id}: missing-gradient list names unknown parameters: {sorted(missing)}")
+        if self.accumulator.kept:
+            self.accumulator.undo()  # a member joined after the mean was taken ahead: the step waits for it too
         self.accumulator.add(worker, grads if self.device.type == "cpu" else [g.to(self.device) for g in grads])
         if self.ledger is not None:
             self.ledger.pending(worker, step)
@@ -263,24 +272,43 @@ class Shard(ShardCopies):
         """Turn the step's sum into the mean over ``contributors`` (the step policy's choice; default all W
         workers), clamped to ``clip_value`` if given, and return one norm per slice."""
         self.check_step(step)
-        taken = self.accumulator.contributors
-        if taken is None:
-            if contributors is None:
-                assert self.ready, f"shard {self.shard_id}: reduce before all {self.num_workers} workers pushed"
-            self._restore_grad_views()
-            means = self.accumulator.mean(contributors)
-            # a parameter takes part if any contributor has a gradient for it (torch.optim skips grad None)
-            self._with_grad = {i for w in self.accumulator.contributors for i in self._params_here if i not in self._missing.get(w, ())}
-            for w in self.accumulator.contributors:
-                self._missing.pop(w, None)
-            if self.ledger is None:
-                self._missing.clear()  # the pushes left out of a synchronous step are dropped
-            if clip_value is not None:
-                for buf in means:
-                    buf.clamp_(min=-clip_value, max=clip_value)
-        elif contributors is not None and tuple(sorted(contributors)) != taken:
-            raise ValueError(f"shard {self.shard_id}: step {step}'s mean is over workers {list(taken)}, not {sorted(contributors)}")
-        # else: a close that was interrupted (a shard died) runs again: the mean is here, only the norms are new
+        who = tuple(range(self.num_workers) if contributors is None else sorted(contributors))
+        if self.accumulator.kept and (who != self.accumulator.contributors or self._ahead_clip != (norm_type, clip_value)):
+            self.accumulator.undo()  # the mean taken ahead is not the one this close wants: take it again
+        if self.accumulator.contributors is None:
+            return self._take_mean(who, norm_type, clip_value)
+        if who != self.accumulator.contributors:
+            raise ValueError(f"shard {self.shard_id}: step {step}'s mean is over workers {list(self.accumulator.contributors)}, not {list(who)}")
+        # a close that was interrupted (a shard died) runs again, or one the mean was taken ahead for: only the norms
+        return self._norms(norm_type)
+
+    @_locked
+    def reduce_ahead(self) -> tuple[tuple[int, ...], list[torch.Tensor | None]] | None:
+        """Synchronous steps, once every member's push is in: the mean over the pushes held and its norms, taken
+        before the coordinator asks, so that the report of this shard can carry them and the step's close need
+        not call ``reduce`` (the workers of the mean, the norms; None where the step cannot be reduced ahead).
+        Every push stays held: a close over other workers (a member left or joined meanwhile) takes it again."""
+        accumulator = self.accumulator
+        if self.ahead_clip is None or self.ledger is not None or self.quorum is not None or not accumulator.deterministic:
+            return None
+        if not self.initialized or accumulator.contributors is not None or not self.ready:
+            return None
+        who = tuple(sorted(accumulator.received))
+        norms = self._take_mean(who, *self.ahead_clip, keep=True)
+        self._ahead_clip = self.ahead_clip
+        return who, norms
+
+    def _take_mean(self, who: tuple[int, ...], norm_type: float, clip_value: float | None, keep: bool = False) -> list[torch.Tensor | None]:
+        self._restore_grad_views()
+        means = self.accumulator.mean(who, keep=keep)
+        # a parameter takes part if any contributor has a gradient for it (torch.optim skips grad None)
+        self._with_grad = {i for w in who for i in self._params_here if i not in self._missing.get(w, ())}
+        if clip_value is not None:
+            for buf in means:
+                buf.clamp_(min=-clip_value, max=clip_value)
+        return self._norms(norm_type)
+
+    def _norms(self, norm_type: float) -> list[torch.Tensor | None]:
         norms: list[torch.Tensor] = []
         start = 0
         for layout in self.layouts:
@@ -323,17 +351,20 @@ class Shard(ShardCopies):
         self._check_initialized()
         self.check_step(step)
         assert self.accumulator.contributors is not None, f"shard {self.shard_id}: apply before reduce (the mean) of step {step}"
-        if clip_coef is not None:
-            coef = clip_coef.to(self.device)
-            for buf in self.accumulator.sums:
-                buf.mul_(coef)
+        coef = None if clip_coef is None else clip_coef.to(self.device)
         set_hyperparameters(self.optimizer, hyperparameters)
         keep_kernel(self.optimizer, self.kernel)
         for s, tensor in zip(self.slices, self.tensors):
             if s.param not in self._with_grad:
                 tensor.grad = None  # torch.optim skips it (no update, no state); reduce points it back next step
         with torch.no_grad():
-            self.optimizer.step()
+            if self.stepper is not None:
+                self.stepper.step(coef)
+            else:
+                if coef is not None:
+                    for buf in self.accumulator.sums:
+                        buf.mul_(coef)
+                self.optimizer.step()
             self._rebind_replaced_weights()
         self._close_step(record)
 
@@ -370,6 +401,10 @@ class Shard(ShardCopies):
             if self.ledger is not None:
                 self.ledger.applied_update(contributors)
             self.accumulator.reset(keep_pending=self.ledger is not None)
+            for w in contributors:
+                self._missing.pop(w, None)
+            if self.ledger is None:
+                self._missing.clear()  # the pushes left out of a synchronous step are dropped
             self._with_grad = set()
             self.version += 1
             self._changed.notify_all()

@@ -7,7 +7,7 @@ plain ``Shard`` is a ``ShardControl``; ``paramserver.hosting.replicas.ActorShard
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -115,10 +115,10 @@ class ShardGroup:
     def __len__(self) -> int:
         return len(self.shards)
 
-    def _each(self, call: Callable[[int, ShardControl], T], wait_s: float = 0.0) -> list[T]:
-        """``call(j, shard j)`` for every shard, the results in shard order. ``wait_s``: how long the call
-        itself may block on purpose (a group over remote shards adds it to its deadline)."""
-        return [call(j, s) for j, s in enumerate(self.shards)]
+    def _each(self, call: Callable[[int, ShardControl], T], wait_s: float = 0.0, only: Sequence[int] | None = None) -> list[T]:
+        """``call(j, shard j)`` for every shard (``only``: these), the results in shard order. ``wait_s``: how long
+        the call itself may block on purpose (a group over remote shards adds it to its deadline)."""
+        return [call(j, s) for j, s in enumerate(self.shards) if only is None or j in only]
 
     def _per_shard(self, values: Sequence[Any], what: str) -> None:
         if len(values) != len(self.shards):
@@ -135,10 +135,19 @@ class ShardGroup:
         return all(self._each(lambda _, s: s.ready))
 
     def reduce(
-        self, step: int, norm_type: float, clip_value: float | None, contributors: Collection[int] | None = None
+        self,
+        step: int,
+        norm_type: float,
+        clip_value: float | None,
+        contributors: Collection[int] | None = None,
+        known: Mapping[int, list[torch.Tensor | None]] | None = None,
     ) -> list[list[torch.Tensor | None]]:
+        """Every shard's norms of the step's mean; ``known``: those of shards that took this mean ahead (not asked)."""
+        known = known or {}
         who = None if contributors is None else tuple(contributors)  # a tuple travels to remote shards cheaply
-        return self._each(lambda _, s: s.reduce(step, norm_type, clip_value, who))
+        asked = [j for j in range(len(self.shards)) if j not in known]
+        norms = dict(zip(asked, self._each(lambda _, s: s.reduce(step, norm_type, clip_value, who), only=asked)))
+        return [known[j] if j in known else norms[j] for j in range(len(self.shards))]
 
     def readiness(self) -> list[bool]:
         return self._each(lambda _, s: s.ready)

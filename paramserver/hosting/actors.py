@@ -79,6 +79,7 @@ class ShardProcess:
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
         self.host = ShardHost(shard_id, placement=f"node {ray.get_runtime_context().get_node_id()[:12]} ({_advertised('0.0.0.0')})")
         self.host.on_initial_weights = self._hand_initial_weights
+        self.host.on_reduced_ahead = self._hand_mean_to_standby
         # a fixed port by the role this actor started in: the same after Ray restarts it, whatever its role then
         self.server, port = create_shard_server(self.host, f"{bind_host}:{shard_port(config, shard_id, role == 'standby')}", config)
         self._address = f"{_advertised(bind_host)}:{port}"
@@ -160,17 +161,20 @@ class ShardProcess:
     def reduce(
         self, name: str, step: int, norm_type: float, clip_value: float | None, contributors: Collection[int] | None
     ) -> list[torch.Tensor | None]:
-        shard = self._shard(name)
-        norms = shard.reduce(step, norm_type, clip_value, contributors)
-        if self.standby is not None:
-            # the standby applies this very mean: the same update, bit for bit
-            import ray
-
-            try:
-                ray.get(self.standby.hold_reduced.remote(name, step, *shard.reduced(step)), timeout=CONTROL_TIMEOUT_S)
-            except Exception as exc:  # noqa: BLE001 - its apply then fails too, and the coordinator rebuilds it
-                log.warning("shard %d: the standby did not take step %d's mean: %s: %s", self.shard_id, step, type(exc).__name__, exc)
+        norms = self._shard(name).reduce(step, norm_type, clip_value, contributors)
+        self._hand_mean_to_standby(name, step)
         return norms
+
+    def _hand_mean_to_standby(self, name: str, step: int) -> None:
+        # the standby applies this very mean (taken now or ahead): the same update, bit for bit
+        if self.standby is None:
+            return
+        import ray
+
+        try:
+            ray.get(self.standby.hold_reduced.remote(name, step, *self._shard(name).reduced(step)), timeout=CONTROL_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - its apply then fails too, and the coordinator rebuilds it
+            log.warning("shard %d: the standby did not take step %d's mean: %s: %s", self.shard_id, step, type(exc).__name__, exc)
 
     def hold_reduced(self, name: str, step: int, means: list[torch.Tensor], with_grad: list[int], contributors: tuple[int, ...]) -> None:
         self._shard(name).hold_reduced(step, means, with_grad, contributors)
@@ -253,7 +257,10 @@ class RemoteCoordinator:
         self.actor = actor
         self.name = name
 
-    def shard_ready(self, shard: int, step: int, generation: int | None = None, holds: frozenset[int] | None = None) -> None:
+    def shard_ready(
+        self, shard: int, step: int, generation: int | None = None, holds: frozenset[int] | None = None,
+        reduced: tuple[tuple[int, ...], list[torch.Tensor | None]] | None = None,
+    ) -> None:
         """Report to the coordinator. While it restarts the report is made again (until the control deadline):
         the push that completed the shard is in, and the worker gets no error for it. A coordinator that
         restarted closes the step itself if every push is in, so the report may find it closed."""
@@ -262,7 +269,9 @@ class RemoteCoordinator:
         deadline = time.monotonic() + CONTROL_TIMEOUT_S
         while True:
             try:
-                ray.get(self.actor.shard_ready.remote(self.name, shard, step, generation, holds), timeout=max(0.1, deadline - time.monotonic()))
+                ray.get(
+                    self.actor.shard_ready.remote(self.name, shard, step, generation, holds, reduced), timeout=max(0.1, deadline - time.monotonic())
+                )
                 return
             except StaleStepError:
                 return  # a coordinator that restarted closed the step already
@@ -339,8 +348,11 @@ class CoordinatorProcess:
         """(shard, job) whose standby holds a current copy of the job: it can take over with no step lost."""
         return sorted(self.host.fleet.in_sync)
 
-    def shard_ready(self, name: str, shard: int, step: int, generation: int | None = None, holds: frozenset[int] | None = None) -> None:
-        self.host.job(name).coordinator.shard_ready(shard, step, generation, holds)
+    def shard_ready(
+        self, name: str, shard: int, step: int, generation: int | None = None, holds: frozenset[int] | None = None,
+        reduced: tuple[tuple[int, ...], list[torch.Tensor | None]] | None = None,
+    ) -> None:
+        self.host.job(name).coordinator.shard_ready(shard, step, generation, holds, reduced)
 
     def stop_requested(self) -> bool:
         return self.host.stop_requested.is_set()

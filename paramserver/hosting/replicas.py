@@ -148,9 +148,9 @@ class RayShardGroup(ShardGroup):
         self.actor_shards = [ActorShard(fleet, j, name) for j in range(len(fleet))]
         super().__init__(self.actor_shards)
 
-    def _each(self, call: Callable[[int, ShardControl], T], wait_s: float = 0.0) -> list[T]:
+    def _each(self, call: Callable[[int, ShardControl], T], wait_s: float = 0.0, only: Sequence[int] | None = None) -> list[T]:
         # deferred shards make ``call`` return the call under way, not T: the results are T once resolved
-        pending = [call(j, s.deferred()) for j, s in enumerate(self.actor_shards)]
+        pending = [call(j, s.deferred()) for j, s in enumerate(self.actor_shards) if only is None or j in only]
         return self.fleet.resolve(pending, CONTROL_TIMEOUT_S + wait_s)  # type: ignore[arg-type]
 
 

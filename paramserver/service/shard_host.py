@@ -29,6 +29,8 @@ class ShardHost:
         # Called with (job, buffers) once a job's initial weights are in, the job's lock held (a primary hands
         # them to its standby, so that it starts from the same weights).
         self.on_initial_weights: Callable[[str, Sequence[torch.Tensor]], None] | None = None
+        # called (job, step) after a shard took a step's mean ahead of the coordinator (a standby gets it too)
+        self.on_reduced_ahead: Callable[[str, int], None] | None = None
         # asyncio pulls wait on these: per shard and event loop, one listener on the shard wakes them all
         self._watches: weakref.WeakKeyDictionary[Shard, dict[asyncio.AbstractEventLoop, LoopWakeup]] = weakref.WeakKeyDictionary()
         # workers on this host move their gradients and weights through shared memory (paramserver.dataplane)
@@ -77,7 +79,11 @@ class ShardHost:
             applied = shard.push(worker, step, grads, missing, generation)
             ready, now, version, holds = shard.ready_in()
         if applied and ready:
-            self._coordinators[job].shard_ready(self.shard_id, version, now, holds)
+            # the mean and its norms travel with the report: the step's close need not ask this shard for them
+            reduced = shard.reduce_ahead()
+            if reduced is not None and self.on_reduced_ahead is not None:
+                self.on_reduced_ahead(job, version)
+            self._coordinators[job].shard_ready(self.shard_id, version, now, holds, reduced)
         return applied, shard.version
 
     # -- shared memory ------------------------------------------------------------------------------------------

@@ -55,15 +55,15 @@ def _same_shard(a: Shard, b: Shard) -> None:
 
 
 class MirroredGroup(ShardGroup):
-    """Primaries with a standby each, as the Ray hosting pairs them: a primary's reduce hands its mean to the
-    standby, and the updates go to both."""
+    """Primaries with a standby each, as the Ray hosting pairs them: a primary's mean (taken now or ahead) goes to
+    the standby, and the updates go to both."""
 
     def __init__(self, primaries: list[Shard], standbys: list[Shard]) -> None:
         super().__init__(primaries)
         self.standbys = standbys
 
-    def reduce(self, step, norm_type, clip_value, contributors=None):
-        norms = super().reduce(step, norm_type, clip_value, contributors)
+    def reduce(self, step, norm_type, clip_value, contributors=None, known=None):
+        norms = super().reduce(step, norm_type, clip_value, contributors, known=known)
         for primary, standby in zip(self.shards, self.standbys):
             standby.hold_reduced(step, *primary.reduced(step))
         return norms
@@ -128,8 +128,8 @@ class LosesAShardOnce(ShardGroup):
 
     lost = False
 
-    def reduce(self, step, norm_type, clip_value, contributors=None):
-        norms = super().reduce(step, norm_type, clip_value, contributors)
+    def reduce(self, step, norm_type, clip_value, contributors=None, known=None):
+        norms = super().reduce(step, norm_type, clip_value, contributors, known=known)
         if not self.lost:
             self.lost = True
             raise ShardLostError("shard 1's process died", 1)
