@@ -18,6 +18,7 @@ from paramserver.core.blocked import BlockedStep
 from paramserver.core.clipping import tensor_norms
 from paramserver.core.errors import (
     FutureStepError,
+    JobFailedError,
     NonFiniteGradientError,
     NotAMemberError,
     NotReadyError,
@@ -134,6 +135,7 @@ class Shard(ShardCopies):
         # goes on from the records of the job's shards (``Coordinator.resume``). None: nothing sent yet.
         self.record: dict[str, Any] | None = None
         self._spare_snapshot: dict[str, Any] | None = None  # a checkpoint copy whose write is done: the next one's buffers
+        self.failed: str | None = None  # why the open step's close failed (``fail``); None: it did not
 
     # -- push -------------------------------------------------------------------------------------------------
 
@@ -406,6 +408,7 @@ class Shard(ShardCopies):
             if self.ledger is None:
                 self._missing.clear()  # the pushes left out of a synchronous step are dropped
             self._with_grad = set()
+            self.failed = None  # a close that failed before (its report) has happened after all
             self.version += 1
             self._changed.notify_all()
             self._notify_version_listeners()
@@ -441,6 +444,8 @@ class Shard(ShardCopies):
         is initialized and at ``min_version`` or later, or a load started a generation other than ``generation``.
         Under asynchronous steps ``worker``'s own push must be applied first, and, with a staleness bound, the
         worker may not be too far ahead of the slowest member."""
+        if self.failed is not None and self.version < min_version:
+            return True  # the close failed: the wait ends, with the error (check_not_failed)
         if generation is not None and generation != self.generation:
             return self.initialized
         if not (self.initialized and self.version >= min_version):
@@ -453,7 +458,8 @@ class Shard(ShardCopies):
         """Wait until the shard is initialized and at ``min_version`` or later, or (``generation`` given) in
         another generation than ``generation``; returns the version.
 
-        Raises ``TimeoutError`` when ``timeout`` seconds pass first.
+        Raises ``TimeoutError`` when ``timeout`` seconds pass first, ``JobFailedError`` when the close of the
+        step the wait is for failed (``fail``).
         """
         with self._changed:
             if not self._changed.wait_for(lambda: self.reached(min_version, generation, worker), timeout):
@@ -461,7 +467,22 @@ class Shard(ShardCopies):
                     f"shard {self.shard_id}: still at version {self.version}"
                     f"{'' if self.initialized else ' (not initialized)'} after {timeout:.1f}s waiting for {min_version}"
                 )
+            self.check_not_failed(min_version)
             return self.version
+
+    def fail(self, reason: str) -> None:
+        """The close of the open step failed (its report met an error): pulls that wait for a later version end
+        with ``JobFailedError`` instead of waiting out their deadline. A load (``start_generation``) clears it."""
+        with self._changed:
+            self.failed = reason
+            self._changed.notify_all()
+            self._notify_version_listeners()
+
+    def check_not_failed(self, min_version: int) -> None:
+        """Raise ``JobFailedError`` if a wait for ``min_version`` ended because the step's close failed."""
+        failed = self.failed
+        if failed is not None and self.version < min_version:
+            raise JobFailedError(failed)
 
     # -- broadcast and state ----------------------------------------------------------------------------------
 
@@ -519,6 +540,7 @@ class Shard(ShardCopies):
             self._with_grad = set()
             self._missing.clear()
             self._closed_received = frozenset()
+            self.failed = None
             self.version = step
             self.generation = self.generation + 1 if generation is None else generation
             self._changed.notify_all()

@@ -26,6 +26,7 @@ from paramserver.core.job import JobSpec
 from paramserver.core.shard import Shard, SnapshotWrite
 from paramserver.dataplane import segments
 from paramserver.hosting.replicas import CONTROL_TIMEOUT_S, RayFleet
+from paramserver.hosting.scalars import pack_scalars, unpack_scalars
 from paramserver.service.checkpoints import ServiceCheckpoints
 from paramserver.service.coordinator_host import RECOVER_TIMEOUT_S, CoordinatorHost
 from paramserver.service.metrics import start_metrics_server
@@ -163,7 +164,7 @@ class ShardProcess:
     ) -> list[torch.Tensor | None]:
         norms = self._shard(name).reduce(step, norm_type, clip_value, contributors)
         self._hand_mean_to_standby(name, step)
-        return norms
+        return pack_scalars(norms)  # plain numbers over Ray (paramserver.hosting.scalars)
 
     def _hand_mean_to_standby(self, name: str, step: int) -> None:
         # the standby applies this very mean (taken now or ahead): the same update, bit for bit
@@ -182,7 +183,7 @@ class ShardProcess:
     def apply(
         self, name: str, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]], record: dict[str, Any] | None = None
     ) -> None:
-        self._shard(name).apply(step, clip_coef, hyperparameters, record)
+        self._shard(name).apply(step, *unpack_scalars((clip_coef, hyperparameters, record)))
 
     def skip(self, name: str, step: int, record: dict[str, Any] | None = None) -> None:
         self._shard(name).skip(step, record)
@@ -270,7 +271,8 @@ class RemoteCoordinator:
         while True:
             try:
                 ray.get(
-                    self.actor.shard_ready.remote(self.name, shard, step, generation, holds, reduced), timeout=max(0.1, deadline - time.monotonic())
+                    self.actor.shard_ready.remote(self.name, shard, step, generation, holds, pack_scalars(reduced)),
+                    timeout=max(0.1, deadline - time.monotonic()),
                 )
                 return
             except StaleStepError:
@@ -352,7 +354,7 @@ class CoordinatorProcess:
         self, name: str, shard: int, step: int, generation: int | None = None, holds: frozenset[int] | None = None,
         reduced: tuple[tuple[int, ...], list[torch.Tensor | None]] | None = None,
     ) -> None:
-        self.host.job(name).coordinator.shard_ready(shard, step, generation, holds, reduced)
+        self.host.job(name).coordinator.shard_ready(shard, step, generation, holds, unpack_scalars(reduced))
 
     def stop_requested(self) -> bool:
         return self.host.stop_requested.is_set()

@@ -25,6 +25,7 @@ import torch
 from paramserver.core.errors import ShardLostError
 from paramserver.core.shard import SnapshotWrite
 from paramserver.core.shards import ShardCheck, ShardControl, ShardGroup
+from paramserver.hosting.scalars import pack_scalars, unpack_scalars
 
 # Every control-plane call has a deadline too.
 CONTROL_TIMEOUT_S = 120.0
@@ -91,10 +92,11 @@ class ActorShard:
     def reduce(
         self, step: int, norm_type: float, clip_value: float | None = None, contributors: Collection[int] | None = None
     ) -> list[torch.Tensor | None]:
-        return self._read(lambda a: a.reduce.remote(self.name, step, norm_type, clip_value, None if contributors is None else tuple(contributors)))
+        return self._read(lambda a: a.reduce.remote(self.name, step, norm_type, clip_value, None if contributors is None else tuple(contributors)))  # norms packed (ShardProcess.reduce)
 
     def apply(self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]], record: dict[str, Any] | None = None) -> None:
-        return self._write(lambda a: a.apply.remote(self.name, step, clip_coef, hyperparameters, record))
+        packed = pack_scalars((clip_coef, hyperparameters, record))
+        return self._write(lambda a: a.apply.remote(self.name, step, *packed))
 
     def set_members(self, members: Collection[int]) -> None:
         return self._write(lambda a: a.set_members.remote(self.name, tuple(members)))
@@ -152,6 +154,9 @@ class RayShardGroup(ShardGroup):
         # deferred shards make ``call`` return the call under way, not T: the results are T once resolved
         pending = [call(j, s.deferred()) for j, s in enumerate(self.actor_shards) if only is None or j in only]
         return self.fleet.resolve(pending, CONTROL_TIMEOUT_S + wait_s)  # type: ignore[arg-type]
+
+    def reduce(self, *args: Any, **kwargs: Any) -> list[list[torch.Tensor | None]]:
+        return [unpack_scalars(norms) for norms in super().reduce(*args, **kwargs)]  # packed by ShardProcess.reduce
 
 
 class RayFleet:

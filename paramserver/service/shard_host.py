@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from paramserver.core.coordinator import Coordinator
-from paramserver.core.errors import JobNotFoundError, NotAMemberError
+from paramserver.core.errors import FutureStepError, JobFailedError, JobNotFoundError, NotAMemberError, StaleStepError
 from paramserver.core.shard import Shard
 from paramserver.dataplane.plane import Attachment, SharedMemoryPlane
 from paramserver.service.wakeup import LoopWakeup
 
 MAX_WAIT_S = 300.0
+log = logging.getLogger("paramserver")
 
 
 class ShardHost:
@@ -35,6 +38,9 @@ class ShardHost:
         self._watches: weakref.WeakKeyDictionary[Shard, dict[asyncio.AbstractEventLoop, LoopWakeup]] = weakref.WeakKeyDictionary()
         # workers on this host move their gradients and weights through shared memory (paramserver.dataplane)
         self.shared_memory = SharedMemoryPlane()
+        # A push that completes this shard's part of a step reports it from here and answers at once: the step's
+        # close (the update on every shard) is not the pushing worker's wait; every worker waits in its pull.
+        self._reports = ThreadPoolExecutor(4, thread_name_prefix=f"paramserver-shard{shard_id}-report")
 
     def add_job(self, job: str, shard: Shard, coordinator: Any) -> None:
         """Host ``shard`` of ``job``; ``coordinator`` (anything with ``shard_ready(shard, step)``) may come
@@ -59,6 +65,7 @@ class ShardHost:
 
     def close(self) -> None:
         """The host stops: every job's shared memory goes."""
+        self._reports.shutdown(wait=False, cancel_futures=True)
         self.shared_memory.close()
 
     def shard(self, job: str) -> Shard:
@@ -71,9 +78,10 @@ class ShardHost:
         self, job: str, worker: int, step: int, grads: Sequence[torch.Tensor], missing: Sequence[int] = (), generation: int | None = None
     ) -> tuple[bool, int]:
         """Add a worker's gradients (computed on the weights of ``generation``; None: not checked); when this
-        shard then holds all of them, tell the coordinator, whose call closes the step if this was the last
-        shard. The report names the shard's generation, so one from before a load is ignored. Returns
-        (applied, version after)."""
+        shard then holds all of them, take the step's mean ahead and report to the coordinator, whose call closes
+        the step if this was the last shard. The report goes out in the background: the push answers at once,
+        and the workers learn of the close from their pulls (a close that fails makes them fail too). The report
+        names the shard's generation, so one from before a load is ignored. Returns (applied, version after)."""
         shard = self.shard(job)
         with self._locks[job]:
             applied = shard.push(worker, step, grads, missing, generation)
@@ -83,8 +91,21 @@ class ShardHost:
             reduced = shard.reduce_ahead()
             if reduced is not None and self.on_reduced_ahead is not None:
                 self.on_reduced_ahead(job, version)
-            self._coordinators[job].shard_ready(self.shard_id, version, now, holds, reduced)
+            self._reports.submit(self._report, job, shard, version, now, holds, reduced)
         return applied, shard.version
+
+    def _report(self, job: str, shard: Shard, version: int, generation: int, holds: dict[int, int], reduced: Any) -> None:
+        coordinator = self._coordinators.get(job)
+        if coordinator is None or self._shards.get(job) is not shard:
+            return  # the job went meanwhile
+        try:
+            coordinator.shard_ready(self.shard_id, version, generation, holds, reduced)
+        except (StaleStepError, FutureStepError) as exc:  # a report the job moved past (a load, a restarted coordinator)
+            log.debug("shard %d: job %s's report of step %d: %s", self.shard_id, job, version, exc)
+        except Exception as exc:  # noqa: BLE001 - the close failed: the workers waiting for it must not wait on
+            reason = f"step {version} of job {job!r} did not close: {type(exc).__name__}: {exc}"
+            log.error("shard %d: %s", self.shard_id, reason)
+            shard.fail(reason)
 
     # -- shared memory ------------------------------------------------------------------------------------------
 
@@ -174,6 +195,7 @@ class ShardHost:
                 f"shard {shard.shard_id}: still at version {shard.version}"
                 f"{'' if shard.initialized else ' (not initialized)'} after {wait:.1f}s waiting for {min_version}"
             )
+        shard.check_not_failed(min_version)
         return shard
 
     def waiting_pulls(self, job: str) -> int:

@@ -54,7 +54,8 @@ def test_synchronous_steps_share_the_live_weights_and_train_as_torch_does():
         _write(a0.grad_buffers, g0)
         _write(a1.grad_buffers, g1)
         assert host.push_shared("j", 0, step) == (True, step)
-        assert host.push_shared("j", 1, step) == (True, step + 1)  # the last push closes the step
+        assert host.push_shared("j", 1, step)[0]  # the last push: its report closes the step, in the background
+        assert shard.wait_for_version(step + 1, timeout=10) == step + 1
         assert host.push_shared("j", 1, step) == (False, step + 1)  # a retry: applied once
         assert host.write_pulled("j", 0) == (step + 1, 0)
         for p, x, y in zip(reference.parameters(), g0, g1):
@@ -72,6 +73,7 @@ def test_asynchronous_steps_copy_the_weights_into_each_workers_own_segment_at_it
     before = host.shard("j").weights[0].clone()
     _write(a0.grad_buffers, _grads(model, 0, 0))
     host.push_shared("j", 0, 0)
+    host.shard("j").wait_for_version(1, timeout=10)
     assert torch.equal(a0.weight_buffers[0], torch.zeros_like(before))  # nothing written until the pull
     assert host.write_pulled("j", 0) == (1, 0)
     assert torch.equal(a0.weight_buffers[0], host.shard("j").weights[0]) and not torch.equal(a0.weight_buffers[0], before)
