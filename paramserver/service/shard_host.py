@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from paramserver.core.coordinator import Coordinator
-from paramserver.core.errors import FutureStepError, JobFailedError, JobNotFoundError, NotAMemberError, StaleStepError
+from paramserver.core.errors import FutureStepError, JobNotFoundError, NotAMemberError, StaleStepError
 from paramserver.core.shard import Shard
 from paramserver.dataplane.plane import Attachment, SharedMemoryPlane
 from paramserver.service.wakeup import LoopWakeup
