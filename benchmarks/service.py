@@ -22,7 +22,8 @@ def push_pull_gbps(nbytes: int, chunk_bytes: int, repeats: int, route: str = "di
     "direct" (to the shard's port) or "relay" (through the front door, which forwards the chunks as bytes).
 
     Push: the time of one worker's PushGradients call (receive, check, accumulate) of a 2-worker job, so no
-    update runs inside it; pull: PullParameters of the new version. Best of ``repeats``, in GB/s (1e9 B/s).
+    update runs inside it; pull: PullParameters of the new version, once it is there (the other worker's pull
+    waited for the step's close). Best of ``repeats``, in GB/s (1e9 B/s).
     """
     n = nbytes // 4
     weights = torch.zeros(n)
@@ -34,13 +35,14 @@ def push_pull_gbps(nbytes: int, chunk_bytes: int, repeats: int, route: str = "di
             workers[0].push_initial_weights([[weights]])
             workers[1].join_job(1)
             grads = [[torch.randn(n)]]
-            destination = [[torch.empty(n)]]
+            destination, other = [[torch.empty(n)]], [[torch.empty(n)]]
             push, pull = [], []
             for step in range(repeats + 1):
                 start = time.perf_counter()
                 workers[0].push(0, step, grads)
                 push.append(time.perf_counter() - start)
-                workers[1].push(1, step, grads)
+                workers[1].push(1, step, grads)  # answered before the step closes (the update runs after it)
+                workers[1].pull(1, step + 1, destinations=other)  # the close: not part of the pull timed below
                 start = time.perf_counter()
                 workers[0].pull(0, step + 1, destinations=destination)
                 pull.append(time.perf_counter() - start)
