@@ -1,0 +1,86 @@
+"""Where a step of the end-to-end job goes: each worker's forward + backward against its wait in ``step()``, and the
+coordinator's stage timers (aggregate, clip, update, schedule) per step, from its metrics endpoint.
+
+    python -m benchmarks.step_profile [--steps 30] [--transport auto]
+
+The job is ``service.e2e``'s: 2 worker actors and 2 shard actors on an embedded Ray, the benchmark's MLP, Adam,
+clipping at 1.0, pushes during backward. Prints one line per worker and one per stage (medians over the timed
+steps, after 3 warm-up steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import time
+import urllib.request
+from typing import Any
+
+import torch
+
+from benchmarks.common import batch, make_mlp, ray_session
+
+WARMUP = 3
+
+
+def _worker(rank: int, num_workers: int, address: str, steps: int, transport: str) -> dict[str, float]:
+    from workers.remote_optimizer import RemoteOptimizer
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_workers))
+    model, loss_fn = make_mlp(), torch.nn.CrossEntropyLoss()
+    compute, wait = [], []
+    with RemoteOptimizer(model.named_parameters(), "Adam", lr=1e-3, address=address, job="profile", num_workers=num_workers,
+                         rank=rank, clip_grad_norm=1.0, push_during_backward=True, timeout=300, transport=transport) as opt:
+        for step in range(WARMUP + steps):
+            start = time.perf_counter()
+            x, y = batch(step, rank, 32)
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            computed = time.perf_counter()
+            opt.step()
+            if step >= WARMUP:
+                compute.append(computed - start)
+                wait.append(time.perf_counter() - computed)
+        used = opt.transport
+    return {"forward_backward_ms": 1e3 * statistics.median(compute), "step_wait_ms": 1e3 * statistics.median(wait), "transport": used}
+
+
+def _stage_ms(metrics_address: str, job: str) -> dict[str, float]:
+    """The coordinator's mean time per step of each stage (its Prometheus histogram's sum over count)."""
+    text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10).read().decode()
+    sums, counts = {}, {}
+    for name, stage, value in re.findall(rf'paramserver_stage_seconds_(sum|count)\{{job="{job}",stage="(\w+)"\}} (\S+)', text):
+        (sums if name == "sum" else counts)[stage] = float(value)
+    return {stage: 1e3 * sums[stage] / counts[stage] for stage in sums if counts.get(stage)}
+
+
+def step_profile(steps: int = 30, transport: str = "auto", num_workers: int = 2, num_shards: int = 2) -> dict[str, Any]:
+    import paramserver
+    from workers.launcher import run_workers
+
+    with ray_session(), paramserver.serve(num_shards, cpus_per_shard=0.01, metrics_port=0) as service:
+        coordinator = next(p for p in service.placements() if p["role"] == "coordinator")
+        config = {"address": service.address, "steps": steps, "transport": transport}
+        workers = run_workers(_worker, num_workers, config=config, num_cpus_per_worker=0.01, timeout=600)
+        stages = _stage_ms(coordinator["metrics"], "profile")
+    return {"workers": workers, "stages_ms": stages}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30, help="timed steps (default: %(default)s)")
+    parser.add_argument("--transport", default="auto", choices=["auto", "grpc", "shared_memory"], help="(default: %(default)s)")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    result = step_profile(args.steps, args.transport)
+    for rank, w in enumerate(result["workers"]):
+        total = w["forward_backward_ms"] + w["step_wait_ms"]
+        print(f"worker {rank} ({w['transport']}): forward+backward {w['forward_backward_ms']:.1f} ms, wait in step() {w['step_wait_ms']:.1f} ms, step {total:.1f} ms")
+    for stage, ms in result["stages_ms"].items():
+        print(f"coordinator stage {stage}: {ms:.2f} ms a step")
+
+
+if __name__ == "__main__":
+    main()
