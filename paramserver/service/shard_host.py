@@ -38,9 +38,10 @@ class ShardHost:
         self._watches: weakref.WeakKeyDictionary[Shard, dict[asyncio.AbstractEventLoop, LoopWakeup]] = weakref.WeakKeyDictionary()
         # workers on this host move their gradients and weights through shared memory (paramserver.dataplane)
         self.shared_memory = SharedMemoryPlane()
-        # A push that completes this shard's part of a step reports it from here and answers at once: the step's
-        # close (the update on every shard) is not the pushing worker's wait; every worker waits in its pull.
-        self._reports = ThreadPoolExecutor(4, thread_name_prefix=f"paramserver-shard{shard_id}-report")
+        # A push that completes this shard's part of a step reports it from its job's report thread and answers
+        # at once: the step's close (the update on every shard) is not the pushing worker's wait; every worker
+        # waits in its pull. One thread per job: its reports reach the coordinator in the order they were made.
+        self._reports: dict[str, ThreadPoolExecutor] = {}
 
     def add_job(self, job: str, shard: Shard, coordinator: Any) -> None:
         """Host ``shard`` of ``job``; ``coordinator`` (anything with ``shard_ready(shard, step)``) may come
@@ -48,6 +49,8 @@ class ShardHost:
         assert shard.shard_id == self.shard_id
         shard.placement = self.placement
         self._locks[job] = threading.Lock()
+        if job not in self._reports:
+            self._reports[job] = ThreadPoolExecutor(1, thread_name_prefix=f"paramserver-shard{self.shard_id}-report")
         self._coordinators[job] = coordinator
         self._shards[job] = shard
         # a worker that leaves or is dropped lets go of its shared memory
@@ -61,11 +64,16 @@ class ShardHost:
         self._shards.pop(job, None)
         self._coordinators.pop(job, None)
         self._locks.pop(job, None)
+        reports = self._reports.pop(job, None)
+        if reports is not None:
+            reports.shutdown(wait=False, cancel_futures=True)
         self.shared_memory.drop_job(job)
 
     def close(self) -> None:
         """The host stops: every job's shared memory goes."""
-        self._reports.shutdown(wait=False, cancel_futures=True)
+        for reports in self._reports.values():
+            reports.shutdown(wait=False, cancel_futures=True)
+        self._reports.clear()
         self.shared_memory.close()
 
     def shard(self, job: str) -> Shard:
@@ -83,15 +91,17 @@ class ShardHost:
         and the workers learn of the close from their pulls (a close that fails makes them fail too). The report
         names the shard's generation, so one from before a load is ignored. Returns (applied, version after)."""
         shard = self.shard(job)
-        with self._locks[job]:
+        with self._locks[job]:  # held until the report is queued: reports are queued in the order they were read
             applied = shard.push(worker, step, grads, missing, generation)
             ready, now, version, holds = shard.ready_in()
-        if applied and ready:
-            # the mean and its norms travel with the report: the step's close need not ask this shard for them
-            reduced = shard.reduce_ahead()
-            if reduced is not None and self.on_reduced_ahead is not None:
-                self.on_reduced_ahead(job, version)
-            self._reports.submit(self._report, job, shard, version, now, holds, reduced)
+            if applied and ready:
+                # the mean and its norms travel with the report: the step's close need not ask this shard for them
+                reduced = shard.reduce_ahead()
+                if reduced is not None and self.on_reduced_ahead is not None:
+                    self.on_reduced_ahead(job, version)
+                reports = self._reports.get(job)
+                if reports is not None:  # else the job went meanwhile
+                    reports.submit(self._report, job, shard, version, now, holds, reduced)
         return applied, shard.version
 
     def _report(self, job: str, shard: Shard, version: int, generation: int, holds: dict[int, int], reduced: Any) -> None:
