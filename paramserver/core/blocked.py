@@ -45,10 +45,10 @@ def mean_in_blocks(sums: Sequence[torch.Tensor], contributions: Sequence[Sequenc
                 block.div_(divisor)
 
 
-def _piece(tensor: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    # not a view: an optimizer parameter (a leaf) over elements [lo, hi) of ``tensor``'s memory
-    flat = tensor.view(-1)[lo:hi]
-    return torch.empty(0, dtype=flat.dtype, device=flat.device).set_(flat.untyped_storage(), flat.storage_offset(), flat.shape, flat.stride())
+def leaf_over(view: torch.Tensor) -> torch.Tensor:
+    """A tensor over the same memory as ``view`` that is not a view: an optimizer parameter (a leaf) that keeps
+    no base alive (a shard's flat buffer may move elsewhere: ``place_weights``)."""
+    return torch.empty(0, dtype=view.dtype, device=view.device).set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
 
 
 @dataclass
@@ -64,23 +64,26 @@ class BlockedStep:
     Each block is a list of pieces: a parameter of at most ``block_numel`` elements is a piece as it is, with its
     own state; a larger one is cut into pieces of ``block_numel`` elements whose gradients and state tensors are
     views of the real ones, so the real state is updated in place, and each piece has its own copy of the
-    parameter's step count (a foreach step adds one to every count in its list), copied in before and back after. The whole step runs instead where blocks cannot: while some
-    parameter with a gradient has no state yet (the first step makes it), where a state entry is neither a
-    tensor of the parameter's shape nor a 0-d count, or where the shard is smaller than one block.
-    The plan is rebuilt whenever a parameter, gradient or state tensor moved (a load, ``place_weights``).
+    parameter's step count (a foreach step adds one to every count in its list), copied in before and back after.
+    The whole step runs instead where blocks cannot: with ``enabled`` False (an optimizer not on torch's foreach
+    path, a device other than the CPU), while some parameter with a gradient has no state yet (the first step
+    makes it), where a state entry is neither a tensor of the parameter's shape nor a 0-d count, or where the
+    shard is smaller than one block. The plan is rebuilt whenever a parameter, gradient or state tensor moved (a
+    load, ``place_weights``).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, block_numel: int = BLOCK_NUMEL) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, block_numel: int = BLOCK_NUMEL, enabled: bool = True) -> None:
         assert block_numel % 64 == 0, "blocks start at multiples of every vector width"
         self.optimizer = optimizer
         self.block_numel = block_numel
+        self.enabled = enabled
         self._signature: tuple[Any, ...] | None = None
         self._blocks: list[_Block] = []
         self._counts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (a piece's step count, the real one)
         self.last_blocked = False  # whether the last step ran in blocks (for tests and benchmarks)
 
     def step(self, grad_scale: torch.Tensor | None = None) -> None:
-        blocks = self._plan()
+        blocks = self._plan() if self.enabled else None
         self.last_blocked = blocks is not None
         if blocks is None:
             if grad_scale is not None:
@@ -171,7 +174,7 @@ class BlockedStep:
                     if whole:  # the parameter itself, with its own state
                         piece, piece_state = p, state
                     else:
-                        piece = _piece(p, lo, hi)
+                        piece = leaf_over(p.view(-1)[lo:hi])
                         piece.grad = p.grad.view(-1)[lo:hi]
                         piece_state = {}
                         for key, value in state.items():

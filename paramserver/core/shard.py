@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from paramserver.core.aggregation import GradientAccumulator
-from paramserver.core.blocked import BlockedStep
+from paramserver.core.blocked import BlockedStep, leaf_over
 from paramserver.core.errors import (
     FutureStepError,
     JobFailedError,
@@ -32,12 +32,6 @@ from paramserver.core.sharding import ShardingPlan, Slice
 from paramserver.core.staleness import AsyncLedger
 
 __all__ = ["Shard", "SnapshotWrite"]  # SnapshotWrite: where callers have always imported it from
-
-
-def _over(view: torch.Tensor) -> torch.Tensor:
-    """A tensor over the same memory as ``view`` that is not a view: an optimizer parameter must not keep its
-    flat buffer alive as a view's base once ``place_weights`` has moved it elsewhere."""
-    return torch.empty(0, dtype=view.dtype, device=view.device).set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
 
 
 class Shard(ShardCopies, ShardMean):
@@ -104,7 +98,7 @@ class Shard(ShardCopies, ShardMean):
             for s, off in zip(layout.slices, layout.offsets):
                 shape = plan.params[s.param].shape if plan.is_whole(s) else (s.numel,)
                 self._weight_views.append(flat[off : off + s.numel].view(shape))
-                tensor = _over(self._weight_views[-1])
+                tensor = leaf_over(self._weight_views[-1])
                 self._grad_views.append(grad_flat[off : off + s.numel].view(shape))
                 tensor.grad = self._grad_views[-1]
                 self.slices.append(s)
@@ -121,8 +115,8 @@ class Shard(ShardCopies, ShardMean):
         # the fastest of torch's implementations that gives torch's default bits (paramserver.core.kernels)
         self.kernel = kernel_choice(optimizer_cls, group_options, optimizer_kwargs, [layout.dtype for layout in self.layouts], self.device)
         self.optimizer = build_optimizer(optimizer_cls, groups, {**optimizer_kwargs, **self.kernel})
-        # clipping and the foreach step, block by block where that gives the same bits (paramserver.core.blocked)
-        self.stepper = BlockedStep(self.optimizer) if self.kernel.get("foreach") else None
+        # clipping and the step; block by block where that gives the same bits: the foreach path (paramserver.core.blocked)
+        self.stepper = BlockedStep(self.optimizer, enabled=bool(self.kernel.get("foreach")))
         self.version = 0  # number of closed steps; pushes are accepted for step == version
         # Of the weights: a load starts a new one (start_generation). A push computed on the weights of
         # another generation is refused, and a pull that holds an older one returns with the new weights.
@@ -283,13 +277,7 @@ class Shard(ShardCopies, ShardMean):
             if s.param not in self._with_grad:
                 tensor.grad = None  # torch.optim skips it (no update, no state); reduce points it back next step
         with torch.no_grad():
-            if self.stepper is not None:
-                self.stepper.step(coef)
-            else:
-                if coef is not None:
-                    for buf in self.accumulator.sums:
-                        buf.mul_(coef)
-                self.optimizer.step()
+            self.stepper.step(coef)
             self._rebind_replaced_weights()
         self._close_step(record)
 

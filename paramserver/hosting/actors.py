@@ -71,7 +71,7 @@ class ShardProcess:
         # checkpoint files this process writes, one after another: (job, path) -> the write, until reported
         self._snapshot_writer = ThreadPoolExecutor(1, thread_name_prefix="paramserver-shard-checkpoint")
         # Every update on one thread: Ray runs each call on any of the actor's threads, and each thread's glibc
-        # arena kept the optimizer's freed temporaries of its own (on the benchmark's shard: about 40 MB more).
+        # arena kept the optimizer's freed temporaries of its own (on the benchmark's shard: about 20 MB more).
         self._updates = ThreadPoolExecutor(1, thread_name_prefix="paramserver-shard-update")
         self._snapshot_writes: dict[tuple[str, str], Future[dict[str, Any]]] = {}
         import ray

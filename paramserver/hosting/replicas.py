@@ -92,7 +92,7 @@ class ActorShard:
     def reduce(
         self, step: int, norm_type: float, clip_value: float | None = None, contributors: Collection[int] | None = None
     ) -> list[torch.Tensor | None]:
-        return self._read(lambda a: a.reduce.remote(self.name, step, norm_type, clip_value, None if contributors is None else tuple(contributors)))  # norms packed (ShardProcess.reduce)
+        return self._read(lambda a: a.reduce.remote(self.name, step, norm_type, clip_value, None if contributors is None else tuple(contributors)))
 
     def apply(self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]], record: dict[str, Any] | None = None) -> None:
         packed = pack_scalars((clip_coef, hyperparameters, record))

@@ -35,6 +35,8 @@ log = logging.getLogger("paramserver")
 LEASE_CHECK_S = 0.25
 # How long a check of the shards waits for one that died to come back (Ray restarts it) before it gives up.
 RECOVER_TIMEOUT_S = 60.0
+# How long a status waits for a step's close under way, so that it shows the step a worker's pull already saw.
+STATUS_WAIT_S = 2.0
 
 
 class LocalFleet:
@@ -451,6 +453,15 @@ class CoordinatorHost:
 
     def status(self, name: str) -> dict[str, Any]:
         job = self.job(name)
+        # a close under way finishes first: a worker's pull returns once the shards moved, before the coordinator did
+        locked = job.coordinator._lock.acquire(timeout=STATUS_WAIT_S)
+        try:
+            return self._status(job)
+        finally:
+            if locked:
+                job.coordinator._lock.release()
+
+    def _status(self, job: Job) -> dict[str, Any]:
         coordinator = job.coordinator
         shards = [{"shard": j, "address": self.shard_addresses[j], **s} for j, s in enumerate(coordinator.shards.statuses())]
         step = coordinator.step

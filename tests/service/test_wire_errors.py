@@ -268,8 +268,8 @@ class MidStep:
         replies = self.job.push(0, 1, self.grads[0])
         assert [r.already_applied for r in replies] == [False, False]
         self.ref.step(self.grads)
+        assert_weights(self.job.weights(min_version=2), self.ref)  # the pull waits for the close
         assert self.job.status().version == 2
-        assert_weights(self.job.weights(min_version=2), self.ref)
 
 
 def mid_step(wire: Wire, name: str) -> MidStep:
@@ -624,8 +624,8 @@ def test_retried_push_is_applied_once(wire, job_name):
         job.push(0, step, grads[0], shards=[1])
         job.push(1, step, grads[1])
         ref.step(grads)
+        assert_weights(job.weights(min_version=step + 1), ref)  # the pull waits for the close
         assert job.status().version == step + 1
-        assert_weights(job.weights(min_version=step + 1), ref)
     # a late retry of the step that just closed (its reply was lost) is answered "already applied"
     before = job.snapshot()
     late, = job.push(1, 1, grads[1], shards=[1])

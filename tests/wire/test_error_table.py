@@ -309,6 +309,7 @@ def test_service_errors_come_back_as_their_classes(svc):
         client.push_initial_weights(_buffers(client, 0.0))
         for step in (0, 1):
             client.push(0, step, _buffers(client, 1.0))
+            client.pull(0, step + 1)  # the push is answered before the step closes; the pull waits for the close
             assert client.status().version == step + 1
         with pytest.raises(StaleStepError, match=r"step 0 has already closed \(now at 2\)") as stale:
             client.push(0, 0, _buffers(client, 1.0))
