@@ -56,6 +56,8 @@ class _Block:
     groups: list[tuple[int, list[torch.Tensor]]]  # (group index, the pieces of that group in this block)
     state: defaultdict[torch.Tensor, dict[str, Any]]  # piece -> its state: views of the real state, own step counts
     grads: list[torch.Tensor]  # the pieces' gradients (views), to scale by the clip coefficient
+    # pieces of parameters with no state yet: (piece, parameter, lo, hi), whose new state goes into the parameter's
+    fresh: list[tuple[torch.Tensor, torch.Tensor, int, int]]
 
 
 class BlockedStep:
@@ -65,11 +67,13 @@ class BlockedStep:
     own state; a larger one is cut into pieces of ``block_numel`` elements whose gradients and state tensors are
     views of the real ones, so the real state is updated in place, and each piece has its own copy of the
     parameter's step count (a foreach step adds one to every count in its list), copied in before and back after.
+    A parameter with no state yet (its first step) is cut the same way; the optimizer makes each piece's state,
+    which is gathered into state of the parameter's shape right after the piece's block, so the first step
+    needs no temporaries as large as the shard (torch's foreach step makes several).
     The whole step runs instead where blocks cannot: with ``enabled`` False (an optimizer not on torch's foreach
-    path, a device other than the CPU), while some parameter with a gradient has no state yet (the first step
-    makes it), where a state entry is neither a tensor of the parameter's shape nor a 0-d count, or where the
-    shard is smaller than one block. The plan is rebuilt whenever a parameter, gradient or state tensor moved (a
-    load, ``place_weights``).
+    path, a device other than the CPU), where a state entry is neither a tensor of the parameter's shape nor a
+    0-d count, or where the shard is smaller than one block. The plan is rebuilt whenever a parameter, gradient or
+    state tensor moved or state was made (a load, ``place_weights``, a first step).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, block_numel: int = BLOCK_NUMEL, enabled: bool = True) -> None:
@@ -109,6 +113,8 @@ class BlockedStep:
                 ]
                 optimizer.state = block.state
                 optimizer.step()
+                for piece, param, lo, hi in block.fresh:
+                    _gather(block.state.pop(piece), state[param], param, lo, hi)
         finally:
             optimizer.param_groups, optimizer.state = groups, state
         # every piece of a parameter counted the same step: the first piece's count is the parameter's
@@ -136,9 +142,9 @@ class BlockedStep:
                 if p.grad is None:
                     signature.append((id(p), None))
                     continue
-                state = self.optimizer.state.get(p)
-                if not state or p.device.type != "cpu":
+                if p.device.type != "cpu":
                     return None
+                state = self.optimizer.state[p]  # (as torch's step makes it) empty: the step makes it, or none is kept
                 entries = []
                 for key, value in state.items():
                     if not isinstance(value, torch.Tensor):
@@ -167,7 +173,7 @@ class BlockedStep:
                 whole = p.numel() <= self.block_numel
                 for lo, hi in ranges(p.numel(), self.block_numel) or [(0, 0)]:
                     if current is None or room < hi - lo:
-                        current = _Block([], defaultdict(dict), [])
+                        current = _Block([], defaultdict(dict), [], [])
                         blocks.append(current)
                         room = self.block_numel
                     room -= hi - lo
@@ -177,6 +183,8 @@ class BlockedStep:
                         piece = leaf_over(p.view(-1)[lo:hi])
                         piece.grad = p.grad.view(-1)[lo:hi]
                         piece_state = {}
+                        if not state:
+                            current.fresh.append((piece, p, lo, hi))
                         for key, value in state.items():
                             if value.dim() == 0:
                                 piece_state[key] = value.clone()
@@ -189,3 +197,16 @@ class BlockedStep:
                         current.groups.append((g, []))
                     current.groups[-1][1].append(piece)
         return blocks, counts
+
+
+def _gather(piece_state: dict[str, Any], state: dict[str, Any], param: torch.Tensor, lo: int, hi: int) -> None:
+    """Put the state a step made for elements ``[lo, hi)`` of ``param`` into the parameter's own ``state``: each
+    tensor the piece's shape into one of the parameter's shape (made at the first piece), a 0-d count or any
+    other value as it is (every piece counted the same step)."""
+    for key, value in piece_state.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            if key not in state:
+                state[key] = torch.empty(param.shape, dtype=value.dtype, device=value.device)
+            state[key].view(-1)[lo:hi].copy_(value.view(-1))
+        elif key not in state:
+            state[key] = value
