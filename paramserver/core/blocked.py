@@ -114,7 +114,8 @@ class BlockedStep:
                 optimizer.state = block.state
                 optimizer.step()
                 for piece, param, lo, hi in block.fresh:
-                    _gather(block.state.pop(piece), state[param], param, lo, hi)
+                    _gather(block.state[piece], state[param], param, lo, hi)
+                    block.state[piece] = {}  # the plan runs again as it is where the step kept no state (plain SGD)
         finally:
             optimizer.param_groups, optimizer.state = groups, state
         # every piece of a parameter counted the same step: the first piece's count is the parameter's

@@ -76,6 +76,29 @@ def test_the_blocked_step_gives_torchs_default_bits(cls, kwargs):
         _equal_state(optimizer, params, reference, reference_params)
 
 
+@pytest.mark.parametrize(("cls", "kwargs"), [(torch.optim.SGD, {"lr": 0.1}), (torch.optim.Adam, {"lr": 1e-2})], ids=["SGD", "Adam"])
+def test_gradients_in_place_reuse_the_plan_from_the_first_step_on(cls, kwargs):
+    # a shard's gradients are views of its fixed buffers: the plan of the first step runs again as long as no state
+    # was made (plain SGD keeps none) and is rebuilt once it was (Adam's first step)
+    params = _params()
+    reference_params = copy.deepcopy(params)
+    reference = cls(reference_params, **kwargs)
+    optimizer = cls(params, **kwargs, foreach=True)
+    blocked = BlockedStep(optimizer, block_numel=BLOCK)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for p, q in zip(params, reference_params):
+            p.grad.copy_(torch.randn(p.shape, generator=gen))
+            q.grad = p.grad.clone()
+        with torch.no_grad():
+            reference.step()
+            blocked.step()
+        assert blocked.last_blocked
+        _equal_state(optimizer, params, reference, reference_params)
+
+
 def test_a_loaded_state_is_what_the_blocks_update():
     params = _params()
     reference_params = copy.deepcopy(params)
