@@ -174,11 +174,13 @@ def _bench_worker(
 
 
 def e2e(
-    num_workers: int, num_shards: int, steps: int, batch_size: int, grad_dtype: torch.dtype | None = None, transport: str = "auto"
+    num_workers: int, num_shards: int, steps: int, batch_size: int, grad_dtype: torch.dtype | None = None, transport: str = "auto",
+    num_params: int | None = None,
 ) -> dict[str, Any]:
-    """W worker actors x S shard actors on Ray train the MLP with Adam (clip 1.0) through the service, each
-    shard's gradients pushed as soon as backward has produced them (``grad_dtype``: on the wire), over
-    ``transport`` (checked in every worker: on one host "auto" must give shared memory).
+    """W worker actors x S shard actors on Ray train the MLP (``num_params``: one of about that size) with Adam
+    (clip 1.0) through the service, each shard's gradients pushed as soon as backward has produced them
+    (``grad_dtype``: on the wire), over ``transport`` (checked in every worker: on one host "auto" must give
+    shared memory).
 
     Returns steps/s (rank 0, after warmup); the shards' peak RSS (VmHWM, read after the workers are done) and
     their RSS before any job (the fixed overhead of a shard process); each shard's /proc status (MB) before any
@@ -201,13 +203,14 @@ def e2e(
         shards_idle = [proc_status_mb(pid) for pid in pids]
         config = {
             "address": service.address, "steps": steps, "warmup": 2, "batch_size": batch_size, "threads": threads,
-            "grad_dtype": grad_dtype, "transport": transport, "shard_pids": pids,
+            "grad_dtype": grad_dtype, "transport": transport, "shard_pids": pids, "num_params": num_params,
             "metrics": [p["metrics"] for p in primaries if p["metrics"]],
         }
         results = run_workers(_bench_worker, num_workers, config=config, num_cpus_per_worker=0.01, timeout=900)
         shard_peak_mb = [_vm_kib(pid, "VmHWM") / 1024 for pid in pids]
     return {
         "steps_per_s": results[0]["steps_per_s"],
+        "num_workers": num_workers,
         "transport": results[0]["transport"],
         "shard_peak_rss_mb": max(shard_peak_mb),
         "shard_idle_rss_mb": max(idle_mb),
@@ -219,7 +222,7 @@ def e2e(
         "worker_idle": results[0]["idle"],
         "worker_end": results[0]["end"],
         "bytes_per_step": results[0]["bytes_per_step"],
-        "num_params": param_count(make_mlp()),
+        "num_params": param_count(make_mlp() if num_params is None else mlp_of_size(num_params)),
     }
 
 

@@ -115,7 +115,7 @@ def _e2e_result(steps_per_s: float) -> dict:
         "steps_per_s": steps_per_s, "transport": "shared_memory", "shard_peak_rss_mb": 550.0, "shard_idle_rss_mb": 280.0,
         "shards_idle": [{"RssAnon": 150.0, "RssShmem": 0.0}] * 2, "shards_end": [status, status], "shard_numel": [4_000_000, 3_000_000],
         "worker_peak_rss_mb": 400.0, "worker_idle_rss_mb": 280.0, "worker_idle": {"RssAnon": 150.0, "RssShmem": 0.0},
-        "worker_end": status, "bytes_per_step": None, "num_params": 7_000_000,
+        "worker_end": status, "bytes_per_step": None, "num_params": 7_000_000, "num_workers": 2,
     }
 
 
@@ -130,8 +130,14 @@ def test_the_e2e_and_memory_rows():
     assert ("e2e_steps_per_s", "e2e_grpc_steps_per_s") in pairs and ("e2e_bf16_grads_steps_per_s", "e2e_steps_per_s") in pairs
     assert next(r for r in rows if r.name == "e2e_steps_per_s" and r.baseline == "ddp_gloo_steps_per_s").ratio == pytest.approx(10 / 6)
 
-    memory = {r.name: r for r in memory_rows(_e2e_result(10.0))}
+    tiny = {**_e2e_result(10.0), "shard_peak_rss_mb": 300.0, "shard_idle_rss_mb": 270.0}
+    memory = {r.name: r for r in memory_rows(_e2e_result(10.0), tiny)}
     state = 4_000_000 * 12 / 2**20  # the largest shard's weights and two moments
+    # the fixed overhead is what the tiny job adds to its idle shard; the goal row is the peak over both
+    assert memory["shard_fixed_overhead_MB"].value == 30.0
+    assert memory["shard_peak_rss_over_fixed_MB"].value == 240.0 and memory["shard_peak_rss_over_fixed_MB"].baseline_value == pytest.approx(state)
+    # the workers' gradients the shard maps (2 workers x its 4M fp32 elements) are left out of its own memory
+    assert memory["shard_own_peak_over_fixed_MB"].value == pytest.approx(240.0 - 2 * 4_000_000 * 4 / 2**20)
     assert memory["shard_peak_rss_MB"].baseline == "shard_state_plus_idle_MB"
     assert memory["shard_peak_rss_MB"].baseline_value == pytest.approx(state + 280.0)
     assert memory["shard_peak_rss_over_idle_MB"].value == 270.0 and memory["shard_peak_rss_over_idle_MB"].baseline_value == pytest.approx(state)
