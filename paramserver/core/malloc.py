@@ -18,13 +18,35 @@ _M_MMAP_THRESHOLD = -3
 
 
 @functools.cache
-def fix_mmap_threshold(nbytes: int = 4 * 2**20) -> bool:
-    """Fix glibc's mmap threshold for this process; False where there is no glibc (nothing to do there)."""
+def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if not name:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+@functools.cache
+def fix_mmap_threshold(nbytes: int = 4 * 2**20) -> bool:
+    """Fix glibc's mmap threshold for this process; False where there is no glibc (nothing to do there)."""
+    libc = _libc()
+    try:
+        return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, nbytes))
+    except AttributeError:
+        return False
+
+
+def release_free_memory() -> bool:
+    """Give the free memory of every heap arena back to the OS (glibc's ``malloc_trim``); False where there is
+    no glibc. A thread's arena keeps what it freed for its next allocations: after a one-off burst of them (a
+    job's initial weights received in chunks, its first step) that memory would stay in the RSS for good."""
+    libc = _libc()
+    if libc is None:
         return False
     try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, nbytes))
-    except (OSError, AttributeError):
+        libc.malloc_trim(0)
+    except AttributeError:
         return False
+    return True

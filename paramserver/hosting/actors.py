@@ -23,6 +23,7 @@ from paramserver.checkpoint.writer import write_snapshot
 from paramserver.core.config import ServerConfig
 from paramserver.core.errors import StaleStepError
 from paramserver.core.job import JobSpec
+from paramserver.core.malloc import release_free_memory
 from paramserver.core.shard import Shard, SnapshotWrite
 from paramserver.dataplane import segments
 from paramserver.hosting.replicas import CONTROL_TIMEOUT_S, RayFleet
@@ -82,7 +83,7 @@ class ShardProcess:
         # not wait for it and the idle process's memory is what it runs with
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
         self.host = ShardHost(shard_id, placement=f"node {ray.get_runtime_context().get_node_id()[:12]} ({_advertised('0.0.0.0')})")
-        self.host.on_initial_weights = self._hand_initial_weights
+        self.host.on_initial_weights = self._took_initial_weights
         self.host.on_reduced_ahead = self._hand_mean_to_standby
         # a fixed port by the role this actor started in: the same after Ray restarts it, whatever its role then
         self.server, port = create_shard_server(self.host, f"{bind_host}:{shard_port(config, shard_id, role == 'standby')}", config)
@@ -97,6 +98,10 @@ class ShardProcess:
     def identity(self) -> tuple[str, str]:
         """(incarnation, address): the coordinator's health check (a restarted shard has new ones)."""
         return self.incarnation, self._address
+
+    def _took_initial_weights(self, name: str, buffers: Sequence[torch.Tensor]) -> None:
+        self._hand_initial_weights(name, buffers)
+        release_free_memory()  # the chunks they came in, freed into the receiving threads' arenas
 
     def _hand_initial_weights(self, name: str, buffers: Sequence[torch.Tensor]) -> None:
         # before rank 0's call returns: the standby holds the same weights before any step closes
@@ -188,6 +193,8 @@ class ShardProcess:
     ) -> None:
         shard = self._shard(name)
         self._updates.submit(shard.apply, step, *unpack_scalars((clip_coef, hyperparameters, record))).result()
+        if step == 0:
+            release_free_memory()  # the first step's one-off allocations (the optimizer's state made piece by piece)
 
     def skip(self, name: str, step: int, record: dict[str, Any] | None = None) -> None:
         self._shard(name).skip(step, record)
