@@ -236,6 +236,9 @@ class Coordinator(CoordinatorState):
             for j, status in enumerate(self.shards.statuses()):
                 if status["version"] == self.step:
                     held = frozenset(status["pushed"])
+                    # what each push was computed on: a step this closes may hold pushes whose reports are still on
+                    # their way (else its based_on, staleness and staleness_lr would take the open step)
+                    self._based_on.update(status["holds"])
                     close = self.policy.on_shard_ready(j, self.step, held, members) or close
             return self._run(close)
 

@@ -241,11 +241,14 @@ class Shard(ShardCopies, ShardMean):
     def ready_in(self) -> tuple[bool, int, int, dict[int, int]]:
         """(``ready``, ``generation``, ``version``, the workers whose pushes are in, each with the version it was
         computed on) read together: a report names the generation and version it is of and what it holds."""
+        return self.ready, self.generation, self.version, self._holds()
+
+    def _holds(self) -> dict[int, int]:
+        """The workers whose pushes are in, each with the version its gradients were computed on (a standby's
+        mean from its primary comes without the pushes: the open version)."""
         if self.ledger is not None:
-            holds = {w: self.ledger.based_on[w] for w in self.accumulator.received}
-        else:
-            holds = dict.fromkeys(self.accumulator.received, self.version)
-        return self.ready, self.generation, self.version, holds
+            return {w: self.ledger.based_on.get(w, self.version) for w in self.accumulator.received}
+        return dict.fromkeys(self.accumulator.received, self.version)
 
     @_locked
     def set_members(self, members: Collection[int]) -> None:
@@ -401,6 +404,7 @@ class Shard(ShardCopies, ShardMean):
     def status(self) -> dict[str, Any]:
         return {
             "version": self.version, "pushed": sorted(self.accumulator.received), "members": sorted(self.members),
+            "holds": self._holds(),
             "initialized": self.initialized,
             "generation": self.generation, "reduced": self.accumulator.contributors is not None,
             "placement": f"{self.placement}, {self.device}",

@@ -91,8 +91,8 @@ class ShardControl(Protocol):
         ...
 
     def status(self) -> dict[str, Any]:
-        """``version``, ``pushed`` (workers), ``initialized``, ``generation``, ``reduced`` (the open step's mean
-        is taken), ``placement``."""
+        """``version``, ``pushed`` (workers), ``holds`` (each pushed worker -> the version its gradients were
+        computed on), ``initialized``, ``generation``, ``reduced`` (the open step's mean is taken), ``placement``."""
         ...
 
     def wait_for_version(self, min_version: int, timeout: float) -> int:

@@ -85,6 +85,24 @@ def test_a_pending_push_waits_for_every_shard_and_a_retry_is_not_applied_twice()
         engine.push(0, 5, grads)
 
 
+@pytest.mark.parametrize("staleness_lr", [False, True])
+def test_a_push_closed_by_a_leave_before_its_reports_keeps_the_version_it_was_computed_on(staleness_lr):
+    # on a service the shards report a push from a thread of their own: a leave can close the step before
+    from paramserver.core.sharding import pack
+
+    model, engine = _engine(3, staleness_lr=staleness_lr)
+    for version in range(2):  # worker 0 makes two updates
+        engine.push(0, version, _grads(version, 0, model))
+    stale = _grads(0, 1, model)  # worker 1 computed on version 0; its push is on both shards, not yet reported
+    for j in range(engine.plan.num_shards):
+        engine.shards.push(j, 1, 0, pack(engine.plan, j, stale))
+    lr = engine.schedule.hyperparameters()[0]["lr"]
+    engine.leave(2)  # the membership changed: the coordinator asks the shards what they hold, and closes
+    result = engine.last_result
+    assert (result.step, result.contributors, result.based_on, result.staleness) == (2, (1,), 0, 2)
+    assert engine.shards.shards[0].last_record()["update"]["hyperparameters"][0]["lr"] == (lr / 2 if staleness_lr else lr)
+
+
 def test_the_staleness_bound_holds_a_worker_that_is_too_far_ahead():
     model, engine = _engine(2, max_staleness=1)
     shard = engine.shards.shards[0]

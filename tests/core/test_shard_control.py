@@ -110,7 +110,7 @@ class FakeShard:
         self.calls.append(("restore_version", version))
 
     def status(self) -> dict[str, Any]:
-        return {"version": 0, "pushed": [], "initialized": True, "placement": f"fake {self.j}"}
+        return {"version": 0, "pushed": [], "holds": {}, "initialized": True, "placement": f"fake {self.j}"}
 
     def start_generation(self, step: int, generation: int | None = None) -> None:
         self.calls.append(("start_generation", step))

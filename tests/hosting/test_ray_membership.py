@@ -160,10 +160,11 @@ def test_a_worker_that_leaves_is_not_waited_for_and_one_that_joins_starts_at_the
 
 
 
-def _record_steps(self) -> None:
-    """Run inside the coordinator actor: keep every closed step's (contributors, based_on); a test reads them."""
+def _record_steps(self, job: str) -> None:
+    """Run inside the coordinator actor: keep every closed step's (contributors, based_on) of ``job``; a test
+    reads them. Steps of other jobs (an earlier test's, closing late on a slow machine) are not recorded."""
     self.closed_steps = []
-    self.host.step_hook = lambda name, result: self.closed_steps.append((result.contributors, result.based_on))
+    self.host.step_hook = lambda name, result: self.closed_steps.append((result.contributors, result.based_on)) if name == job else None
 
 
 @pytest.mark.parametrize("policy", [{"close_after": 2}, {"mode": "async"}, {"mode": "async", "max_staleness": 1}])
@@ -171,7 +172,7 @@ def test_step_policies_with_a_slow_worker_process_equal_a_replay_of_what_the_ser
     import ray
 
     job = "policy-" + "-".join(f"{k}-{v}" for k, v in policy.items())
-    ray.get(service.coordinator_actor.__ray_call__.remote(_record_steps), timeout=WAIT_S)
+    ray.get(service.coordinator_actor.__ray_call__.remote(_record_steps, job), timeout=WAIT_S)
     workers = _workers(service, job, range(W), **policy)
     ray.get([w.train_updates.remote(5, 0.2 if rank == 2 else 0.0) for rank, w in enumerate(workers)], timeout=WAIT_S)
     closed = ray.get(service.coordinator_actor.__ray_call__.remote(lambda self: list(self.closed_steps)), timeout=WAIT_S)
