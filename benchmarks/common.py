@@ -69,6 +69,13 @@ def mlp_of_size(num_params: int, seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(INPUT, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, CLASSES))
 
 
+def cpu_seconds(pid: int | str = "self") -> float:
+    """The CPU time process ``pid`` has used so far, all its threads, user and system (/proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
+
+
 def proc_status_mb(pid: int | str = "self", fields: tuple[str, ...] = ("VmRSS", "VmHWM", "RssAnon", "RssShmem")) -> dict[str, float]:
     """Fields of /proc/<pid>/status, in MB (2**20 bytes): VmRSS (resident now), VmHWM (peak resident),
     RssAnon (private: heap, anonymous mappings), RssShmem (shared memory: /dev/shm segments, shmem)."""

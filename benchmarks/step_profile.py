@@ -1,5 +1,6 @@
-"""Where a step of the end-to-end job goes: each worker's forward + backward against its wait in ``step()``, and the
-coordinator's stage timers (aggregate, clip, update, schedule) per step, from its metrics endpoint.
+"""Where a step of the end-to-end job goes: each worker's forward + backward against its wait in ``step()``, the
+coordinator's stage timers (aggregate, clip, update, schedule) per step, from its metrics endpoint, and the CPU time
+each process of the job used per step (workers, shards, coordinator: how busy the machine's cores are).
 
     python -m benchmarks.step_profile [--steps 30] [--transport auto]
 
@@ -20,12 +21,13 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import batch, make_mlp, ray_session
+from benchmarks.common import batch, cpu_seconds, make_mlp, ray_session
 
 WARMUP = 3
 
 
-def _worker(rank: int, num_workers: int, address: str, steps: int, transport: str) -> dict[str, float]:
+def _worker(rank: int, num_workers: int, address: str, steps: int, transport: str, pids: dict[str, int]) -> dict[str, Any]:
+    """One worker; rank 0 also reads the CPU time of the service's processes (``pids``) over the timed steps."""
     from workers.remote_optimizer import RemoteOptimizer
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_workers))
@@ -34,6 +36,9 @@ def _worker(rank: int, num_workers: int, address: str, steps: int, transport: st
     with RemoteOptimizer(model.named_parameters(), "Adam", lr=1e-3, address=address, job="profile", num_workers=num_workers,
                          rank=rank, clip_grad_norm=1.0, push_during_backward=True, timeout=300, transport=transport) as opt:
         for step in range(WARMUP + steps):
+            if step == WARMUP:
+                cpu_start = _cpu({"self": "self", **(pids if rank == 0 else {})})
+                timed_start = time.perf_counter()
             start = time.perf_counter()
             x, y = batch(step, rank, 32)
             opt.zero_grad()
@@ -43,8 +48,17 @@ def _worker(rank: int, num_workers: int, address: str, steps: int, transport: st
             if step >= WARMUP:
                 compute.append(computed - start)
                 wait.append(time.perf_counter() - computed)
+        cpu_end = _cpu({"self": "self", **(pids if rank == 0 else {})})
+        step_ms = 1e3 * (time.perf_counter() - timed_start) / steps
         used = opt.transport
-    return {"forward_backward_ms": 1e3 * statistics.median(compute), "step_wait_ms": 1e3 * statistics.median(wait), "transport": used}
+    return {
+        "forward_backward_ms": 1e3 * statistics.median(compute), "step_wait_ms": 1e3 * statistics.median(wait), "transport": used,
+        "step_ms": step_ms, "cpu_ms_per_step": {name: 1e3 * (cpu_end[name] - cpu_start[name]) / steps for name in cpu_start},
+    }
+
+
+def _cpu(pids: dict[str, int | str]) -> dict[str, float]:
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
 
 
 def _stage_ms(metrics_address: str, job: str) -> dict[str, float]:
@@ -61,8 +75,10 @@ def step_profile(steps: int = 30, transport: str = "auto", num_workers: int = 2,
     from workers.launcher import run_workers
 
     with ray_session(), paramserver.serve(num_shards, cpus_per_shard=0.01, metrics_port=0) as service:
-        coordinator = next(p for p in service.placements() if p["role"] == "coordinator")
-        config = {"address": service.address, "steps": steps, "transport": transport}
+        placements = service.placements()
+        coordinator = next(p for p in placements if p["role"] == "coordinator")
+        pids = {"coordinator": coordinator["pid"], **{f"shard {p['shard']}": p["pid"] for p in placements if p["role"] == "primary"}}
+        config = {"address": service.address, "steps": steps, "transport": transport, "pids": pids}
         workers = run_workers(_worker, num_workers, config=config, num_cpus_per_worker=0.01, timeout=600)
         stages = _stage_ms(coordinator["metrics"], "profile")
     return {"workers": workers, "stages_ms": stages}
@@ -80,6 +96,11 @@ def main() -> None:
         print(f"worker {rank} ({w['transport']}): forward+backward {w['forward_backward_ms']:.1f} ms, wait in step() {w['step_wait_ms']:.1f} ms, step {total:.1f} ms")
     for stage, ms in result["stages_ms"].items():
         print(f"coordinator stage {stage}: {ms:.2f} ms a step")
+    cpu = {f"worker {rank}": w["cpu_ms_per_step"]["self"] for rank, w in enumerate(result["workers"])}
+    cpu.update({name: ms for name, ms in result["workers"][0]["cpu_ms_per_step"].items() if name != "self"})
+    step_ms = result["workers"][0]["step_ms"]
+    print("CPU time a step: " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in cpu.items()))
+    print(f"all of them: {sum(cpu.values()):.1f} ms of CPU in a {step_ms:.1f} ms step ({sum(cpu.values()) / step_ms:.2f} of {os.cpu_count()} cores)")
 
 
 if __name__ == "__main__":

@@ -217,3 +217,24 @@ def test_shard_bytes_reads_the_shards_counters():
         server.shutdown()
         thread.join(10)
     assert {k: after[k] - before[k] for k in after} == {"grpc_in": 100, "grpc_out": 50, "shm_in": 7, "shm_out": 3}
+
+
+def test_cpu_seconds_counts_this_process_and_another():
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks.common import cpu_seconds
+
+    before = cpu_seconds()
+    assert sum(i * i for i in range(2_000_000)) > 0  # some CPU time in this process
+    assert cpu_seconds() > before
+    spin = "import time\nend = time.time() + 0.5\nwhile time.time() < end: pass\ninput()"  # spins, then waits
+    child = subprocess.Popen([sys.executable, "-c", spin], stdin=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while cpu_seconds(child.pid) < 0.2:
+            assert time.monotonic() < deadline, "the child's CPU time did not grow"
+            time.sleep(0.05)
+    finally:
+        child.communicate("\n", timeout=10)
