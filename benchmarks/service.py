@@ -183,8 +183,8 @@ def e2e(
     shared memory).
 
     Returns steps/s (rank 0, after warmup); the shards' peak RSS (VmHWM, read after the workers are done) and
-    their RSS before any job (the fixed overhead of a shard process); each shard's /proc status (MB) before any
-    job (``shards_idle``) and right after the last timed step, while the job holds its shared memory
+    their RSS before any job (idle; the fixed overhead is measured apart: ``memory_rows``); each shard's /proc
+    status (MB) before any job (``shards_idle``) and right after the last timed step, while the job holds its shared memory
     (``shards_end``); ``shard_numel``: the parameters each shard holds; the workers' peak and idle RSS, and rank
     0's status before its model existed (``worker_idle``) and after the last timed step (``worker_end``);
     ``bytes_per_step``: the payload bytes the shards counted per timed step, gRPC and shared memory, in and out.
