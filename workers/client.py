@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, InvalidStateError, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
 import grpc
@@ -82,15 +83,58 @@ class ShardCalls:
         self.DetachSharedMemory = _with_metadata(stub.DetachSharedMemory, extra)
 
 
-def _with_metadata(method: Callable[..., T], extra: tuple[tuple[str, str], ...]) -> Callable[..., T]:
-    """``method`` with ``extra`` added to every call's metadata (none: ``method`` itself)."""
-    if not extra:
-        return method
+def _with_metadata(method: Any, extra: tuple[tuple[str, str], ...]) -> Any:
+    """``method`` (a gRPC multi-callable) with ``extra`` added to every call's metadata (none: ``method`` itself)."""
+    return method if not extra else _WithMetadata(method, extra)
 
-    def call(request: Any, *, metadata: Sequence[tuple[str, str]] = (), **kwargs: Any) -> T:
-        return method(request, metadata=(*metadata, *extra), **kwargs)
 
-    return call
+class _WithMetadata:
+    def __init__(self, method: Any, extra: tuple[tuple[str, str], ...]) -> None:
+        self.method, self.extra = method, extra
+
+    def __call__(self, request: Any, *, metadata: Sequence[tuple[str, str]] = (), **kwargs: Any) -> Any:
+        return self.method(request, metadata=(*metadata, *self.extra), **kwargs)
+
+    def future(self, request: Any, *, metadata: Sequence[tuple[str, str]] = (), **kwargs: Any) -> Any:
+        return self.method.future(request, metadata=(*metadata, *self.extra), **kwargs)
+
+
+class CallFuture(Future):
+    """A unary call under way (``multi_callable.future``) as a ``concurrent.futures.Future``: its reply, or the
+    call's error as ``error_from_rpc`` translates it. ``cancel()`` cancels the call itself: no thread waits on
+    it, so a call that waits long on the server (a push that pulls too) costs nothing once given up."""
+
+    def __init__(self, call: grpc.Future) -> None:
+        super().__init__()
+        self._call = call
+        self._cancel_lock = threading.Lock()
+        call.add_done_callback(self._finish)
+
+    def _finish(self, call: grpc.Future) -> None:
+        if self.done():
+            return  # given up (cancelled) before the call ended
+        try:
+            self.set_result(call.result())
+        except grpc.FutureCancelledError:
+            self._cancelled()
+        except grpc.RpcError as exc:
+            self.set_exception(error_from_rpc(exc))
+        except InvalidStateError:
+            pass  # cancelled meanwhile
+
+    def cancel(self) -> bool:
+        self._call.cancel()
+        return self._cancelled()
+
+    def _cancelled(self) -> bool:
+        with self._cancel_lock:  # the caller's cancel and the call's end may come at once
+            if self.cancelled():
+                return True
+            if not super().cancel():
+                return False  # it ended first
+            # notified too, as an executor's future is: ``concurrent.futures.wait`` counts only such a one as done
+            self.set_running_or_notify_cancel()
+            return True
 
 
 def reachable(address: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
@@ -335,19 +379,24 @@ class ServiceClient:
         return [f.result() for f in futures]
 
     def push_shard(
-        self, worker: int, step: int, shard: int, grads: Sequence[torch.Tensor], missing: Sequence[int] = (), generation: int | None = None
+        self, worker: int, step: int, shard: int, grads: Sequence[torch.Tensor], missing: Sequence[int] = (), generation: int | None = None,
+        pull_min_version: int | None = None,
     ) -> Future:
         """Start pushing one shard's gradients; the future holds its reply (or the error). ``missing``: the
         parameters this worker has no gradient for (their places hold zeros). ``generation``: the weights
         generation the gradients were computed on (from the pull that brought those weights); a shard in
-        another generation (a state was loaded since) refuses the push with ``StateReloadedError``."""
+        another generation (a state was loaded since) refuses the push with ``StateReloadedError``.
+        ``pull_min_version``: where the shard is reached through shared memory, the same call then pulls
+        (``pull``'s wait for that version): the reply carries the pull's answer (``pulled``)."""
         assert self._pool is not None
         extra = {} if generation is None else {"generation": generation}
         shared = self.shared[shard] if shard < len(self.shared) else None
         if shared is not None:
             _copy_unless_same(grads, shared.grads)
+            if pull_min_version is not None:
+                extra["pull_min_version"] = pull_min_version
             request = pb.SharedPush(job=self.job, worker=worker, step=step, shard=shard, missing_params=list(missing), **extra)
-            return self._pool.submit(self._call, self.shards[shard].PushShared, request)
+            return CallFuture(self.shards[shard].PushShared.future(request, timeout=self.timeout, metadata=self._metadata))
         stream = codec.encode(grads, self.chunk_bytes, job=self.job, worker=worker, step=step, shard=shard, missing_params=list(missing), **extra)
         return self._pool.submit(self._call, self.shards[shard].PushGradients, stream)
 
@@ -397,10 +446,30 @@ class ServiceClient:
             return version, assembler.result()
 
         replies = self._on_shards(one)
+        self._pulled_generations(generations)
+        return replies
+
+    def pulled(
+        self, replies: Sequence[pb.PushReply], destinations: Sequence[Sequence[torch.Tensor]] | None = None
+    ) -> list[tuple[int, list[torch.Tensor]]] | None:
+        """``pull``'s answer from the replies of pushes that pulled too (``push_shard(pull_min_version=...)``),
+        one per shard; None unless every shard's reply carries its pull (a shard not through shared memory)."""
+        if len(replies) != len(self.shards) or not all(r.HasField("pulled") and s is not None for r, s in zip(replies, self.shared)):
+            return None
+        answers = []
+        for j, reply in enumerate(replies):
+            weights = self.shared[j].weights
+            if destinations is not None:
+                _copy_unless_same(weights, destinations[j])
+                weights = list(destinations[j])
+            answers.append((reply.pulled.version, weights))
+        self._pulled_generations([r.pulled.generation for r in replies])
+        return answers
+
+    def _pulled_generations(self, generations: list[int | None]) -> None:
         self.generations = generations
         known = [g for g in generations if g is not None]
         self.generation = max(known) if known else None
-        return replies
 
     # -- state -----------------------------------------------------------------------------------------------
 

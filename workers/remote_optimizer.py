@@ -23,7 +23,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import FIRST_EXCEPTION, CancelledError, Future, wait
 from typing import Any
 
 import torch
@@ -251,7 +251,7 @@ class RemoteOptimizer(WorkerMembership):
         generation = self.generation
         recoveries = 0
         while True:
-            failures = self._await_pushes(pushes)
+            failures, given_up = self._await_pushes(pushes)
             lost = next((exc for exc in failures.values() if _shard_lost(exc)), None)
             if lost is None:
                 late = self._closed_without_me(failures)
@@ -259,6 +259,9 @@ class RemoteOptimizer(WorkerMembership):
                     self.step_count = self._resync(late)
                     return loss
                 self._raise_refusal(failures, after_takeover=recoveries > 0)
+                replies = self._pulled_with(pushes)
+                if replies is not None:
+                    break
                 try:
                     replies = self.client.pull(self.rank, step + 1, destinations=self.buffers.weights, generation=generation)
                     break
@@ -270,7 +273,7 @@ class RemoteOptimizer(WorkerMembership):
             recoveries += 1
             # The new primaries lost the open step's pushes; the gradient buffers are intact (a pull writes only
             # the weights). Pushes are idempotent: one whose step closed already answers "applied".
-            pushes = {j: self._push_shard(step, j) for j in sorted({*failures, *moved})}
+            pushes = {j: self._push_shard(step, j) for j in sorted({*failures, *moved, *given_up})}
         if any(g != generation for g in self.client.generations):
             self._reloaded(min(version for version, _ in replies))  # a load happened while this worker waited
         versions = {version for version, _ in replies}
@@ -284,15 +287,32 @@ class RemoteOptimizer(WorkerMembership):
             self._raise_if_refused(step)
         return loss
 
-    def _await_pushes(self, pushes: dict[int, Future]) -> dict[int, BaseException]:
-        """Wait for every push (each ends before any error is raised); the error of each that failed, by shard."""
+    def _await_pushes(self, pushes: dict[int, Future]) -> tuple[dict[int, BaseException], list[int]]:
+        """Wait for the pushes until every one ended or one failed: (the error of each that failed, by shard; the
+        shards whose push was given up, still under way). A push that pulls too answers only once the step
+        closes, which a failed push elsewhere may keep from happening: such pushes are cancelled, and go again
+        with the failed one if the step goes on (a push is idempotent)."""
+        done, under_way = wait(pushes.values(), timeout=self.timeout + 5, return_when=FIRST_EXCEPTION)
         failures: dict[int, BaseException] = {}
+        given_up: list[int] = []
+        errors = {f: _error(f) for f in done}
         for j, future in pushes.items():
-            try:
-                future.result(timeout=self.timeout + 5)
-            except Exception as exc:  # noqa: BLE001 - sorted out by the caller
-                failures[j] = exc
-        return failures
+            if future in done:
+                if errors[future] is not None:
+                    failures[j] = errors[future]  # type: ignore[assignment]
+            elif any(e is not None for e in errors.values()):
+                future.cancel()
+                given_up.append(j)
+            else:
+                failures[j] = TimeoutError(f"worker {self.rank}: the push to shard {j} did not answer within {self.timeout + 5:.0f} s")
+        return failures, given_up
+
+    def _pulled_with(self, pushes: dict[int, Future]) -> list[tuple[int, list[torch.Tensor]]] | None:
+        """The pull's answer where the pushes of every shard pulled too (all through shared memory: one call per
+        shard a step, ``_push_shard``); None where the step still needs its pull."""
+        if sorted(pushes) != list(range(self.plan.num_shards)):
+            return None  # a round of pushes again after a takeover: the shards not in it pulled already, or not
+        return self.client.pulled([pushes[j].result() for j in range(self.plan.num_shards)], destinations=self.buffers.weights)
 
     def _closed_without_me(self, failures: dict[int, BaseException]) -> int | None:
         """Under backup workers, the version to go on from when the step closed before this worker's pushes all
@@ -365,7 +385,9 @@ class RemoteOptimizer(WorkerMembership):
             # the same step again (a standby took over): the same gradients, still in their buffers, and the same
             # list of parameters without one (gather pointed every .grad at its buffer, so it cannot be read again)
             grads = self.buffers.grads[shard]
-        return self.client.push_shard(self.rank, step, shard, self._wire(shard, grads), missing, self.generation)
+        # through shared memory on every shard, the push is the step's pull too: it answers once step + 1 is there
+        pull = step + 1 if self.client.transport_in_use == "shared_memory" else None
+        return self.client.push_shard(self.rank, step, shard, self._wire(shard, grads), missing, self.generation, pull_min_version=pull)
 
     def _wire(self, shard: int, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
         """Gradients in the dtype they travel in (the shard accumulates them in the parameters' dtype), in buffers
@@ -493,6 +515,11 @@ class RemoteOptimizer(WorkerMembership):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _error(future: Future) -> BaseException | None:
+    """The error of a finished push (a cancelled one: ``CancelledError``), None where it succeeded."""
+    return CancelledError("the push was cancelled") if future.cancelled() else future.exception()
 
 
 def _shard_lost(error: BaseException) -> bool:

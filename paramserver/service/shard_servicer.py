@@ -158,19 +158,28 @@ class ShardServicer(pb_grpc.ShardServicer):
             self.host.push_shared, request.job, request.worker, request.step, list(request.missing_params), generation
         )
         metrics.SHARED_MEMORY_BYTES.labels(request.job, str(self.host.shard_id), "in").inc(self._nbytes(request.job))
-        return pb.PushReply(already_applied=not applied, version=version)
+        if not request.HasField("pull_min_version"):
+            return pb.PushReply(already_applied=not applied, version=version)
+        # push and pull in one call: the worker's next call would be this very pull
+        pulled = await self._pull_shared(request.job, request.worker, request.pull_min_version, generation, context)
+        return pb.PushReply(already_applied=not applied, version=version, pulled=pulled)
 
     @translate_errors
     async def PullShared(self, request: pb.PullRequest, context: grpc.aio.ServicerContext) -> pb.SharedPullReply:
         self._check_shard(request.shard, "pull")
-        attachment = self.host.attachment(request.job, request.worker)  # fail before waiting
         generation = request.generation if request.HasField("generation") else None
-        await self.host.wait_async(request.job, request.min_version, context.time_remaining(), generation, request.worker)
+        return await self._pull_shared(request.job, request.worker, request.min_version, generation, context)
+
+    async def _pull_shared(
+        self, job: str, worker: int, min_version: int, generation: int | None, context: grpc.aio.ServicerContext
+    ) -> pb.SharedPullReply:
+        attachment = self.host.attachment(job, worker)  # fail before waiting
+        await self.host.wait_async(job, min_version, context.time_remaining(), generation, worker)
         if attachment.shared_weights:  # the worker reads the live weights: nothing to copy, no thread to hop to
-            version, generation = self.host.write_pulled(request.job, request.worker)
+            version, generation = self.host.write_pulled(job, worker)
         else:
-            version, generation = await self._run(self.host.write_pulled, request.job, request.worker)
-        metrics.SHARED_MEMORY_BYTES.labels(request.job, str(self.host.shard_id), "out").inc(self._nbytes(request.job))
+            version, generation = await self._run(self.host.write_pulled, job, worker)
+        metrics.SHARED_MEMORY_BYTES.labels(job, str(self.host.shard_id), "out").inc(self._nbytes(job))
         return pb.SharedPullReply(version=version, generation=generation)
 
     @translate_errors

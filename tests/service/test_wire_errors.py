@@ -504,6 +504,40 @@ def test_shared_memory_calls_refuse_bad_input_and_change_nothing(wire, job_name)
     assert_status(exc, Code.INVALID_ARGUMENT, r"attach it first")
 
 
+def test_a_shared_push_that_pulls_answers_once_its_step_closes(wire, job_name):
+    """``SharedPush.pull_min_version``: the push is taken at once (as without it), and the reply waits as
+    ``PullShared`` waits, then carries the same answer; at the deadline the push stays taken."""
+    from paramserver.dataplane.segments import host_identity
+
+    job = create(wire, job_name)
+    job.init(initial_weights())
+    for j in range(job.num_shards):
+        for worker in (0, 1):
+            job.shard(j).AttachSharedMemory(pb.AttachRequest(job=job_name, worker=worker, shard=j, host=host_identity()), timeout=T)
+
+    def push(j: int, worker: int, step: int, **pull: int) -> grpc.Future:
+        # the segments hold zeros: steps of zero gradients
+        return job.shard(j).PushShared.future(pb.SharedPush(job=job_name, worker=worker, step=step, shard=j, **pull), timeout=T)
+
+    waiting = [push(j, 0, 0, pull_min_version=1) for j in range(job.num_shards)]
+    deadline = time.monotonic() + T
+    while [list(s.pushed_workers) for s in job.status().shards] != [[0]] * job.num_shards and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [list(s.pushed_workers) for s in job.status().shards] == [[0]] * job.num_shards  # taken before the reply
+    assert not any(f.done() for f in waiting)  # the step waits for worker 1's push
+    for j in range(job.num_shards):
+        plain = push(j, 1, 0).result()
+        assert not plain.HasField("pulled") and plain.version == 0  # a push that does not pull answers at once
+    for j, future in enumerate(waiting):
+        reply = future.result(timeout=T)
+        pulled = job.shard(j).PullShared(pb.PullRequest(job=job_name, shard=j, min_version=1, worker=0), timeout=T)
+        assert not reply.already_applied and reply.pulled == pulled and pulled.version == 1
+    exc = rpc_error(lambda: job.shard(0).PushShared(pb.SharedPush(job=job_name, worker=0, step=1, shard=0, pull_min_version=2), timeout=0.5))
+    assert exc.code() == Code.DEADLINE_EXCEEDED, exc
+    assert list(job.status().shards[0].pushed_workers) == [0]  # the push stands; sent again, it was applied already
+    assert job.shard(0).PushShared(pb.SharedPush(job=job_name, worker=0, step=1, shard=0), timeout=T).already_applied
+
+
 def test_pull_of_a_future_version_ends_at_its_deadline(wire, job_name):
     job = create(wire, job_name)
     job.init(initial_weights())

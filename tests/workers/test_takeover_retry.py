@@ -2,8 +2,10 @@
 training loop noticing: it joins again, pushes the open step again to the moved shard (and to any whose push
 failed) and pulls again. serve_local, one worker; the takeover is staged on the client side: the first pull
 (or one push) fails with ``ConnectionError`` and the rejoin says shard 1 moved, the generation unchanged (or
-changed: a rollback). Pushes the shards already applied answer "applied", so the weights stay exactly those
-of torch.optim. No Ray, no process killed; every wait has a deadline."""
+changed: a rollback). Through shared memory the pull is the pushes' own second half (one call per shard a
+step): there the staged pull failure is the last shard's push failing once the shard took it. Pushes the shards
+already applied answer "applied", so the weights stay exactly those of torch.optim. No Ray, no process killed;
+every wait has a deadline."""
 
 from __future__ import annotations
 
@@ -78,13 +80,19 @@ class Staged:
             raise ConnectionError("staged: the shard is gone")
         return self.real_pull(*args, **kwargs)
 
-    def push_shard(self, worker, step, shard, *args, **kwargs) -> Future:
+    def push_shard(self, worker, step, shard, *args, pull_min_version=None, **kwargs) -> Future:
         self.pushes.append((step, shard))
         error = self.push_failures.pop((step, shard), None)
-        if error is None:
-            return self.real_push(worker, step, shard, *args, **kwargs)
         future: Future = Future()
-        future.set_exception(error)  # never sent
+        if error is not None:
+            future.set_exception(error)  # never sent
+            return future
+        sent = self.real_push(worker, step, shard, *args, pull_min_version=pull_min_version, **kwargs)
+        if pull_min_version is None or not self.pull_failures or shard != self.opt.plan.num_shards - 1:
+            return sent
+        # the push that pulls too: the shard took the gradients (and the step closed), then the pull failed
+        self.pull_failures -= 1
+        sent.add_done_callback(lambda _: future.set_exception(ConnectionError("staged: the shard is gone")))
         return future
 
     def join_job(self, rank, timeout=None):
@@ -112,11 +120,13 @@ def train(model: torch.nn.Module, opt: RemoteOptimizer, steps: range) -> None:
         opt.step()
 
 
+@pytest.mark.parametrize("transport", ["auto", "grpc"])  # the pull as the pushes' second half, and as a call of its own
 @pytest.mark.parametrize("push_during_backward", [False, True])
 @pytest.mark.parametrize("failures", [1, 2])
-def test_a_takeover_on_the_pull_is_invisible(service, push_during_backward, failures) -> None:
-    model, opt, staged = connect(service, push_during_backward=push_during_backward)
+def test_a_takeover_on_the_pull_is_invisible(service, push_during_backward, failures, transport) -> None:
+    model, opt, staged = connect(service, push_during_backward=push_during_backward, transport=transport)
     with opt:
+        assert opt.transport == ("shared_memory" if transport == "auto" else "grpc")
         train(model, opt, range(1))
         staged.pull_failures = failures  # the step closed on the shards; its pull fails (twice: killed again)
         train(model, opt, range(1, STEPS))

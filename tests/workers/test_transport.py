@@ -92,3 +92,42 @@ def test_a_worker_that_leaves_and_rejoins_gets_new_segments_and_trains_on(servic
         opt.step()
         for p, b in zip(model.parameters(), before):
             assert torch.allclose(p.detach(), b - 0.1)
+
+
+class _Counted:
+    """A shard's gRPC method that counts its calls (both ways of calling it)."""
+
+    def __init__(self, method) -> None:  # noqa: ANN001
+        self.method, self.calls = method, 0
+
+    def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
+        self.calls += 1
+        return self.method(*args, **kwargs)
+
+    def future(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        self.calls += 1
+        return self.method.future(*args, **kwargs)
+
+
+@pytest.mark.parametrize("push_during_backward", [False, True])
+def test_through_shared_memory_a_step_is_one_call_per_shard(service, push_during_backward):
+    """The push asks to pull too (``SharedPush.pull_min_version``): no PullShared of its own, the same weights."""
+    model, reference = make_model(), make_model()
+    expected = torch.optim.SGD(reference.parameters(), lr=0.1)
+    with RemoteOptimizer(model.named_parameters(), "SGD", lr=0.1, address=service.address, job=f"one-call-{push_during_backward}",
+                         timeout=10, push_during_backward=push_during_backward) as opt:
+        assert opt.transport == "shared_memory"
+        pushes = [_Counted(s.PushShared) for s in opt.client.shards]
+        pulls = [_Counted(s.PullShared) for s in opt.client.shards]
+        for s, push, pull in zip(opt.client.shards, pushes, pulls):
+            s.PushShared, s.PullShared = push, pull
+        for step in range(3):
+            for m, optimizer in ((model, opt), (reference, expected)):
+                optimizer.zero_grad()
+                torch.manual_seed(step)
+                m(torch.randn(4, 6)).square().sum().backward()
+                optimizer.step()
+        assert opt.step_count == 3
+        assert [p.calls for p in pushes] == [3, 3] and [p.calls for p in pulls] == [0, 0]
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p.detach(), q.detach())

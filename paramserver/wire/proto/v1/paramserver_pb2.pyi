@@ -299,12 +299,14 @@ class TensorChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[ChunkHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PushReply(_message.Message):
-    __slots__ = ("already_applied", "version")
+    __slots__ = ("already_applied", "version", "pulled")
     ALREADY_APPLIED_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    PULLED_FIELD_NUMBER: _ClassVar[int]
     already_applied: bool
     version: int
-    def __init__(self, already_applied: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
+    pulled: SharedPullReply
+    def __init__(self, already_applied: _Optional[bool] = ..., version: _Optional[int] = ..., pulled: _Optional[_Union[SharedPullReply, _Mapping]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("job", "shard", "min_version", "worker", "generation")
@@ -349,20 +351,22 @@ class AttachReply(_message.Message):
     def __init__(self, host: _Optional[str] = ..., grads_segment: _Optional[str] = ..., weights_segment: _Optional[str] = ..., weights_shared: _Optional[bool] = ..., offsets: _Optional[_Iterable[int]] = ..., size: _Optional[int] = ...) -> None: ...
 
 class SharedPush(_message.Message):
-    __slots__ = ("job", "worker", "step", "shard", "missing_params", "generation")
+    __slots__ = ("job", "worker", "step", "shard", "missing_params", "generation", "pull_min_version")
     JOB_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     MISSING_PARAMS_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    PULL_MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     job: str
     worker: int
     step: int
     shard: int
     missing_params: _containers.RepeatedScalarFieldContainer[int]
     generation: int
-    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., shard: _Optional[int] = ..., missing_params: _Optional[_Iterable[int]] = ..., generation: _Optional[int] = ...) -> None: ...
+    pull_min_version: int
+    def __init__(self, job: _Optional[str] = ..., worker: _Optional[int] = ..., step: _Optional[int] = ..., shard: _Optional[int] = ..., missing_params: _Optional[_Iterable[int]] = ..., generation: _Optional[int] = ..., pull_min_version: _Optional[int] = ...) -> None: ...
 
 class SharedPullReply(_message.Message):
     __slots__ = ("version", "generation")
