@@ -133,7 +133,11 @@ def test_a_takeover_on_the_pull_is_invisible(service, push_during_backward, fail
         assert opt.step_count == STEPS
         assert staged.joins == failures
         # after each failure step 1 went again to the moved shard (which answered "applied")
-        assert staged.pushes.count((1, 1)) == 1 + failures and staged.pushes.count((1, 0)) == 1
+        assert staged.pushes.count((1, 1)) == 1 + failures
+        if transport == "grpc":
+            assert staged.pushes.count((1, 0)) == 1
+        else:  # shard 0's push (which pulls too) goes again if it was still under way when shard 1's failed
+            assert 1 <= staged.pushes.count((1, 0)) <= 1 + failures
     assert_same_weights(model, reference(STEPS))
 
 
