@@ -33,7 +33,6 @@ from paramserver.wire.protocol import (
     SHARD_METADATA_KEY,
     SHARD_SERVICE,
 )
-
 from workers.shared_memory import SharedShard, open_attachment
 
 T = TypeVar("T")
