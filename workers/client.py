@@ -421,10 +421,7 @@ class ServiceClient:
                 pulled = pb.PullRequest(job=self.job, shard=j, min_version=min_version, worker=worker, **request)
                 reply = self._call(self.shards[j].PullShared, pulled, timeout)
                 generations[j] = reply.generation
-                if destinations is not None:
-                    _copy_unless_same(shared.weights, destinations[j])
-                    return reply.version, list(destinations[j])
-                return reply.version, shared.weights
+                return reply.version, _weights_into(shared.weights, None if destinations is None else destinations[j])
             layouts = self.plan.buffers(j)
             assembler = codec.Assembler(
                 [layout.numel for layout in layouts], [layout.dtype for layout in layouts], None if destinations is None else destinations[j]
@@ -455,13 +452,10 @@ class ServiceClient:
         one per shard; None unless every shard's reply carries its pull (a shard not through shared memory)."""
         if len(replies) != len(self.shards) or not all(r.HasField("pulled") and s is not None for r, s in zip(replies, self.shared)):
             return None
-        answers = []
-        for j, reply in enumerate(replies):
-            weights = self.shared[j].weights
-            if destinations is not None:
-                _copy_unless_same(weights, destinations[j])
-                weights = list(destinations[j])
-            answers.append((reply.pulled.version, weights))
+        answers = [
+            (reply.pulled.version, _weights_into(self.shared[j].weights, None if destinations is None else destinations[j]))  # type: ignore[union-attr]
+            for j, reply in enumerate(replies)
+        ]
         self._pulled_generations([r.pulled.generation for r in replies])
         return answers
 
@@ -496,6 +490,14 @@ class ServiceClient:
             self._pool.shutdown(wait=False)
         for channel in self._channels:
             channel.close()
+
+
+def _weights_into(weights: list[torch.Tensor], destinations: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+    """A shard's weights segment as a pull's answer: in ``destinations`` when given (copied unless they are it)."""
+    if destinations is None:
+        return weights
+    _copy_unless_same(weights, destinations)
+    return list(destinations)
 
 
 def _copy_unless_same(sources: Sequence[torch.Tensor], destinations: Sequence[torch.Tensor]) -> None:
