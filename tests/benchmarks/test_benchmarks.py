@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from benchmarks import checkpoint, failover, peers, service
+from benchmarks import checkpoint, failover, gpu, peers, service
 from benchmarks.__main__ import Row
 
 
@@ -26,6 +27,24 @@ def test_rows_carry_their_ratio_and_serialize():
     assert row.ratio == 0.5
     assert Row("raw_socket_GBps", 3.0, "GB/s").ratio is None
     json.dumps({"name": row.name, "value": row.value, "ratio": row.ratio})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no GPU")
+def test_the_gpu_benchmark_says_it_needs_a_gpu(capsys):
+    with pytest.raises(ValueError, match="need a CUDA device"):
+        gpu.run(quick=True)
+    assert gpu.main([]) == 2
+    assert "need a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_gpu_update_and_copy_measurements_run():
+    for kernel in ("fused", "foreach"):
+        in_service, standalone = gpu.update_mparams_per_s(100_000, 2, kernel)
+        assert in_service > 0 and standalone > 0
+    copies = gpu.host_copies_gbps(100_000, 2)
+    assert set(copies) == {"take", "pageable_h2d", "pinned_h2d", "give", "give_into", "pinned_d2h"}
+    assert all(v > 0 for v in copies.values())
 
 
 def test_checkpoint_stall_measurement_runs():

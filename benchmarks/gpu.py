@@ -1,0 +1,172 @@
+"""The shards on a GPU, where there is one: the update, the host-device copies and the end-to-end job.
+
+    python -m benchmarks.gpu [--quick] [--json PATH]
+
+- The update: a shard on CUDA (``StepEngine(device="cuda")``, one worker, no clipping) steps Adam over N fp32
+  parameters with the fused and with the foreach kernel, against standalone ``torch.optim.Adam`` with the same
+  kernel on the same GPU. Both are timed to the end of the GPU's work (synchronized).
+- The host-device copies: a shard on CUDA takes a worker's gradients from host memory (the buffers gRPC filled,
+  or the worker's shared-memory segment: pageable memory either way) and gives its weights to the host for a
+  pull (the servicer's copy, and the copy into a worker's segment), against copies from and into pinned host
+  memory, which is as fast as the link between host and device goes.
+- End to end: the job of ``service.e2e`` (2 worker actors, 2 shard actors, the MLP, Adam, clipping, shared
+  memory) with the shards on the GPU (``gpus_per_shard=0.5``) against the same job with the shards on the CPU,
+  in one Ray, one after the other.
+
+Every figure is a rate (higher is better); the ratio is the service's over its baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from benchmarks.__main__ import Row, machine, table_lines
+from paramserver import StepEngine
+from paramserver.core.config import JobConfig
+
+GB = 1e9
+
+
+def _seconds(run: Callable[[], object], repeats: int) -> float:
+    """Mean seconds of ``run`` to the end of the GPU's work, after one warm-up call."""
+    run()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def update_mparams_per_s(num_params: int, repeats: int, kernel: str) -> tuple[float, float]:
+    """Adam over ``num_params`` on the GPU, ``kernel`` "fused" or "foreach": a shard's whole step (the mean of
+    one worker's gradients, the update), and standalone torch.optim.Adam. Mparams/s, each."""
+    options = {kernel: True}
+    engine = StepEngine([("w", torch.zeros(num_params))], "Adam", device="cuda", config=JobConfig(num_workers=1), lr=1e-3,
+                        **options)
+    grad = [torch.randn(num_params, device="cuda")]
+    steps = iter(range(repeats + 1))
+    in_service = _seconds(lambda: engine.push(0, next(steps), grad), repeats)
+
+    param = torch.nn.Parameter(torch.zeros(num_params, device="cuda"))
+    param.grad = grad[0].clone()
+    opt = torch.optim.Adam([param], lr=1e-3, **options)
+    standalone = _seconds(opt.step, repeats)
+    return num_params / in_service / 1e6, num_params / standalone / 1e6
+
+
+def host_copies_gbps(num_params: int, repeats: int) -> dict[str, float]:
+    """GB/s of a shard on CUDA moving ``num_params`` fp32 between host and device, the shard's way and the
+    pinned-memory way:
+
+    - ``take``: one worker's push of host gradients to a 2-worker job (copied to the device and summed; the step
+      stays open, so no update runs), against ``pinned_h2d``: a copy from pinned host memory;
+    - ``give``: the servicer's copy of the weights for a pull (to new host tensors), and ``give_into``: into a
+      preallocated pageable buffer (a worker's segment), against ``pinned_d2h``: a copy into pinned memory.
+    """
+    from paramserver.service.shard_servicer import _to_cpu
+
+    nbytes = 4 * num_params
+    engine = StepEngine([("w", torch.zeros(num_params))], "Adam", device="cuda", config=JobConfig(num_workers=2), lr=1e-3)
+    host = torch.randn(num_params)  # pageable, as gRPC's buffers and shared-memory segments are
+    pushes = []
+    for step in range(repeats + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.shards.push(0, 0, step, [host])  # worker 0's flat buffer, as the shard's servicer hands it over
+        torch.cuda.synchronize()
+        pushes.append(time.perf_counter() - start)
+        engine.push(1, step, [host])  # worker 1 closes the step, untimed
+    take = sum(pushes[1:]) / repeats
+    device = torch.empty(num_params, device="cuda")
+    pinned = torch.empty(num_params, pin_memory=True)
+    pinned.copy_(host)
+    pageable_h2d = _seconds(lambda: device.copy_(host), repeats)
+    pinned_h2d = _seconds(lambda: device.copy_(pinned, non_blocking=True), repeats)
+
+    weights = engine.shards.shards[0].weights
+    give = _seconds(lambda: _to_cpu(weights), repeats)
+    into = torch.empty(num_params)
+    give_into = _seconds(lambda: into.copy_(weights[0]), repeats)
+    pinned_d2h = _seconds(lambda: pinned.copy_(weights[0], non_blocking=True), repeats)
+    return {
+        "take": nbytes / take / GB, "pageable_h2d": nbytes / pageable_h2d / GB, "pinned_h2d": nbytes / pinned_h2d / GB,
+        "give": nbytes / give / GB, "give_into": nbytes / give_into / GB, "pinned_d2h": nbytes / pinned_d2h / GB,
+    }
+
+
+def e2e_steps_per_s(steps: int, batch_size: int) -> tuple[dict, dict]:
+    """``service.e2e`` with the shards on the GPU (two shards sharing it) and on the CPU, in one Ray."""
+    import ray
+
+    from benchmarks import service
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_gpus=torch.cuda.device_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        on_gpu = service.e2e(2, 2, steps, batch_size, gpus_per_shard=0.5)
+        on_cpu = service.e2e(2, 2, steps, batch_size)
+    finally:
+        if started:
+            ray.shutdown()
+    return on_gpu, on_cpu
+
+
+def run(quick: bool, extras: dict | None = None) -> list[Row]:
+    """The GPU rows; ``ValueError`` where there is no CUDA device."""
+    if not torch.cuda.is_available():
+        raise ValueError("the GPU benchmarks need a CUDA device; torch sees none")
+    num_params = 2_000_000 if quick else 10_000_000
+    repeats = 10 if quick else 50
+    rows = []
+    for kernel in ("fused", "foreach"):
+        in_service, standalone = update_mparams_per_s(num_params, repeats, kernel)
+        rows.append(Row(f"gpu_update_{kernel}_Mparams_per_s", in_service, "Mparams/s", f"gpu_torch_adam_{kernel}_Mparams_per_s",
+                        standalone))
+    copies = host_copies_gbps(num_params, repeats)
+    rows += [
+        Row("gpu_shard_take_host_grads_GBps", copies["take"], "GB/s", "pinned_h2d_GBps", copies["pinned_h2d"]),
+        Row("pageable_h2d_GBps", copies["pageable_h2d"], "GB/s", "pinned_h2d_GBps", copies["pinned_h2d"]),
+        Row("gpu_shard_give_weights_GBps", copies["give"], "GB/s", "pinned_d2h_GBps", copies["pinned_d2h"]),
+        Row("gpu_shard_give_into_segment_GBps", copies["give_into"], "GB/s", "pinned_d2h_GBps", copies["pinned_d2h"]),
+    ]
+    on_gpu, on_cpu = e2e_steps_per_s(10 if quick else 30, 32)
+    rows.append(Row("gpu_e2e_steps_per_s", on_gpu["steps_per_s"], "steps/s", "e2e_steps_per_s", on_cpu["steps_per_s"]))
+    if extras is not None:
+        extras["gpu_e2e"] = {"gpu_shards": on_gpu, "cpu_shards": on_cpu}
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    extras: dict = {}
+    try:
+        rows = run(args.quick, extras)
+    except ValueError as exc:
+        print(f"benchmarks.gpu: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(table_lines(rows)))
+    seconds = time.perf_counter() - started
+    print(f"({seconds:.0f}s)")
+    if args.json:
+        results = [{**asdict(r), "ratio": r.ratio} for r in rows]
+        args.json.write_text(json.dumps({"machine": machine(), "quick": args.quick, "seconds": seconds, "results": results, **extras},
+                                        indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
