@@ -6,6 +6,9 @@ for all its workers (the shard's optimizer updates them in place; it never write
 since the next update needs every worker's next push). Under other step policies an update may land while a
 worker computes, so each worker gets a segment of its own that the shard copies the weights into at its pull.
 
+For a shard on a GPU the segments it makes are page-locked (``Segment.pin``): the gradients go to the device
+and the weights come back by DMA, at the link's speed.
+
 Lifetimes: a worker's segments go when it detaches, leaves or is dropped (``keep``), when its job is deleted
 (``drop_job``) and when the shard stops (``close``); the kernel frees their memory with the last mapping.
 """
@@ -41,12 +44,14 @@ class SharedMemoryPlane:
         self._lock = threading.Lock()
 
     def attach(
-        self, job: str, worker: int, sizes: Sequence[tuple[int, torch.dtype]], live_weights: Sequence[torch.Tensor] | None
+        self, job: str, worker: int, sizes: Sequence[tuple[int, torch.dtype]], live_weights: Sequence[torch.Tensor] | None,
+        pin: bool = False,
     ) -> tuple[Attachment, list[torch.Tensor] | None]:
         """New segments for ``worker`` (replacing any it had). ``live_weights``: the job's weights on this shard
         when workers may read them in place (synchronous steps, CPU); the first attach of the job moves them
         into a shared segment, whose buffers are returned for the shard to adopt (``Shard.place_weights``);
-        None otherwise. ``OSError`` when this host has no shared memory."""
+        None otherwise. ``pin``: page-lock the worker's segments for the shard's GPU. ``OSError`` when this
+        host has no shared memory."""
         offsets, size = layout_offsets(sizes)
         with self._lock:
             self._drop(job, worker)
@@ -62,6 +67,10 @@ class SharedMemoryPlane:
                 weights = Segment.create(size)
                 weight_buffers = weights.tensors(sizes)
             attachment = Attachment(grads, grads.tensors(sizes), weights, weight_buffers, live_weights is not None, offsets)
+            if pin:
+                grads.pin()
+                if not attachment.shared_weights:
+                    weights.pin()
             self._attached[(job, worker)] = attachment
         return attachment, moved
 
@@ -104,6 +113,8 @@ class SharedMemoryPlane:
         if attachment is None:
             return False
         attachment.grads.unlink()  # a name the worker never claimed (it died, or could not open it)
+        attachment.grads.unpin()  # before the mapping can go (with the last tensor over it)
         if not attachment.shared_weights:
             attachment.weights.unlink()
+            attachment.weights.unpin()
         return True

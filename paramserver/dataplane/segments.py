@@ -18,6 +18,7 @@ owners must not allow), and it cannot map read-only.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import secrets
@@ -27,6 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "paramserver-"
@@ -72,6 +75,7 @@ class Segment:
         self.size = size
         self._map = buffer
         self.readonly = readonly
+        self._pinned: int | None = None  # the address cudaHostRegister page-locked (``pin``)
 
     @classmethod
     def create(cls, size: int) -> Segment:
@@ -108,6 +112,32 @@ class Segment:
         if claim:
             _unlink(name)
         return cls(name, size, buffer, readonly)
+
+    def pin(self) -> bool:
+        """Page-lock the mapping for CUDA (``cudaHostRegister``), so that a GPU copies to and from it directly
+        at the link's speed, not through the driver's staging buffers (a quarter of it, measured). False where
+        CUDA refuses: the copies still work, slower. ``unpin`` must come before the mapping goes."""
+        if self._pinned is not None:
+            return True
+        address = torch.frombuffer(self._map, dtype=torch.uint8, count=self.size).data_ptr()
+        code = int(torch.cuda.cudart().cudaHostRegister(address, self.size, 0))
+        if code != 0:
+            log.warning("shared memory %s stays pageable: cudaHostRegister failed (cudaError %d)", self.name, code)
+            return False
+        self._pinned = address
+        return True
+
+    def unpin(self) -> None:
+        """Undo ``pin``; not pinned: nothing happens."""
+        if self._pinned is not None:
+            address, self._pinned = self._pinned, None
+            code = int(torch.cuda.cudart().cudaHostUnregister(address))
+            if code != 0:
+                log.warning("shared memory %s: cudaHostUnregister failed (cudaError %d)", self.name, code)
+
+    @property
+    def pinned(self) -> bool:
+        return self._pinned is not None
 
     def tensors(self, sizes: Sequence[tuple[int, torch.dtype]]) -> list[torch.Tensor]:
         """Flat tensors over the segment, one per (numel, dtype), at ``layout_offsets``. They keep the mapping

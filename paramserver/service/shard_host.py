@@ -122,14 +122,16 @@ class ShardHost:
     def attach_shared_memory(self, job: str, worker: int) -> Attachment:
         """Segments for ``worker`` of ``job`` on this host. Under synchronous steps on a CPU shard the worker
         reads the job's live weights (moved into shared memory by the first attach); otherwise its own copy,
-        written at each pull. ``OSError`` where there is no shared memory."""
+        written at each pull. A shard on a GPU page-locks the segments (its copies run by DMA). ``OSError``
+        where there is no shared memory."""
         shard = self.shard(job)
         if not isinstance(worker, int) or not 0 <= worker < shard.num_workers:
             raise ValueError(f"shard {self.shard_id}: worker must be in [0, {shard.num_workers}), got {worker!r}")
         sizes = [(layout.numel, layout.dtype) for layout in shard.layouts]
         live = shard.device.type == "cpu" and shard.ledger is None and shard.quorum is None
         with shard._lock:  # the shard's lock first, then the plane's (as on a membership change)
-            attachment, moved = self.shared_memory.attach(job, worker, sizes, shard.weights if live else None)
+            attachment, moved = self.shared_memory.attach(job, worker, sizes, shard.weights if live else None,
+                                                          pin=shard.device.type == "cuda")
             if moved is not None:
                 shard.place_weights(moved)
         return attachment

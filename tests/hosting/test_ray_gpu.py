@@ -15,7 +15,10 @@ from workers.remote_optimizer import RemoteOptimizer
 pytestmark = [pytest.mark.ray, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def test_shards_on_a_shared_gpu_train_like_torch_optim_on_cuda():
+@pytest.mark.parametrize("transport", ["auto", "grpc"])
+def test_shards_on_a_shared_gpu_train_like_torch_optim_on_cuda(transport):
+    """Through shared memory (``auto`` on one host: segments the shards page-lock) and over gRPC (receive buffers
+    and pulled weights in pinned memory)."""
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         pytest.skip("needs its own Ray with the GPU in it")
@@ -33,7 +36,7 @@ def test_shards_on_a_shared_gpu_train_like_torch_optim_on_cuda():
 
             def create(r: int) -> None:
                 opts[r] = RemoteOptimizer(models[r].named_parameters(), "AdamW", address=service.address, job="gpu", num_workers=2,
-                                          rank=r, timeout=60.0, **kwargs)
+                                          rank=r, timeout=60.0, transport=transport, **kwargs)
 
             run_threads(2, create)
             try:
@@ -47,6 +50,7 @@ def test_shards_on_a_shared_gpu_train_like_torch_optim_on_cuda():
 
                     run_threads(2, step)
                     ref.step([[g.cuda() for g in gw] for gw in grads])
+                assert all(o.transport == ("shared_memory" if transport == "auto" else "grpc") for o in opts)
                 status = opts[0].client.status()
                 assert all("cuda" in s.placement for s in status.shards), [s.placement for s in status.shards]
             finally:
