@@ -33,10 +33,11 @@ def ranges(numel: int, block_numel: int = BLOCK_NUMEL) -> list[tuple[int, int]]:
 
 def mean_in_blocks(sums: Sequence[torch.Tensor], contributions: Sequence[Sequence[torch.Tensor]], divisor: int) -> None:
     """``sums[i] = (contributions[0][i] + contributions[1][i] + ...) / divisor``, in the order of ``contributions``
-    and with the ops of a whole-buffer fold (copy, add, ..., div), one block at a time."""
+    and with the ops of a whole-buffer fold (copy, add, ..., div), one block at a time (on a CPU: a GPU has no
+    cache to fit, and each block would be kernel launches of its own)."""
     assert contributions, "a mean over no contributions"
     for i, total in enumerate(sums):
-        for lo, hi in ranges(total.numel()):
+        for lo, hi in ranges(total.numel()) if total.is_cpu else [(0, total.numel())]:
             block = total[lo:hi]
             block.copy_(contributions[0][i][lo:hi])
             for buffers in contributions[1:]:

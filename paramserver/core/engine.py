@@ -51,6 +51,7 @@ class StepEngine(Coordinator):
             config = config.replace(scheduler=scheduler)
         job = JobSpec.build(params, config, num_shards, trusted_modules)
         super().__init__(job, ShardGroup([job.make_shard(j, device) for j in range(job.plan.num_shards)]))
+        self.shard_device = torch.device(device)
 
     def _grads_in_order(self, grads: Sequence[torch.Tensor] | Mapping[Any, torch.Tensor]) -> list[torch.Tensor]:
         params = self.job.params.params
@@ -98,7 +99,7 @@ class StepEngine(Coordinator):
             # None: no gradient, as torch's param.grad; a parameter none of the workers has one for is skipped
             missing = [i for i, g in enumerate(grads) if g is None]
             grads = [torch.zeros(p.shape, dtype=p.dtype) if g is None else g for p, g in zip(self.plan.params, grads)]
-            applied = [self.shards.push(j, worker, step, pack(self.plan, j, grads), missing) for j in range(self.plan.num_shards)]
+            applied = [self.shards.push(j, worker, step, pack(self.plan, j, grads, self.shard_device), missing) for j in range(self.plan.num_shards)]
             if not any(applied):
                 return None
             if metric is not None:

@@ -126,17 +126,23 @@ def make_plan(
     return ShardingPlan(tuple(params), shards)
 
 
-def pack(plan: ShardingPlan, shard: int, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Gather ``shard``'s slices of the per-parameter ``tensors`` into its flat buffers (one per dtype)."""
+def pack(plan: ShardingPlan, shard: int, tensors: Sequence[torch.Tensor], device: torch.device | None = None) -> list[torch.Tensor]:
+    """Gather ``shard``'s slices of the per-parameter ``tensors`` into its flat buffers (one per dtype): on
+    ``device`` where every tensor is there already (the shard's GPU), else in host memory."""
     out = []
-    # Copies from a GPU land in pinned host memory, which the device copies into directly.
-    pin = any(t.is_cuda for t in tensors)
+    on_device = device is not None and device.type != "cpu" and all(_on(t, device) for t in tensors)
+    # Copies from a GPU to the host land in pinned memory, which the device copies into directly.
+    pin = not on_device and any(t.is_cuda for t in tensors)
     for layout in plan.buffers(shard):
-        flat = torch.empty(layout.numel, dtype=layout.dtype, pin_memory=pin)
+        flat = torch.empty(layout.numel, dtype=layout.dtype, pin_memory=pin, device=device if on_device else "cpu")
         for s, off in zip(layout.slices, layout.offsets):
             flat[off : off + s.numel].copy_(tensors[s.param].detach().reshape(-1)[s.start : s.stop])
         out.append(flat)
     return out
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> bool:
+    return tensor.device.type == device.type and device.index in (None, tensor.device.index)
 
 
 def unpack(plan: ShardingPlan, shard: int, buffers: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]) -> None:

@@ -90,6 +90,16 @@ def test_pack_unpack_round_trip_with_mixed_dtypes_and_split():
         assert torch.equal(a, b)
 
 
+def test_pack_gathers_on_the_shards_device_only_where_every_tensor_is_there():
+    # "meta" stands in for a GPU: a shard's device other than the CPU
+    plan = make_plan(infos([(4, 3), (5,)]), 1, None, False)
+    on_meta = [torch.empty(p.shape, device="meta") for p in plan.params]
+    assert [b.device.type for b in pack(plan, 0, on_meta, torch.device("meta"))] == ["meta"]
+    on_host = [torch.zeros(p.shape) for p in plan.params]
+    assert [b.device.type for b in pack(plan, 0, on_host, torch.device("meta"))] == ["cpu"]
+    assert [b.device.type for b in pack(plan, 0, on_host)] == ["cpu"]
+
+
 def test_make_plan_rejects_zero_shards():
     with pytest.raises(ValueError, match="num_shards"):
         make_plan(infos([(3,)]), 0, None, False)
