@@ -9,45 +9,17 @@ the ratio is the figure over its baseline (for memory: over what the state alone
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from benchmarks import checkpoint, failover, gpt2, peers, scaling, service, straggler
+from benchmarks import checkpoint, failover, gpt2, gpu, peers, scaling, service, straggler
 from benchmarks.common import ray_session
-
-
-@dataclass
-class Row:
-    name: str
-    value: float
-    unit: str
-    baseline: str | None = None
-    baseline_value: float | None = None
-
-    @property
-    def ratio(self) -> float | None:
-        return None if not self.baseline_value else self.value / self.baseline_value
-
-
-def machine() -> dict:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "date": datetime.date.today().isoformat(),
-    }
-
+from benchmarks.rows import Row, machine, table_lines
 
 MIB = 2**20
 
@@ -103,15 +75,6 @@ def memory_rows(e2e: dict, tiny: dict) -> list[Row]:
         Row("worker_rss_anon_end_over_idle_MB", worker_end["RssAnon"] - worker_idle["RssAnon"], "MB", "model_and_grads_MB", model_and_grads),
         Row("worker_rss_shmem_end_MB", worker_end["RssShmem"], "MB", "model_and_grads_MB", model_and_grads),
     ]
-
-
-def table_lines(rows: list[Row]) -> list[str]:
-    lines = [f"{'name':34} {'value':>12} {'unit':10} {'baseline':28} {'baseline value':>15} {'ratio':>7}"]
-    for r in rows:
-        base = f"{r.baseline_value:15.3f}" if r.baseline_value is not None else " " * 15
-        ratio = f"{r.ratio:7.3f}" if r.ratio is not None else " " * 7
-        lines.append(f"{r.name:34} {r.value:12.3f} {r.unit:10} {r.baseline or '':28} {base} {ratio}")
-    return lines
 
 
 TINY_PARAMS = 50_000  # the model of the run that measures a shard's fixed overhead (memory_rows)
@@ -210,6 +173,10 @@ def run(quick: bool, extras: dict | None = None) -> list[Row]:
     extras["scaling"] = scaling.scaling_run(scaling.grid_for(quick), log=sys.stderr)
     extras["link"] = {"push_GBps": push, "pull_GBps": pull, "link_GBps": min(push, pull)}
     extras["multihost"] = scaling.multihost_table(min(push, pull), {name: scaling.model_params(name) for name in scaling.MODELS})
+
+    if torch.cuda.is_available():  # the shards on the GPU: the update, the host-device copies, end to end
+        timed("GPU: the update, the shard's copies, end to end with GPU shards")
+        rows += gpu.run(quick, extras)
     return rows
 
 

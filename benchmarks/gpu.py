@@ -6,9 +6,9 @@
   parameters with the fused and with the foreach kernel, against standalone ``torch.optim.Adam`` with the same
   kernel on the same GPU. Both are timed to the end of the GPU's work (synchronized).
 - The host-device copies: a shard on CUDA takes a worker's gradients from host memory (the buffers gRPC filled,
-  or the worker's shared-memory segment: pageable memory either way) and gives its weights to the host for a
-  pull (the servicer's copy, and the copy into a worker's segment), against copies from and into pinned host
-  memory, which is as fast as the link between host and device goes.
+  or the worker's shared-memory segment, both pinned by the shard) and gives its weights to the host for a pull
+  (the servicer's copy, and the copy into a worker's segment), against copies from and into pinned host memory,
+  which is as fast as the link between host and device goes, and against pageable memory.
 - End to end: the job of ``service.e2e`` (2 worker actors, 2 shard actors, the MLP, Adam, clipping, shared
   memory) with the shards on the GPU (``gpus_per_shard=0.5``) against the same job with the shards on the CPU,
   in one Ray, one after the other.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.__main__ import Row, machine, table_lines
+from benchmarks.rows import Row, machine, table_lines
 from paramserver import StepEngine
 from paramserver.core.config import JobConfig
 
@@ -64,43 +64,63 @@ def update_mparams_per_s(num_params: int, repeats: int, kernel: str) -> tuple[fl
 
 
 def host_copies_gbps(num_params: int, repeats: int) -> dict[str, float]:
-    """GB/s of a shard on CUDA moving ``num_params`` fp32 between host and device, the shard's way and the
-    pinned-memory way:
+    """GB/s of a shard on CUDA moving ``num_params`` fp32 between host and device, the shard's ways and the
+    pinned-memory and pageable ones:
 
-    - ``take``: one worker's push of host gradients to a 2-worker job (copied to the device and summed; the step
-      stays open, so no update runs), against ``pinned_h2d``: a copy from pinned host memory;
-    - ``give``: the servicer's copy of the weights for a pull (to new host tensors), and ``give_into``: into a
-      preallocated pageable buffer (a worker's segment), against ``pinned_d2h``: a copy into pinned memory.
+    - ``take_grpc`` and ``take_shm``: one worker's push of host gradients to a 2-worker job (copied to the device
+      and summed; the step stays open, so no update runs) from a receive buffer of the servicer's pool and from
+      a worker's gradient segment, each as the shard makes them;
+    - ``give``: the servicer's copy of the weights for a gRPC pull, and ``give_shm``: the copy into a worker's
+      weights segment for a shared-memory pull;
+    - ``pinned_*`` (the link's speed) and ``pageable_*`` (what plain host memory gets), the baselines.
     """
+    from paramserver.dataplane.segments import Segment
     from paramserver.service.shard_servicer import _to_cpu
+    from paramserver.wire.codec import BufferPool
 
     nbytes = 4 * num_params
     engine = StepEngine([("w", torch.zeros(num_params))], "Adam", device="cuda", config=JobConfig(num_workers=2), lr=1e-3)
-    host = torch.randn(num_params)  # pageable, as gRPC's buffers and shared-memory segments are
-    pushes = []
-    for step in range(repeats + 1):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        engine.shards.push(0, 0, step, [host])  # worker 0's flat buffer, as the shard's servicer hands it over
-        torch.cuda.synchronize()
-        pushes.append(time.perf_counter() - start)
-        engine.push(1, step, [host])  # worker 1 closes the step, untimed
-    take = sum(pushes[1:]) / repeats
-    device = torch.empty(num_params, device="cuda")
-    pinned = torch.empty(num_params, pin_memory=True)
-    pinned.copy_(host)
-    pageable_h2d = _seconds(lambda: device.copy_(host), repeats)
-    pinned_h2d = _seconds(lambda: device.copy_(pinned, non_blocking=True), repeats)
+    received = BufferPool().take(num_params, torch.float32, pin=True)
+    grads, weights_segment = Segment.create(nbytes), Segment.create(nbytes)
+    try:
+        for segment in (grads, weights_segment):
+            segment.pin()
+        (in_segment,), (out_segment,) = grads.tensors([(num_params, torch.float32)]), weights_segment.tensors([(num_params, torch.float32)])
+        step = 0
 
-    weights = engine.shards.shards[0].weights
-    give = _seconds(lambda: _to_cpu(weights), repeats)
-    into = torch.empty(num_params)
-    give_into = _seconds(lambda: into.copy_(weights[0]), repeats)
-    pinned_d2h = _seconds(lambda: pinned.copy_(weights[0], non_blocking=True), repeats)
-    return {
-        "take": nbytes / take / GB, "pageable_h2d": nbytes / pageable_h2d / GB, "pinned_h2d": nbytes / pinned_h2d / GB,
-        "give": nbytes / give / GB, "give_into": nbytes / give_into / GB, "pinned_d2h": nbytes / pinned_d2h / GB,
-    }
+        def take(host: torch.Tensor) -> float:
+            nonlocal step
+            pushes = []
+            for _ in range(repeats + 1):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                engine.shards.push(0, 0, step, [host])  # worker 0's flat buffer, as the shard's servicer hands it over
+                torch.cuda.synchronize()
+                pushes.append(time.perf_counter() - start)
+                engine.push(1, step, [host])  # worker 1 closes the step, untimed
+                step += 1
+            return sum(pushes[1:]) / repeats
+
+        for host in (received, in_segment):
+            host.normal_()
+        take_grpc, take_shm = take(received), take(in_segment)
+        device = torch.empty(num_params, device="cuda")
+        pinned, pageable = torch.randn(num_params).pin_memory(), torch.randn(num_params)
+        pageable_h2d = _seconds(lambda: device.copy_(pageable), repeats)
+        pinned_h2d = _seconds(lambda: device.copy_(pinned, non_blocking=True), repeats)
+
+        weights = engine.shards.shards[0].weights
+        give = _seconds(lambda: _to_cpu(weights), repeats)
+        give_shm = _seconds(lambda: out_segment.copy_(weights[0]), repeats)
+        pageable_d2h = _seconds(lambda: pageable.copy_(weights[0]), repeats)
+        pinned_d2h = _seconds(lambda: pinned.copy_(weights[0], non_blocking=True), repeats)
+    finally:
+        for segment in (grads, weights_segment):
+            segment.unpin()
+            segment.unlink()
+    rates = {"take_grpc": take_grpc, "take_shm": take_shm, "pageable_h2d": pageable_h2d, "pinned_h2d": pinned_h2d,
+             "give": give, "give_shm": give_shm, "pageable_d2h": pageable_d2h, "pinned_d2h": pinned_d2h}
+    return {name: nbytes / seconds / GB for name, seconds in rates.items()}
 
 
 def e2e_steps_per_s(steps: int, batch_size: int) -> tuple[dict, dict]:
@@ -133,12 +153,10 @@ def run(quick: bool, extras: dict | None = None) -> list[Row]:
         rows.append(Row(f"gpu_update_{kernel}_Mparams_per_s", in_service, "Mparams/s", f"gpu_torch_adam_{kernel}_Mparams_per_s",
                         standalone))
     copies = host_copies_gbps(num_params, repeats)
-    rows += [
-        Row("gpu_shard_take_host_grads_GBps", copies["take"], "GB/s", "pinned_h2d_GBps", copies["pinned_h2d"]),
-        Row("pageable_h2d_GBps", copies["pageable_h2d"], "GB/s", "pinned_h2d_GBps", copies["pinned_h2d"]),
-        Row("gpu_shard_give_weights_GBps", copies["give"], "GB/s", "pinned_d2h_GBps", copies["pinned_d2h"]),
-        Row("gpu_shard_give_into_segment_GBps", copies["give_into"], "GB/s", "pinned_d2h_GBps", copies["pinned_d2h"]),
-    ]
+    for direction, names in (("h2d", ("take_grpc", "take_shm")), ("d2h", ("give", "give_shm"))):
+        baseline = f"pinned_{direction}"
+        rows += [Row(f"gpu_shard_{name}_GBps", copies[name], "GB/s", f"{baseline}_GBps", copies[baseline]) for name in names]
+        rows.append(Row(f"pageable_{direction}_GBps", copies[f"pageable_{direction}"], "GB/s", f"{baseline}_GBps", copies[baseline]))
     on_gpu, on_cpu = e2e_steps_per_s(10 if quick else 30, 32)
     rows.append(Row("gpu_e2e_steps_per_s", on_gpu["steps_per_s"], "steps/s", "e2e_steps_per_s", on_cpu["steps_per_s"]))
     if extras is not None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import checkpoint, failover, gpu, peers, service
-from benchmarks.__main__ import Row
+from benchmarks.rows import Row
 
 
 def test_transfer_and_update_measurements_run():
@@ -43,7 +43,7 @@ def test_the_gpu_update_and_copy_measurements_run():
         in_service, standalone = gpu.update_mparams_per_s(100_000, 2, kernel)
         assert in_service > 0 and standalone > 0
     copies = gpu.host_copies_gbps(100_000, 2)
-    assert set(copies) == {"take", "pageable_h2d", "pinned_h2d", "give", "give_into", "pinned_d2h"}
+    assert set(copies) == {"take_grpc", "take_shm", "pageable_h2d", "pinned_h2d", "give", "give_shm", "pageable_d2h", "pinned_d2h"}
     assert all(v > 0 for v in copies.values())
 
 

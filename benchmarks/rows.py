@@ -1,0 +1,45 @@
+"""A row of the benchmark table (a figure, its unit, its baseline and their ratio), the machine it ran on, and
+the table as text."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Row:
+    name: str
+    value: float
+    unit: str
+    baseline: str | None = None
+    baseline_value: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        return None if not self.baseline_value else self.value / self.baseline_value
+
+
+def machine() -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def table_lines(rows: list[Row]) -> list[str]:
+    lines = [f"{'name':34} {'value':>12} {'unit':10} {'baseline':28} {'baseline value':>15} {'ratio':>7}"]
+    for r in rows:
+        base = f"{r.baseline_value:15.3f}" if r.baseline_value is not None else " " * 15
+        ratio = f"{r.ratio:7.3f}" if r.ratio is not None else " " * 7
+        lines.append(f"{r.name:34} {r.value:12.3f} {r.unit:10} {r.baseline or '':28} {base} {ratio}")
+    return lines
