@@ -9,17 +9,15 @@ the ratio is the figure over its baseline (for memory: over what the state alone
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from benchmarks import checkpoint, failover, gpt2, gpu, peers, scaling, service, straggler
 from benchmarks.common import ray_session
-from benchmarks.rows import Row, machine, table_lines
+from benchmarks.rows import Row, table_lines, write_json
 
 MIB = 2**20
 
@@ -193,9 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     print(f"({seconds:.0f}s)")
     if args.json:
-        results = [{**asdict(r), "ratio": r.ratio} for r in rows]
-        args.json.write_text(json.dumps(
-            {"machine": machine(), "quick": args.quick, "seconds": seconds, "results": results, **extras}, indent=1, default=str))
+        write_json(args.json, rows, quick=args.quick, seconds=seconds, extras=extras)
     return 0
 
 

@@ -19,16 +19,14 @@ Every figure is a rate (higher is better); the ratio is the service's over its b
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from benchmarks.rows import Row, machine, table_lines
+from benchmarks.rows import Row, table_lines, write_json
 from paramserver import StepEngine
 from paramserver.core.config import JobConfig
 
@@ -180,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     print(f"({seconds:.0f}s)")
     if args.json:
-        results = [{**asdict(r), "ratio": r.ratio} for r in rows]
-        args.json.write_text(json.dumps({"machine": machine(), "quick": args.quick, "seconds": seconds, "results": results, **extras},
-                                        indent=1, default=str))
+        write_json(args.json, rows, quick=args.quick, seconds=seconds, extras=extras)
     return 0
 
 

@@ -1,12 +1,14 @@
-"""A row of the benchmark table (a figure, its unit, its baseline and their ratio), the machine it ran on, and
-the table as text."""
+"""A row of the benchmark table (a figure, its unit, its baseline and their ratio), the machine it ran on, the
+table as text, and a run as JSON."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -43,3 +45,10 @@ def table_lines(rows: list[Row]) -> list[str]:
         ratio = f"{r.ratio:7.3f}" if r.ratio is not None else " " * 7
         lines.append(f"{r.name:34} {r.value:12.3f} {r.unit:10} {r.baseline or '':28} {base} {ratio}")
     return lines
+
+
+def write_json(path: Path, rows: list[Row], *, quick: bool, seconds: float, extras: dict) -> None:
+    """A run as JSON: the machine, the mode, its length, every row with its ratio, and ``extras`` (details)."""
+    results = [{**asdict(r), "ratio": r.ratio} for r in rows]
+    path.write_text(json.dumps({"machine": machine(), "quick": quick, "seconds": seconds, "results": results, **extras},
+                               indent=1, default=str))
