@@ -27,7 +27,7 @@ from paramserver.core.errors import (
 from paramserver.core.kernels import keep_kernel, kernel_choice
 from paramserver.core.scheduling import build_optimizer, set_hyperparameters
 from paramserver.core.shard_copies import ShardCopies, SnapshotWrite, _locked
-from paramserver.core.shard_mean import ShardMean
+from paramserver.core.shard_mean import HeldMean, ShardMean
 from paramserver.core.sharding import ShardingPlan, Slice
 from paramserver.core.staleness import AsyncLedger
 
@@ -106,6 +106,7 @@ class Shard(ShardCopies, ShardMean):
         assert self.slices == list(plan.shards[shard_id]), "per-slice lists follow the plan's slice order"
         self._params_here = {s.param for s in self.slices}
         self._with_grad: set[int] = set()  # parameters some contributor of the step sent a gradient for
+        self._held_ahead: HeldMean | None = None  # a standby's mean of its next step, taken during this one's update
         self._missing: dict[int, frozenset[int]] = {}  # worker -> the parameters its pending push has no gradient for
         self._closed_received: frozenset[int] = frozenset()  # who pushed the step that closed last
         groups = [
@@ -272,6 +273,7 @@ class Shard(ShardCopies, ShardMean):
         ``record``: what the coordinator keeps here with this update (``self.record``)."""
         self._check_initialized()
         self.check_step(step)
+        self._take_held_ahead(step)
         assert self.accumulator.contributors is not None, f"shard {self.shard_id}: apply before reduce (the mean) of step {step}"
         coef = None if clip_coef is None else clip_coef.to(self.device)
         set_hyperparameters(self.optimizer, hyperparameters)

@@ -112,6 +112,7 @@ class ShardCopies:
                 dst.copy_(src)
             self.accumulator.reset()
             self._with_grad = set()
+            self._held_ahead = None
             self._missing.clear()
             self.version = replica["version"]
             self.generation = replica["generation"]

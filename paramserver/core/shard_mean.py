@@ -5,11 +5,23 @@ member's push is in (``reduce_ahead``), and handed to a standby (``reduced`` / `
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from paramserver.core.clipping import tensor_norms
 from paramserver.core.shard_copies import _locked
+
+
+@dataclass(frozen=True)
+class HeldMean:
+    """A primary's mean of ``step`` (in weights generation ``generation``) as its standby holds it."""
+
+    step: int
+    generation: int
+    means: list[torch.Tensor]
+    with_grad: set[int]
+    contributors: tuple[int, ...]
 
 
 class ShardMean:
@@ -76,16 +88,40 @@ class ShardMean:
         assert self.accumulator.contributors is not None, f"shard {self.shard_id}: no mean of step {step} taken yet"
         return [b.clone() for b in self.accumulator.sums], sorted(self._with_grad), self.accumulator.contributors
 
+    @property
+    def mean_taken(self) -> bool:
+        """Whether the open step's mean was taken (``reduce`` or ``reduce_ahead``): ``reduced`` can copy it."""
+        return self.accumulator.contributors is not None
+
     @_locked
     def hold_reduced(self, step: int, means: Sequence[torch.Tensor], with_grad: Collection[int], contributors: Collection[int]) -> None:
         """Take a primary's mean of ``step`` (``reduced``) as this shard's own, as if its workers had pushed
-        here and it had reduced: the ``apply`` that follows is the primary's update, bit for bit."""
-        self.check_step(step)
+        here and it had reduced: the ``apply`` that follows is the primary's update, bit for bit. A standby still
+        in its update of the step before keeps the mean for its ``apply`` of ``step``: the primary's workers
+        push a step as soon as the primary's own update of the one before ended, which may be first."""
         self._check_buffers(means, "reduced gradients", exact_dtype=True)
+        held = HeldMean(step, self.generation, list(means), set(with_grad), tuple(sorted(contributors)))
+        self._take_held_ahead(self.version)  # one kept for the step now open is its mean: the next may come
+        if step == self.version + 1:
+            self._held_ahead = held
+            return
+        self.check_step(step)
+        self._hold(held)
+
+    def _take_held_ahead(self, step: int) -> None:
+        """Before the update of ``step``: the mean kept for it while the update before ran becomes the step's."""
+        held = self._held_ahead
+        if held is None or held.step > step:
+            return  # none, or kept for a later step
+        self._held_ahead = None
+        if (held.step, held.generation) == (step, self.generation):
+            self._hold(held)
+
+    def _hold(self, held: HeldMean) -> None:
         self.accumulator.reset()
-        for dst, src in zip(self.accumulator.sums, means):
+        for dst, src in zip(self.accumulator.sums, held.means):
             dst.copy_(src)
-        self.accumulator.received = set(contributors)
-        self.accumulator.contributors = tuple(sorted(contributors))
-        self._with_grad = set(with_grad)
+        self.accumulator.received = set(held.contributors)
+        self.accumulator.contributors = held.contributors
+        self._with_grad = set(held.with_grad)
         self._restore_grad_views()

@@ -185,6 +185,13 @@ class ShardProcess:
         except Exception as exc:  # noqa: BLE001 - its apply then fails too, and the coordinator rebuilds it
             log.warning("shard %d: the standby did not take step %d's mean: %s: %s", self.shard_id, step, type(exc).__name__, exc)
 
+    def hand_open_mean(self, name: str) -> None:
+        """The open step's mean, if taken already, to the standby: one just rebuilt from this primary's state
+        (which has no pushes) missed it if it was taken before."""
+        shard = self._shard(name)
+        if shard.mean_taken:  # (a push that hands it meanwhile hands the same mean: the standby holds it once)
+            self._hand_mean_to_standby(name, shard.version)
+
     def hold_reduced(self, name: str, step: int, means: list[torch.Tensor], with_grad: list[int], contributors: tuple[int, ...]) -> None:
         self._shard(name).hold_reduced(step, means, with_grad, contributors)
 

@@ -413,6 +413,7 @@ class RayFleet:
             me = ray.get_runtime_context().current_actor
             ray.get(standby.adopt_job.remote(name, self.jobs[name], me, primary.replica_state.remote(name)), timeout=CONTROL_TIMEOUT_S)
             ray.get([primary.set_role.remote("primary", standby), standby.set_role.remote("standby", None)], timeout=CONTROL_TIMEOUT_S)
+            ray.get(primary.hand_open_mean.remote(name), timeout=CONTROL_TIMEOUT_S)  # a mean taken ahead before the copy
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
             log.warning("shard %d's standby for job %s not rebuilt yet: %s", j, name, type(exc).__name__)
             return False

@@ -5,6 +5,9 @@ takes a job over from its shards' records (``resume``), also when the last updat
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -89,6 +92,97 @@ def test_a_standby_fed_the_reduced_mean_holds_the_primarys_state_bit_for_bit():
         _same_shard(primary, standby)
         assert standby.last_record() == primary.last_record() and primary.last_record()["version"] == 6
         assert standby.is_late_retry(1, 5)  # it knows who pushed the step that closed last
+
+
+class LaggingGroup(MirroredGroup):
+    """As the Ray hosting runs them on a busy machine: each standby's update runs on a thread of its own and
+    ``lag_s`` late; the step's close waits for it, but the workers pushed the next step once the primary's update
+    ended, so the primary's next mean reaches a standby still in the update before."""
+
+    lag_s = 0.1
+
+    def __init__(self, primaries: list[Shard], standbys: list[Shard]) -> None:
+        super().__init__(primaries, standbys)
+        self.updates = [ThreadPoolExecutor(max_workers=1) for _ in standbys]
+        self.done: list[Future] = []
+        self.behind = 0  # means handed to a standby still in its update of the step before
+
+    def reduce(self, step, norm_type, clip_value, contributors=None, known=None):
+        norms = ShardGroup.reduce(self, step, norm_type, clip_value, contributors, known=known)
+        for primary, standby in zip(self.shards, self.standbys):
+            self.behind += standby.version < step
+            standby.hold_reduced(step, *primary.reduced(step))
+        return norms
+
+    def apply(self, step, clip_coef, hyperparameters, record=None):
+        for done in self.done:  # the close before waited for its standbys' updates (the workers did not)
+            done.result(timeout=10.0)
+        ShardGroup.apply(self, step, clip_coef, hyperparameters, record)
+        for standby, updates in zip(self.standbys, self.updates):
+            def late(standby: Shard = standby) -> None:
+                time.sleep(self.lag_s)
+                standby.apply(step, clip_coef, hyperparameters, record)
+
+            self.done.append(updates.submit(late))
+
+
+def _primary_at_step_2_and_a_standby(model: torch.nn.Module) -> tuple[ps.StepEngine, Shard, Shard]:
+    engine = _engine(model)
+    standby = engine.job.make_shard(0)
+    _train(engine, range(2), model)
+    primary = engine.shards.shards[0]
+    for rank in range(W):
+        primary.push(rank, 2, pack(engine.plan, 0, _grads(2, rank, model)))
+    primary.reduce(2, 2.0)
+    return engine, primary, standby
+
+
+def test_a_standby_more_than_a_step_behind_refuses_the_mean_and_keeps_its_state():
+    engine, primary, standby = _primary_at_step_2_and_a_standby(_model())  # the standby is at step 0
+    before = [w.clone() for w in standby.weights]
+    with pytest.raises(FutureStepError, match="step 2 is not open yet"):
+        standby.hold_reduced(2, *primary.reduced(2))
+    assert standby.version == 0 and standby.accumulator.contributors is None and standby._held_ahead is None
+    assert all(torch.equal(a, b) for a, b in zip(before, standby.weights))
+
+
+class HandedTwice(LaggingGroup):
+    """A primary that hands its standby each mean twice, a wrong one first (a mean taken ahead over workers the
+    close did not keep, then taken again): the second replaces the first, also while it is kept for later."""
+
+    def reduce(self, step, norm_type, clip_value, contributors=None, known=None):
+        norms = ShardGroup.reduce(self, step, norm_type, clip_value, contributors, known=known)
+        for primary, standby in zip(self.shards, self.standbys):
+            means, with_grad, who = primary.reduced(step)
+            self.behind += standby.version < step
+            standby.hold_reduced(step, [2 * m for m in means], with_grad, who)
+            standby.hold_reduced(step, means, with_grad, who)
+        return norms
+
+
+@pytest.mark.parametrize("group_class", [LaggingGroup, HandedTwice], ids=["lagging", "handed-twice"])
+def test_a_standby_still_in_the_update_before_keeps_the_next_mean_for_its_update(group_class):
+    model = _model()
+    engine = _engine(model)
+    standbys = [engine.job.make_shard(j) for j in range(SHARDS)]
+    group = group_class(engine.shards.shards, standbys)
+    engine.shards = group  # type: ignore[assignment]
+    _train(engine, range(4), model)
+    for done in group.done:
+        done.result(timeout=10.0)  # each standby update found its step's mean
+    assert group.behind >= 3  # the standbys were behind at the steps after the first
+    for primary, standby in zip(engine.shards.shards, standbys):
+        _same_shard(primary, standby)
+
+
+def test_a_mean_kept_for_the_next_step_is_not_taken_after_a_load():
+    engine, primary, _ = _primary_at_step_2_and_a_standby(_model())
+    standby = engine.job.make_shard(0)
+    standby.start_generation(1)  # at step 1, in generation 1
+    standby.hold_reduced(2, *primary.reduced(2))  # kept for step 2
+    standby.start_generation(2)  # a load opens step 2 in generation 2: the mean kept is of the old weights
+    with pytest.raises(AssertionError, match="apply before reduce"):
+        standby.apply(2, None, [])
 
 
 def test_a_copy_of_a_shards_whole_state_goes_on_like_it():
