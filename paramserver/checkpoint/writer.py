@@ -1,7 +1,7 @@
 """``Checkpointer``: copies a job's state at a step boundary (the only time the step waits) and writes it in the
 background, one checkpoint after another: each shard in its own process writes its own file there, shards in
 this process are written by the Checkpointer's thread, which then writes the coordinator's file and the
-manifest."""
+manifest. A job's next copy waits for its write under way, so that at most one copy of its state is in flight."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from paramserver.checkpoint import state, store
 from paramserver.core.coordinator import Coordinator
@@ -36,6 +36,7 @@ class Checkpointer:
         self._lock = threading.Lock()
         self._in_flight: dict[tuple[str, int], Future[int]] = {}  # (job, step) -> its write, copied and not yet done
         self.last_copy_s = 0.0  # how long the last save held its step (the copy)
+        self._warned_slow: set[str] = set()  # jobs told that their checkpoints come faster than they are written
         self.failures = 0
 
     def save(self, coordinator: Coordinator, job: str, *, config: bytes | None = None, members: Iterable[int] = ()) -> Future[int]:
@@ -48,9 +49,10 @@ class Checkpointer:
             if under_way is not None:
                 return under_way  # a periodic and an on-demand checkpoint of the same step
             if store.written(self.root, job, coordinator.step):
-                done: Future[int] = Future()
-                done.set_result(coordinator.step)  # its files stay as they are: no shard writes over a valid checkpoint
-                return done
+                return _settled(result=coordinator.step)  # its files stay as they are: no shard writes over a valid checkpoint
+            late = self._wait_for_writes(job, coordinator.step)
+            if late is not None:
+                return _settled(error=late)
             start = time.perf_counter()
             part, writes = state.take(coordinator, self.root, job, config=config, members=members)
             self.last_copy_s = time.perf_counter() - start
@@ -58,6 +60,29 @@ class Checkpointer:
                 future = self._in_flight[key] = self._pool.submit(self._write, job, part, writes, coordinator.shards)
         future.add_done_callback(lambda f: self._report(key, f))
         return future
+
+    def _wait_for_writes(self, job: str, step: int) -> TimeoutError | None:
+        """Wait for ``job``'s writes under way before its next copy: each copy is the job's whole state, so
+        checkpoints that come faster than they are written would pile up copies without bound. The step waits
+        instead (a warning says so, once a job); after ``shard_timeout`` seconds this checkpoint is not taken."""
+        with self._lock:
+            under_way = [f for (j, _), f in self._in_flight.items() if j == job]
+        if all(f.done() for f in under_way):
+            return None
+        start = time.perf_counter()
+        _, pending = wait(under_way, timeout=self.shard_timeout)
+        waited = time.perf_counter() - start
+        if pending:
+            self.failures += 1
+            log.error("checkpoint of job %s at step %d not taken: the write before it is still under way after %.0f s", job, step, waited)
+            return TimeoutError(f"the checkpoint write of job {job!r} before step {step} is still under way after {waited:.0f}s")
+        if job not in self._warned_slow:
+            self._warned_slow.add(job)
+            log.warning(
+                "checkpoints of job %s come faster than they are written: step %d waited %.2f s for the write before "
+                "it (a larger checkpoint_every avoids the wait)", job, step, waited,
+            )
+        return None
 
     def _write(self, job: str, part: dict, writes: list[SnapshotWrite], shards: ShardGroup) -> int:
         step = part["step"]
@@ -84,6 +109,15 @@ class Checkpointer:
     def close(self, wait: bool = True) -> None:
         """Stop taking checkpoints; ``wait``: finish the writes already begun."""
         self._pool.shutdown(wait=wait)
+
+
+def _settled(result: int | None = None, error: BaseException | None = None) -> Future[int]:
+    future: Future[int] = Future()
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]
+    return future
 
 
 def write_snapshot(write: SnapshotWrite) -> dict:

@@ -1,0 +1,79 @@
+"""The Checkpointer's bound on memory: a job's next copy waits for its write under way, so checkpoints that come
+faster than they are written never pile up copies of the state; one whose write before is stuck is not taken."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+from paramserver.checkpoint import Checkpointer, io, steps
+from paramserver.core.shard import Shard
+from tests.checkpoint.test_store import _engine, _train
+
+
+def _count_fresh_copies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every ``Shard.snapshot`` (a copy into new memory, not into the buffers a finished write gave back)."""
+    made: list[int] = []
+    fresh = Shard.snapshot
+
+    def counted(self: Shard) -> dict:
+        made.append(self.shard_id)
+        return fresh(self)
+
+    monkeypatch.setattr(Shard, "snapshot", counted)
+    return made
+
+
+def test_checkpoints_faster_than_their_writes_wait_and_keep_one_copy_in_flight(tmp_path, monkeypatch, caplog):
+    engine = _engine()
+    made = _count_fresh_copies(monkeypatch)
+    monkeypatch.setattr(io, "before", lambda op, path: time.sleep(0.05) if op == "fsync" else None)  # slow disk
+    ckpt = Checkpointer(str(tmp_path), keep=5)
+    try:
+        futures = []
+        with caplog.at_level(logging.WARNING, logger="paramserver"):
+            for _ in range(3):
+                _train(engine, 1)
+                futures.append(ckpt.save(engine, "j"))
+                assert all(f.done() for f in futures[:-1])  # the copy waited for the write before it
+        assert [f.result(30) for f in futures] == [1, 2, 3]
+        assert sorted(made) == [0, 1]  # one fresh copy per shard: the later ones went into the buffers given back
+        slow = [r for r in caplog.records if "come faster than they are written" in r.getMessage()]
+        assert len(slow) == 1, "warned once for the job"
+        assert steps(str(tmp_path), "j") == [1, 2, 3]
+    finally:
+        ckpt.close()
+
+
+def test_a_checkpoint_whose_write_before_is_stuck_is_not_taken(tmp_path, monkeypatch):
+    engine = _engine()
+    made = _count_fresh_copies(monkeypatch)
+    stuck, release = threading.Event(), threading.Event()
+
+    def hold_the_first_write(op: str, path: str) -> None:
+        if op == "write" and not stuck.is_set():
+            stuck.set()
+            assert release.wait(30), "the test did not release the write"
+
+    monkeypatch.setattr(io, "before", hold_the_first_write)
+    ckpt = Checkpointer(str(tmp_path), keep=5, shard_timeout=0.3)
+    try:
+        _train(engine, 1)
+        first = ckpt.save(engine, "j")
+        assert stuck.wait(30)
+        _train(engine, 1)
+        second = ckpt.save(engine, "j")
+        with pytest.raises(TimeoutError, match="before step 2 is still under way"):
+            second.result(1)
+        assert len(made) == 2 and ckpt.failures == 1  # nothing copied for step 2
+        release.set()
+        assert first.result(30) == 1
+        assert steps(str(tmp_path), "j") == [1]
+        _train(engine, 1)
+        assert ckpt.save(engine, "j").result(30) == 3  # the next checkpoint goes on as usual
+    finally:
+        release.set()
+        ckpt.close()
