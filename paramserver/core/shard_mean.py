@@ -100,13 +100,15 @@ class ShardMean:
         in its update of the step before keeps the mean for its ``apply`` of ``step``: the primary's workers
         push a step as soon as the primary's own update of the one before ended, which may be first."""
         self._check_buffers(means, "reduced gradients", exact_dtype=True)
+        ahead = step == self.version + 1
+        if not ahead:
+            self.check_step(step)  # before any change: a refused mean leaves the shard as it was
         held = HeldMean(step, self.generation, list(means), set(with_grad), tuple(sorted(contributors)))
         self._take_held_ahead(self.version)  # one kept for the step now open is its mean: the next may come
-        if step == self.version + 1:
+        if ahead:
             self._held_ahead = held
-            return
-        self.check_step(step)
-        self._hold(held)
+        else:
+            self._hold(held)
 
     def _take_held_ahead(self, step: int) -> None:
         """Before the update of ``step``: the mean kept for it while the update before ran becomes the step's."""

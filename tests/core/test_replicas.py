@@ -125,6 +125,10 @@ class LaggingGroup(MirroredGroup):
 
             self.done.append(updates.submit(late))
 
+    def close(self) -> None:
+        for updates in self.updates:
+            updates.shutdown(wait=True, cancel_futures=True)
+
 
 def _primary_at_step_2_and_a_standby(model: torch.nn.Module) -> tuple[ps.StepEngine, Shard, Shard]:
     engine = _engine(model)
@@ -167,9 +171,12 @@ def test_a_standby_still_in_the_update_before_keeps_the_next_mean_for_its_update
     standbys = [engine.job.make_shard(j) for j in range(SHARDS)]
     group = group_class(engine.shards.shards, standbys)
     engine.shards = group  # type: ignore[assignment]
-    _train(engine, range(4), model)
-    for done in group.done:
-        done.result(timeout=10.0)  # each standby update found its step's mean
+    try:
+        _train(engine, range(4), model)
+        for done in group.done:
+            done.result(timeout=10.0)  # each standby update found its step's mean
+    finally:
+        group.close()
     assert group.behind >= 3  # the standbys were behind at the steps after the first
     for primary, standby in zip(engine.shards.shards, standbys):
         _same_shard(primary, standby)
