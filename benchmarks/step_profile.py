@@ -2,7 +2,7 @@
 coordinator's stage timers (aggregate, clip, update, schedule) per step, from its metrics endpoint, and the CPU time
 each process of the job used per step (workers, shards, coordinator: how busy the machine's cores are).
 
-    python -m benchmarks.step_profile [--steps 30] [--transport auto]
+    python -m benchmarks.step_profile [--steps 30] [--transport auto] [--no-control-lane]
 
 The job is ``service.e2e``'s: 2 worker actors and 2 shard actors on an embedded Ray, the benchmark's MLP, Adam,
 clipping at 1.0, pushes during backward. Prints one line per worker and one per stage (medians over the timed
@@ -70,11 +70,13 @@ def _stage_ms(metrics_address: str, job: str) -> dict[str, float]:
     return {stage: 1e3 * sums[stage] / counts[stage] for stage in sums if counts.get(stage)}
 
 
-def step_profile(steps: int = 30, transport: str = "auto", num_workers: int = 2, num_shards: int = 2) -> dict[str, Any]:
+def step_profile(
+    steps: int = 30, transport: str = "auto", num_workers: int = 2, num_shards: int = 2, control_lane: bool = True
+) -> dict[str, Any]:
     import paramserver
     from workers.launcher import run_workers
 
-    with ray_session(), paramserver.serve(num_shards, cpus_per_shard=0.01, metrics_port=0) as service:
+    with ray_session(), paramserver.serve(num_shards, cpus_per_shard=0.01, metrics_port=0, control_lane=control_lane) as service:
         placements = service.placements()
         coordinator = next(p for p in placements if p["role"] == "coordinator")
         pids = {"coordinator": coordinator["pid"], **{f"shard {p['shard']}": p["pid"] for p in placements if p["role"] == "primary"}}
@@ -88,9 +90,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="timed steps (default: %(default)s)")
     parser.add_argument("--transport", default="auto", choices=["auto", "grpc", "shared_memory"], help="(default: %(default)s)")
+    parser.add_argument("--no-control-lane", action="store_true", help="every control call over Ray (RayConfig.control_lane=False)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    result = step_profile(args.steps, args.transport)
+    result = step_profile(args.steps, args.transport, control_lane=not args.no_control_lane)
     for rank, w in enumerate(result["workers"]):
         total = w["forward_backward_ms"] + w["step_wait_ms"]
         print(f"worker {rank} ({w['transport']}): forward+backward {w['forward_backward_ms']:.1f} ms, wait in step() {w['step_wait_ms']:.1f} ms, step {total:.1f} ms")

@@ -2,7 +2,8 @@
 
 The classes here are plain Python; Ray wraps them at spawn time (``ray.remote(...)(ShardProcess)``), so
 they are importable and readable without a cluster. Ray is the control plane (creating jobs on the shards,
-the coordinator's reduce/apply calls); gRPC is the data plane (workers' pushes and pulls).
+the coordinator's reduce/apply calls; on one node the step's report and update calls take the faster control lane of
+``lane.py``); gRPC is the data plane (workers' pushes and pulls).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from paramserver.core.job import JobSpec
 from paramserver.core.malloc import release_free_memory
 from paramserver.core.shard import Shard, SnapshotWrite
 from paramserver.dataplane import segments
+from paramserver.hosting.lane import LaneAddress, LaneBook, LaneBrokenError, LaneServer, ray_lane_book
 from paramserver.hosting.replicas import CONTROL_TIMEOUT_S, RayFleet
 from paramserver.hosting.scalars import pack_scalars, unpack_scalars
 from paramserver.service.checkpoints import ServiceCheckpoints
@@ -58,7 +60,9 @@ class ShardProcess:
     bound to ``config.host``. Its role is "primary" (it serves the workers; with a standby it hands each
     step's mean to it) or "standby" (it applies the same updates and takes over when the primary dies)."""
 
-    def __init__(self, shard_id: int, config: ServerConfig, device: str, role: str = "primary", replicated: bool = False) -> None:
+    def __init__(
+        self, shard_id: int, config: ServerConfig, device: str, role: str = "primary", replicated: bool = False, lane_key: bytes | None = None
+    ) -> None:
         self.shard_id = shard_id
         # this process's incarnation: a shard actor that Ray restarted (its process died) has a new one
         self.incarnation = uuid.uuid4().hex
@@ -91,6 +95,13 @@ class ShardProcess:
         self.metrics_address = None
         if config.metrics_port is not None:
             self.metrics_address = f"{_advertised(bind_host)}:{start_metrics_server(0, bind_host)}"
+        # the coordinator's update calls come in on this process's control lane; its reports go out on the coordinator's
+        node_id = ray.get_runtime_context().get_node_id()
+        self.lane = LaneServer(self, ("apply",), lane_key, node_id) if lane_key else None
+        self.lanes = ray_lane_book(lane_key)
+
+    def lane_address(self) -> LaneAddress | None:
+        return None if self.lane is None else self.lane.address
 
     def address(self) -> str:
         return self._address
@@ -129,6 +140,7 @@ class ShardProcess:
         return {
             "role": self.role, "shard": self.shard_id, "pid": os.getpid(), "node_id": ctx.get_node_id(),
             "address": self._address, "device": self.device, "metrics": self.metrics_address, "jobs": sorted(self.configs),
+            "lane_calls": None if self.lane is None else self.lane.served,
         }
 
     def create_job(self, name: str, config: bytes) -> None:
@@ -137,7 +149,7 @@ class ShardProcess:
         self.configs[name] = config
 
     def connect(self, name: str, coordinator: Any) -> None:
-        self.host.set_coordinator(name, RemoteCoordinator(coordinator, name))
+        self.host.set_coordinator(name, RemoteCoordinator(coordinator, name, self.lanes))
 
     def recreate_job(self, name: str, config: bytes, coordinator: Any) -> None:
         """Job ``name`` anew (empty, uninitialized) on this process, connected: a rollback fills it."""
@@ -255,6 +267,9 @@ class ShardProcess:
         self.configs.pop(name, None)
 
     def stop(self) -> None:
+        if self.lane is not None:
+            self.lane.close()
+        self.lanes.close()
         self.server.stop(1.0).wait(5.0)
 
 
@@ -272,9 +287,10 @@ def _first_start() -> bool:
 class RemoteCoordinator:
     """The shard host's handle on a job's coordinator when that coordinator is an actor."""
 
-    def __init__(self, actor: Any, name: str) -> None:
+    def __init__(self, actor: Any, name: str, lanes: LaneBook | None = None) -> None:
         self.actor = actor
         self.name = name
+        self.lanes = lanes  # the shard process's lanes: the report goes over the coordinator's where it has one
 
     def shard_ready(
         self, shard: int, step: int, generation: int | None = None, holds: frozenset[int] | None = None,
@@ -285,11 +301,21 @@ class RemoteCoordinator:
         restarted closes the step itself if every push is in, so the report may find it closed."""
         import ray
 
+        packed = pack_scalars(reduced)
+        lane_call = None if self.lanes is None else self.lanes.start(self.actor, "shard_ready", self.name, shard, step, generation, holds, packed)
+        if lane_call is not None:
+            try:
+                lane_call.result(CONTROL_TIMEOUT_S)
+            except StaleStepError:
+                pass  # a coordinator that restarted closed the step already
+            except LaneBrokenError:  # as Ray's actor error: it died during the call; its next process closes the step
+                log.warning("shard %d: step %d's report did not reach the coordinator (its control lane broke)", shard, step)
+            return
         deadline = time.monotonic() + CONTROL_TIMEOUT_S
         while True:
             try:
                 ray.get(
-                    self.actor.shard_ready.remote(self.name, shard, step, generation, holds, pack_scalars(reduced)),
+                    self.actor.shard_ready.remote(self.name, shard, step, generation, holds, packed),
                     timeout=max(0.1, deadline - time.monotonic()),
                 )
                 return
@@ -309,17 +335,22 @@ class CoordinatorProcess:
     ``config.host:config.port``. Ray restarts it when it dies; the new process takes every job over from the
     shards (``CoordinatorHost.resume_job``), else from the checkpoints, and serves on the same address."""
 
-    def __init__(self, primaries: Sequence[Any], standbys: Sequence[Any] | None, config: ServerConfig, service_id: str | None = None) -> None:
+    def __init__(
+        self, primaries: Sequence[Any], standbys: Sequence[Any] | None, config: ServerConfig, service_id: str | None = None,
+        lane_key: bytes | None = None,
+    ) -> None:
         import ray
 
         bind_host = config.host
+        # the shards' reports come in on this process's control lane; its update calls go out on the shards'
+        self.lane = LaneServer(self, ("shard_ready",), lane_key, ray.get_runtime_context().get_node_id()) if lane_key else None
         actors = [*primaries, *(standbys or [])]
         described = ray.get([a.describe.remote() for a in actors], timeout=CONTROL_TIMEOUT_S)
         by_actor = dict(zip(actors, described))
         if standbys:  # the roles are the processes' own: a standby may have taken over before a restart
             pairs = [(p, s) if by_actor[p]["role"] == "primary" or by_actor[s]["role"] != "primary" else (s, p) for p, s in zip(primaries, standbys)]
             primaries, standbys = [p for p, _ in pairs], [s for _, s in pairs]
-        fleet = RayFleet(primaries, standbys, {a: d["incarnation"] for a, d in by_actor.items()})
+        fleet = RayFleet(primaries, standbys, {a: d["incarnation"] for a, d in by_actor.items()}, ray_lane_book(lane_key))
         fleet.assign_roles()
         # service_id: made once by serve(); Ray restarts this actor with the same arguments, so it keeps the id
         self.host = CoordinatorHost(fleet, [by_actor[p]["address"] for p in primaries], config.trusted_modules, service_id)
@@ -352,6 +383,9 @@ class CoordinatorProcess:
     def address(self) -> str:
         return self._address
 
+    def lane_address(self) -> LaneAddress | None:
+        return None if self.lane is None else self.lane.address
+
     def service_id(self) -> str:
         return self.host.service_id
 
@@ -362,6 +396,7 @@ class CoordinatorProcess:
         return {
             "role": "coordinator", "shard": None, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
             "address": self._address, "device": "cpu", "metrics": self.metrics_address,
+            "lane_calls": None if self.lane is None else self.lane.served,
         }
 
     def current_copies(self) -> list[tuple[int, str]]:
@@ -379,6 +414,9 @@ class CoordinatorProcess:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self.lane is not None:
+            self.lane.close()
+        self.host.fleet.close()
         self.server.stop(1.0).wait(5.0)
         if self.host.checkpoints is not None:
             self.host.checkpoints.close()

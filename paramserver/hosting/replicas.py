@@ -4,7 +4,7 @@ a standby process that applies the same updates (``RayFleet``); a job's shards a
 
 A call that changes a shard's state (apply, skip, loads) goes to the primary and to its standby; a call that
 reads goes to the primary alone (its ``reduce`` hands the mean to the standby itself). A process that died
-is a ``ray.exceptions.RayActorError``: a write still counts when the other replica took it, a read or a write
+is a ``ray.exceptions.RayActorError`` (or a control lane that broke during the call): a write still counts when the other replica took it, a read or a write
 that no replica took raises ``ShardLostError``. The health check (``RayFleet.check``, every fraction of a
 second) promotes the standby of a dead primary, notes shards that came back empty, and lists the standbys to
 rebuild from their primary (``rebuild``).
@@ -25,6 +25,7 @@ import torch
 from paramserver.core.errors import ShardLostError
 from paramserver.core.shard import SnapshotWrite
 from paramserver.core.shards import ShardCheck, ShardControl, ShardGroup
+from paramserver.hosting.lane import LaneBook, LaneBrokenError, LaneCall
 from paramserver.hosting.scalars import pack_scalars, unpack_scalars
 
 # Every control-plane call has a deadline too.
@@ -45,6 +46,11 @@ def _ray() -> Any:
     import ray
 
     return ray
+
+
+def _get(call: Any, timeout: float) -> Any:
+    """The result of a call under way: on a control lane, or a Ray call."""
+    return call.result(timeout) if isinstance(call, LaneCall) else _ray().get(call, timeout=timeout)
 
 
 @dataclass
@@ -79,10 +85,12 @@ class ActorShard:
         pending = _Pending(self.index, call(self.fleet.primaries[self.index]))
         return pending if not self._wait else self.fleet.resolve([pending], CONTROL_TIMEOUT_S + wait_s)[0]
 
-    def _write(self, call: Callable[[Any], Any]) -> Any:
-        """``call(actor)`` on the primary and on its standby (if it holds a current copy of the job)."""
+    def _write(self, call: Callable[[Any], Any], lane: tuple[str, tuple[Any, ...]] | None = None) -> Any:
+        """``call(actor)`` on the primary and on its standby (if it holds a current copy of the job); ``lane``:
+        the same call as (method, args), made on a process's control lane where it has one."""
         standby = self.fleet.standby(self.index, self.name)
-        pending = _Pending(self.index, call(self.fleet.primaries[self.index]), None if standby is None else call(standby), standby)
+        primary = self.fleet.start(self.fleet.primaries[self.index], call, lane)
+        pending = _Pending(self.index, primary, None if standby is None else self.fleet.start(standby, call, lane), standby)
         return pending if not self._wait else self.fleet.resolve([pending], CONTROL_TIMEOUT_S)[0]
 
     @property
@@ -96,7 +104,7 @@ class ActorShard:
 
     def apply(self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]], record: dict[str, Any] | None = None) -> None:
         packed = pack_scalars((clip_coef, hyperparameters, record))
-        return self._write(lambda a: a.apply.remote(self.name, step, *packed))
+        return self._write(lambda a: a.apply.remote(self.name, step, *packed), lane=("apply", (self.name, step, *packed)))
 
     def set_members(self, members: Collection[int]) -> None:
         return self._write(lambda a: a.set_members.remote(self.name, tuple(members)))
@@ -167,8 +175,12 @@ class RayFleet:
     only once it was rebuilt from its primary, and only a current standby takes over.
     """
 
-    def __init__(self, primaries: Sequence[Any], standbys: Sequence[Any] | None = None, incarnations: dict[Any, str] | None = None) -> None:
+    def __init__(
+        self, primaries: Sequence[Any], standbys: Sequence[Any] | None = None, incarnations: dict[Any, str] | None = None,
+        lanes: LaneBook | None = None,
+    ) -> None:
         self.primaries = list(primaries)
+        self.lanes = lanes  # the control lanes to the shard processes on this node (None: every call over Ray)
         self.standbys: list[Any] = list(standbys) if standbys is not None else [None] * len(self.primaries)
         assert len(self.standbys) == len(self.primaries)
         # actor -> the incarnation (process) the jobs' state is on
@@ -201,6 +213,19 @@ class RayFleet:
     def addresses(self) -> list[str]:
         return _ray().get([a.address.remote() for a in self.primaries], timeout=CONTROL_TIMEOUT_S)
 
+    def start(self, actor: Any, call: Callable[[Any], Any], lane: tuple[str, tuple[Any, ...]] | None = None) -> Any:
+        """Start ``call(actor)`` (a Ray call) or, given ``lane`` (method, args) and a lane to ``actor``, the same
+        call on the lane: what ``resolve`` waits for."""
+        if lane is not None and self.lanes is not None:
+            on_lane = self.lanes.start(actor, lane[0], *lane[1])
+            if on_lane is not None:
+                return on_lane
+        return call(actor)
+
+    def close(self) -> None:
+        if self.lanes is not None:
+            self.lanes.close()
+
     def resolve(self, pending: Sequence[_Pending], timeout: float) -> list[Any]:
         """The results of calls under way, in order. A standby that failed a write falls out of sync (it is
         rebuilt); a primary that died is replaced by its standby's result for a write, else ``ShardLostError``."""
@@ -210,13 +235,13 @@ class RayFleet:
         for p in pending:
             if p.standby is not None:
                 try:
-                    standby_result = ray.get(p.standby, timeout=max(0.1, deadline - time.monotonic()))
+                    standby_result = _get(p.standby, max(0.1, deadline - time.monotonic()))
                 except Exception as exc:  # noqa: BLE001 - any failure puts the copy out of sync
                     self._out_of_sync(p.shard, p.standby_actor, exc)
                     p.standby = None
             try:
-                results.append(ray.get(p.primary, timeout=max(0.1, deadline - time.monotonic())))
-            except ray.exceptions.RayActorError as exc:
+                results.append(_get(p.primary, max(0.1, deadline - time.monotonic())))
+            except (ray.exceptions.RayActorError, LaneBrokenError) as exc:
                 if p.standby is None:
                     raise ShardLostError(f"shard {p.shard}'s process died ({type(exc).__name__})", p.shard) from None
                 log.warning("shard %d's primary died during a call its standby completed; the standby takes over", p.shard)

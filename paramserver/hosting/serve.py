@@ -12,6 +12,7 @@ from typing import Any
 
 from paramserver.core.config import RayConfig, ServerConfig, split_options
 from paramserver.hosting.actors import MAX_RESTARTS, CoordinatorProcess, ShardProcess
+from paramserver.hosting.lane import new_key
 from paramserver.hosting.replicas import CONTROL_TIMEOUT_S
 
 
@@ -142,6 +143,8 @@ def serve(num_shards: int = 1, *, config: ServerConfig | None = None, ray_config
         ) from None
 
     device = "cuda" if gpus_per_shard else "cpu"
+    # the key of the service's control lanes (hosting/lane.py); Ray restarts an actor with the same arguments
+    lane_key = new_key() if ray_config.control_lane else None
     shard_cls = ray.remote(ShardProcess)
 
     def spawn(j: int, pg: Any, bundle_index: int, role: str) -> Any:
@@ -151,7 +154,7 @@ def serve(num_shards: int = 1, *, config: ServerConfig | None = None, ray_config
             max_concurrency=32,
             max_restarts=MAX_RESTARTS,  # a shard that dies comes back empty: its standby took over, or the jobs roll back
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index),
-        ).remote(j, config, device, role, bool(replicas))
+        ).remote(j, config, device, role, bool(replicas), lane_key)
 
     if replicas:
         shards = [spawn(j, pg, 0, "primary") for j, pg in enumerate(groups)]
@@ -169,7 +172,7 @@ def serve(num_shards: int = 1, *, config: ServerConfig | None = None, ray_config
         max_concurrency=64,
         max_restarts=MAX_RESTARTS,  # it comes back on the same address and takes the jobs over from the shards
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
-    ).remote(shards, standbys or None, config, service_id)
+    ).remote(shards, standbys or None, config, service_id, lane_key)
     deadline = time.monotonic() + placement_timeout
     address = ray.get(coordinator.address.remote(), timeout=max(1.0, deadline - time.monotonic()))
     return RayService(coordinator, [*shards, *standbys], groups, started_ray, address, service_id)

@@ -181,20 +181,78 @@ def test_workers_that_join_before_rank_0_creates_the_job_start_from_its_weights(
         for t in joiners:
             t.join(timeout=60)
         assert all(o is not None for o in opts), "a join did not complete"
-        for t in range(2):
-            grads = worker_grads(ref.params, t, num_workers)
-
-            def step(r: int) -> None:
-                for p, g in zip(models[r].parameters(), grads[r]):
-                    p.grad = g.clone()
-                opts[r].step()
-
-            run_threads(num_workers, step)
-            ref.step(grads)
-        for m in models:
-            for a, b in zip(m.parameters(), ref.params):
-                assert torch.equal(a, b.detach())
+        _steps_equal_torch(models, opts, ref, 2)
     finally:
         for o in opts:
             if o is not None:
                 o.close()
+
+
+def _steps_equal_torch(models: list, opts: list, ref: Reference, steps: int) -> None:
+    """``steps`` steps of the reference gradients on every worker's optimizer and on ``ref``; every model then
+    equals the reference bit for bit."""
+    for t in range(steps):
+        grads = worker_grads(ref.params, t, len(models))
+
+        def step(r: int) -> None:
+            for p, g in zip(models[r].parameters(), grads[r]):
+                p.grad = g.clone()
+            opts[r].step()
+
+        run_threads(len(models), step)
+        ref.step(grads)
+    for m in models:
+        for a, b in zip(m.parameters(), ref.params):
+            assert torch.equal(a, b.detach())
+
+
+def _train_adam(address: str, job: str, steps: int) -> None:
+    """2 workers train ``steps`` steps of Adam with clipping; their weights and Adam's state equal local torch.optim's."""
+    num_workers = 2
+    base = make_model(seed=3)
+    models = [copy.deepcopy(base) for _ in range(num_workers)]
+    ref = Reference(copy.deepcopy(base).named_parameters(), torch.optim.Adam, {"lr": 0.01}, clip=ps.ClipConfig(max_norm=0.5))
+    opts: list = [None] * num_workers
+
+    def create(r: int) -> None:
+        opts[r] = RemoteOptimizer(models[r].named_parameters(), "Adam", lr=0.01, address=address, job=job, num_workers=num_workers,
+                                  rank=r, clip_grad_norm=0.5, timeout=60.0)
+
+    run_threads(num_workers, create)
+    try:
+        _steps_equal_torch(models, opts, ref, steps)
+        assert_state_equal(opts[0].state_dict()["optimizer"], ref.optimizer.state_dict())
+    finally:
+        for o in opts:
+            if o is not None:
+                o.close()
+
+
+def test_on_the_coordinators_node_a_steps_report_and_update_calls_take_the_control_lane(ray_service):
+    """The shard on the coordinator's node reports over the coordinator's lane and takes its update calls over
+    its own; the shard on the other node has both over Ray (a lane joins processes of one node)."""
+    def lane_calls() -> dict:
+        return {(p["role"], p["shard"]): (p["node_id"], p["lane_calls"]) for p in ray_service.placements()}
+
+    before = lane_calls()
+    steps = 6
+    _train_adam(ray_service.address, "lane", steps)
+    after = lane_calls()
+    node = after[("coordinator", None)][0]
+    near = next(j for j in (0, 1) if after[("primary", j)][0] == node)
+    far = 1 - near
+    assert after[("primary", far)][0] != node
+    served = {key: after[key][1] - before[key][1] for key in after}
+    # a lane is looked up at the first call that could take it, which goes over Ray meanwhile; every later one takes it
+    assert served[("primary", near)] >= steps - 1  # the update calls
+    assert served[("coordinator", None)] >= steps - 1  # the near shard's reports
+    assert after[("primary", far)][1] == 0
+
+
+def test_with_the_control_lane_off_every_control_call_is_rays_and_training_is_the_same(ray_cluster):
+    service = ps.serve(2, placement="PACK", cpus_per_shard=0.5, control_lane=False)
+    try:
+        _train_adam(service.address, "no-lane", 4)
+        assert [p["lane_calls"] for p in service.placements()] == [None, None, None]
+    finally:
+        service.shutdown()
