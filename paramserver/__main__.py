@@ -105,6 +105,8 @@ def add_config_flags(parser: argparse.ArgumentParser, *configs: type) -> list[st
             default = _CLI_DEFAULTS.get(f.name, f.default)
             flags = [f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, [])]
             extra: dict[str, Any] = {"choices": PLACEMENT_STRATEGIES} if f.name == "placement" else {}
+            if kind is bool:  # --name / --no-name (a type=bool flag would read "false" as True)
+                extra, kind = {"action": argparse.BooleanOptionalAction}, None
             parser.add_argument(*flags, dest=f.name, type=kind, default=default, help=docs.get(f.name, ""), **extra)
             made.append(f.name)
     return made

@@ -38,6 +38,9 @@ def test_every_server_option_is_a_serve_flag_with_the_trees_default():
     args = build_parser().parse_args(["serve", "--grpc-threads", "8", "--chunk-bytes", "1048576", "--cpus-per-shard", "0.25",
                                       "--max-message-bytes", "4194304", "--shards", "3"])
     assert (args.grpc_threads, args.chunk_bytes, args.cpus_per_shard, args.max_message_bytes, args.num_shards) == (8, 2**20, 0.25, 4 * 2**20, 3)
+    # a yes/no field is a pair of flags (a typed flag would read "--control-lane false" as True)
+    assert build_parser().parse_args(["serve", "--no-control-lane"]).control_lane is False
+    assert build_parser().parse_args(["serve", "--control-lane"]).control_lane is True
 
 
 def _commands() -> dict[str, object]:
