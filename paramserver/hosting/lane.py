@@ -23,6 +23,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import pickle
 import secrets
 import socket
 import sys
@@ -122,7 +123,11 @@ class LaneServer:
                     method, args = conn.recv()
                 except (EOFError, OSError):
                     return  # the client went
-                conn.send(self._call(method, args))
+                answer = self._call(method, args)
+                try:
+                    conn.send(answer)
+                except (pickle.PicklingError, TypeError, AttributeError) as exc:  # an answer pickle cannot take
+                    conn.send((False, RuntimeError(f"{method}'s answer cannot be sent: {type(exc).__name__}: {exc}")))
         except OSError:
             return  # the client went before its answer
         finally:
@@ -137,7 +142,8 @@ class LaneServer:
             result = (True, getattr(self._target, method)(*args))
         except Exception as exc:  # noqa: BLE001 - the caller gets it, as Ray would hand it over
             result = (False, exc)
-        self.served += 1
+        with self._lock:
+            self.served += 1
         return result
 
     def close(self) -> None:

@@ -45,11 +45,14 @@ class Target:
     def secret(self) -> str:
         return "not served"
 
+    def unpicklable(self):
+        return lambda: None
+
 
 @pytest.fixture
 def served():
     target = Target()
-    server = LaneServer(target, ("apply", "stale", "wait_gate", "sleep"), KEY, NODE)
+    server = LaneServer(target, ("apply", "stale", "wait_gate", "sleep", "unpicklable"), KEY, NODE)
     yield target, server
     server.close()
 
@@ -73,6 +76,14 @@ def test_the_methods_exception_reaches_the_caller_with_its_type_and_fields(serve
         client.start("stale", 7).result(5)
     assert caught.value.version == 8
     assert client.start("apply", "job", 0).result(5) == ("job", 1)  # the lane goes on
+
+
+def test_an_answer_that_cannot_be_pickled_is_an_error_and_the_lane_goes_on(served):
+    _, server = served
+    client = LaneClient(server.address, KEY)
+    with pytest.raises(RuntimeError, match="unpicklable's answer cannot be sent"):
+        client.start("unpicklable").result(5)
+    assert client.start("apply", "job", 0).result(5) == ("job", 1)
 
 
 @pytest.mark.parametrize("method", ["secret", "__init__", "no_such_method"])
