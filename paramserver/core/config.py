@@ -339,6 +339,10 @@ class RayConfig:
     """Standbys per shard: 1 gives each shard a standby (on another node where the cluster has one) that
     applies the same updates and takes over, with no step lost, when the primary dies; 0: a shard that dies
     rolls the jobs back to their newest checkpoint."""
+    standby_timeout: float = 10.0
+    """Seconds a step waits for a standby beyond its primary (the step's mean handed over, an update applied).
+    A standby that does not answer in time (hung, not dead) falls out of sync, so the steps go on without it; it
+    is rebuilt from its primary once it answers again."""
     control_lane: bool = True
     """The step's two hot control calls (a shard's report that completes a step, the coordinator's update
     call) go over a Unix socket between processes of one node (Linux), not as Ray actor calls: about 1.5 ms
@@ -353,6 +357,8 @@ class RayConfig:
             raise ValueError("gpus_per_shard and cpus_per_shard must be >= 0")
         if not self.placement_timeout > 0:
             raise ValueError(f"placement_timeout must be > 0, got {self.placement_timeout!r}")
+        if not self.standby_timeout > 0:
+            raise ValueError(f"standby_timeout must be > 0, got {self.standby_timeout!r}")
 
 
 def split_options(options: dict[str, Any], *configs: type) -> list[dict[str, Any]]:

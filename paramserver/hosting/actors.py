@@ -61,7 +61,8 @@ class ShardProcess:
     step's mean to it) or "standby" (it applies the same updates and takes over when the primary dies)."""
 
     def __init__(
-        self, shard_id: int, config: ServerConfig, device: str, role: str = "primary", replicated: bool = False, lane_key: bytes | None = None
+        self, shard_id: int, config: ServerConfig, device: str, role: str = "primary", replicated: bool = False,
+        lane_key: bytes | None = None, standby_timeout: float = CONTROL_TIMEOUT_S,
     ) -> None:
         self.shard_id = shard_id
         # this process's incarnation: a shard actor that Ray restarted (its process died) has a new one
@@ -72,6 +73,9 @@ class ShardProcess:
         # with standbys, a restarted process comes back as one (empty: the coordinator rebuilds it from the primary)
         self.role = "standby" if replicated and not _first_start() else role
         self.standby: Any = None  # the primary's standby actor, which gets each step's mean
+        self.standby_timeout = standby_timeout  # how long a hand-off to it may take (RayConfig.standby_timeout)
+        # jobs whose standby did not take a mean: it gets no more until the coordinator rebuilds it (set_role)
+        self._standby_left_out: set[str] = set()
         self.configs: dict[str, bytes] = {}  # each job's config: a coordinator that restarts reads them
         # checkpoint files this process writes, one after another: (job, path) -> the write, until reported
         self._snapshot_writer = ThreadPoolExecutor(1, thread_name_prefix="paramserver-shard-checkpoint")
@@ -132,6 +136,7 @@ class ShardProcess:
     def set_role(self, role: str, standby: Any) -> None:
         self.role = role
         self.standby = standby
+        self._standby_left_out.clear()
 
     def placement(self) -> dict[str, Any]:
         import ray
@@ -188,14 +193,20 @@ class ShardProcess:
 
     def _hand_mean_to_standby(self, name: str, step: int) -> None:
         # the standby applies this very mean (taken now or ahead): the same update, bit for bit
-        if self.standby is None:
+        standby = self.standby
+        if standby is None or name in self._standby_left_out:
             return
         import ray
 
         try:
-            ray.get(self.standby.hold_reduced.remote(name, step, *self._shard(name).reduced(step)), timeout=CONTROL_TIMEOUT_S)
+            ray.get(standby.hold_reduced.remote(name, step, *self._shard(name).reduced(step)), timeout=self.standby_timeout)
         except Exception as exc:  # noqa: BLE001 - its apply then fails too, and the coordinator rebuilds it
-            log.warning("shard %d: the standby did not take step %d's mean: %s: %s", self.shard_id, step, type(exc).__name__, exc)
+            # (a push waits for this hand-off: a standby that hangs must not hold every step)
+            self._standby_left_out.add(name)
+            log.warning(
+                "shard %d: the standby did not take job %s's step %d mean (%s: %s); it gets none until it is rebuilt",
+                self.shard_id, name, step, type(exc).__name__, exc,
+            )
 
     def hand_open_mean(self, name: str) -> None:
         """The open step's mean, if taken already, to the standby: one just rebuilt from this primary's state
@@ -337,7 +348,7 @@ class CoordinatorProcess:
 
     def __init__(
         self, primaries: Sequence[Any], standbys: Sequence[Any] | None, config: ServerConfig, service_id: str | None = None,
-        lane_key: bytes | None = None,
+        lane_key: bytes | None = None, standby_timeout: float = CONTROL_TIMEOUT_S,
     ) -> None:
         import ray
 
@@ -350,7 +361,7 @@ class CoordinatorProcess:
         if standbys:  # the roles are the processes' own: a standby may have taken over before a restart
             pairs = [(p, s) if by_actor[p]["role"] == "primary" or by_actor[s]["role"] != "primary" else (s, p) for p, s in zip(primaries, standbys)]
             primaries, standbys = [p for p, _ in pairs], [s for _, s in pairs]
-        fleet = RayFleet(primaries, standbys, {a: d["incarnation"] for a, d in by_actor.items()}, ray_lane_book(lane_key))
+        fleet = RayFleet(primaries, standbys, {a: d["incarnation"] for a, d in by_actor.items()}, ray_lane_book(lane_key), standby_timeout)
         fleet.assign_roles()
         # service_id: made once by serve(); Ray restarts this actor with the same arguments, so it keeps the id
         self.host = CoordinatorHost(fleet, [by_actor[p]["address"] for p in primaries], config.trusted_modules, service_id)

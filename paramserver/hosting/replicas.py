@@ -177,9 +177,10 @@ class RayFleet:
 
     def __init__(
         self, primaries: Sequence[Any], standbys: Sequence[Any] | None = None, incarnations: dict[Any, str] | None = None,
-        lanes: LaneBook | None = None,
+        lanes: LaneBook | None = None, standby_timeout: float = CONTROL_TIMEOUT_S,
     ) -> None:
         self.primaries = list(primaries)
+        self.standby_timeout = standby_timeout  # how long a write waits for a standby once its primary answered
         self.lanes = lanes  # the control lanes to the shard processes on this node (None: every call over Ray)
         self.standbys: list[Any] = list(standbys) if standbys is not None else [None] * len(self.primaries)
         assert len(self.standbys) == len(self.primaries)
@@ -233,20 +234,34 @@ class RayFleet:
         deadline = time.monotonic() + timeout
         results = []
         for p in pending:
-            if p.standby is not None:
-                try:
-                    standby_result = _get(p.standby, max(0.1, deadline - time.monotonic()))
-                except Exception as exc:  # noqa: BLE001 - any failure puts the copy out of sync
-                    self._out_of_sync(p.shard, p.standby_actor, exc)
-                    p.standby = None
             try:
-                results.append(_get(p.primary, max(0.1, deadline - time.monotonic())))
+                result, died = _get(p.primary, max(0.1, deadline - time.monotonic())), None
             except (ray.exceptions.RayActorError, LaneBrokenError) as exc:
+                result, died = None, exc
+            except BaseException:
+                self._settle_standby(p, deadline)
+                raise
+            standby_result = self._settle_standby(p, deadline, primary_died=died is not None)
+            if died is not None:
                 if p.standby is None:
-                    raise ShardLostError(f"shard {p.shard}'s process died ({type(exc).__name__})", p.shard) from None
+                    raise ShardLostError(f"shard {p.shard}'s process died ({type(died).__name__})", p.shard) from None
                 log.warning("shard %d's primary died during a call its standby completed; the standby takes over", p.shard)
-                results.append(standby_result)
+                result = standby_result
+            results.append(result)
         return results
+
+    def _settle_standby(self, p: _Pending, deadline: float, primary_died: bool = False) -> Any:
+        """The standby's result of a write; a standby that failed it, or (its primary alive) did not answer within
+        ``standby_timeout``, falls out of sync (``p.standby`` None) and is rebuilt: a hung standby holds no step."""
+        if p.standby is None:
+            return None
+        wait = deadline - time.monotonic() if primary_died else min(self.standby_timeout, deadline - time.monotonic())
+        try:
+            return _get(p.standby, max(0.1, wait))
+        except Exception as exc:  # noqa: BLE001 - any failure puts the copy out of sync
+            self._out_of_sync(p.shard, p.standby_actor, exc)
+            p.standby = None
+            return None
 
     def _out_of_sync(self, j: int, actor: Any, exc: BaseException) -> None:
         if self.standbys[j] is not actor:

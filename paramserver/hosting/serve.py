@@ -154,7 +154,7 @@ def serve(num_shards: int = 1, *, config: ServerConfig | None = None, ray_config
             max_concurrency=32,
             max_restarts=MAX_RESTARTS,  # a shard that dies comes back empty: its standby took over, or the jobs roll back
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index),
-        ).remote(j, config, device, role, bool(replicas), lane_key)
+        ).remote(j, config, device, role, bool(replicas), lane_key=lane_key, standby_timeout=ray_config.standby_timeout)
 
     if replicas:
         shards = [spawn(j, pg, 0, "primary") for j, pg in enumerate(groups)]
@@ -172,7 +172,7 @@ def serve(num_shards: int = 1, *, config: ServerConfig | None = None, ray_config
         max_concurrency=64,
         max_restarts=MAX_RESTARTS,  # it comes back on the same address and takes the jobs over from the shards
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
-    ).remote(shards, standbys or None, config, service_id, lane_key)
+    ).remote(shards, standbys or None, config, service_id, lane_key=lane_key, standby_timeout=ray_config.standby_timeout)
     deadline = time.monotonic() + placement_timeout
     address = ray.get(coordinator.address.remote(), timeout=max(1.0, deadline - time.monotonic()))
     return RayService(coordinator, [*shards, *standbys], groups, started_ray, address, service_id)

@@ -62,6 +62,7 @@ BAD = [
     ("placement", lambda: ps.RayConfig(placement="ANYWHERE"), "placement"),
     ("gpus", lambda: ps.RayConfig(gpus_per_shard=-1), "gpus_per_shard"),
     ("placement timeout", lambda: ps.RayConfig(placement_timeout=0), "placement_timeout"),
+    ("standby timeout", lambda: ps.RayConfig(standby_timeout=0), "standby_timeout"),
     ("replicas of 2", lambda: ps.RayConfig(replicas=2), "replicas must be 0 or 1"),
     ("replicas as a bool", lambda: ps.RayConfig(replicas=True), "replicas must be 0 or 1"),
 ]

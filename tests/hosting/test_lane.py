@@ -270,12 +270,14 @@ def test_without_a_key_the_book_has_no_lanes():
 class ShardTarget:
     """What a shard process serves on its lane: ``apply`` (here: records it, or dies in it)."""
 
-    def __init__(self, server_box: list, die: bool = False) -> None:
+    def __init__(self, server_box: list, die: bool = False, hang_s: float = 0.0) -> None:
         self.applied: list[tuple] = []
         self.server_box = server_box
         self.die = die
+        self.hang_s = hang_s
 
     def apply(self, name: str, step: int, *scalars) -> str:
+        time.sleep(self.hang_s)
         if self.die:
             self.server_box[0].close()  # the process goes during the update
             time.sleep(0.5)
@@ -291,12 +293,12 @@ def _lane_to(target_cls_args: dict) -> tuple[LaneServer, ShardTarget]:
     return server, target
 
 
-def _fleet(primary: LaneServer, standby: LaneServer | None):
+def _fleet(primary: LaneServer, standby: LaneServer | None, standby_timeout: float = 30.0):
     from paramserver.hosting.replicas import RayFleet
 
     actors = {"primary": primary.address, "standby": None if standby is None else standby.address}
     book = LaneBook(KEY, NODE, lambda actor: actor, lambda actor: (True, actors[actor]))
-    fleet = RayFleet(["primary"], ["standby" if standby is not None else None], lanes=book)
+    fleet = RayFleet(["primary"], ["standby" if standby is not None else None], lanes=book, standby_timeout=standby_timeout)
     for actor in ("primary", "standby"):
         book.start(actor, "apply")  # looked up: the next call takes the lane
     if standby is not None:
@@ -350,6 +352,38 @@ def test_a_standby_whose_lane_breaks_in_a_write_falls_out_of_sync_and_the_primar
     finally:
         fleet.close()
         primary.close()
+
+
+def test_a_write_waits_for_a_hung_standby_only_standby_timeout_beyond_its_primary():
+    from paramserver.hosting.replicas import ActorShard
+
+    primary, primary_target = _lane_to({})
+    standby, _ = _lane_to({"hang_s": 3.0})
+    fleet = _fleet(primary, standby, standby_timeout=0.3)
+    try:
+        started = time.monotonic()
+        assert ActorShard(fleet, 0, "job")._write(_not_over_ray, lane=("apply", ("job", 1))) == "applied 1"
+        assert time.monotonic() - started < 2.0
+        assert (0, "job") not in fleet.in_sync  # the steps go on without it; it is rebuilt once it answers
+        assert primary_target.applied == [("job", 1)]
+    finally:
+        fleet.close()
+        primary.close()
+        standby.close()
+
+
+def test_a_standby_whose_primary_died_gets_the_whole_deadline():
+    from paramserver.hosting.replicas import ActorShard
+
+    primary, _ = _lane_to({"die": True})
+    standby, _ = _lane_to({"hang_s": 1.0})
+    fleet = _fleet(primary, standby, standby_timeout=0.1)
+    try:
+        assert ActorShard(fleet, 0, "job")._write(_not_over_ray, lane=("apply", ("job", 2))) == "applied 2"
+        assert (0, "job") in fleet.in_sync
+    finally:
+        fleet.close()
+        standby.close()
 
 
 class Coordinator:

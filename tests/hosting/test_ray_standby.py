@@ -147,6 +147,44 @@ def test_a_killed_standby_is_rebuilt_and_training_goes_on(replicated):
     wait_until(lambda: _standby_ready(replicated, 0, job, not_pid=killed[0]), "the rebuilt standby of shard 0", WAIT_S, poll=0.1)
 
 
+def test_a_hung_standby_holds_no_step_and_is_rebuilt_once_it_answers_again(ray_cluster):
+    """A standby that hangs without dying (SIGSTOP) costs the steps at most ``standby_timeout`` beyond its
+    primary: the primary stops handing it means, the coordinator counts it out of sync, and the steps go on
+    without it (with the control deadline instead, the workers' 30 s deadline would have ended the test). Once
+    it runs again it is rebuilt from its primary; training ends equal to torch."""
+    job = "standby-hung"
+    service = ps.serve(2, replicas=1, standby_timeout=2.0, **RAY)
+    pid = _process(service, "standby", 1)["pid"]
+    stopped: list[int] = []
+
+    def current() -> set:
+        import ray
+
+        return {tuple(pair) for pair in ray.get(service.coordinator_actor.current_copies.remote(), timeout=WAIT_S)}
+
+    def stop() -> None:
+        assert (1, job) in current()
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(pid)
+
+    def resume() -> None:
+        assert (1, job) not in current()  # out of sync while it hung
+        os.kill(pid, signal.SIGCONT)
+        stopped.remove(pid)
+
+    try:
+        started = time.monotonic()
+        models = _train(service.address, job, _between_steps({3: stop, 6: resume}))
+        assert time.monotonic() - started < 60
+        _assert_like_torch(models)
+        wait_until(lambda: (1, job) in current(), "the hung standby rebuilt", WAIT_S, poll=0.2)
+        assert _process(service, "standby", 1)["pid"] == pid  # the same process, rebuilt (it never died)
+    finally:
+        for p in stopped:
+            os.kill(p, signal.SIGCONT)
+        service.shutdown()
+
+
 def _during_pushes(service: ps.RayService, job: str, step: int, kill: Callable[[], None]) -> Callable[[int, int], None]:
     """At ``step``: rank 0 pushes (and waits in its pull) while rank 1 is held; once shard 1 holds rank 0's
     push, ``kill()`` runs, then rank 1 goes on."""
