@@ -4,10 +4,11 @@ a standby process that applies the same updates (``RayFleet``); a job's shards a
 
 A call that changes a shard's state (apply, skip, loads) goes to the primary and to its standby; a call that
 reads goes to the primary alone (its ``reduce`` hands the mean to the standby itself). A process that died
-is a ``ray.exceptions.RayActorError`` (or a control lane that broke during the call): a write still counts when the other replica took it, a read or a write
-that no replica took raises ``ShardLostError``. The health check (``RayFleet.check``, every fraction of a
-second) promotes the standby of a dead primary, notes shards that came back empty, and lists the standbys to
-rebuild from their primary (``rebuild``).
+is a ``ray.exceptions.RayActorError`` (or a control lane that broke during the call): a write still counts
+when the other replica took it, a read or a write that no replica took raises ``ShardLostError``. A standby
+that does not answer a write within ``standby_timeout`` of its primary falls out of sync. The health check
+(``RayFleet.check``, every fraction of a second) promotes the standby of a dead primary, notes shards that came
+back empty, and lists the standbys to rebuild from their primary (``rebuild``).
 """
 
 from __future__ import annotations
