@@ -7,7 +7,8 @@ the busy processes of the end-to-end job they took 1.6-2.2 ms each way (2 vCPUs,
 the same actor methods with the same arguments, another transport. Every other call, a peer on another node,
 and a lane that broke stay on (or fall back to) Ray.
 
-- Framing and pickling are the standard library's (``multiprocessing.connection``). The address is in Linux's
+- Framing is the standard library's (``multiprocessing.connection``), pickling plain ``pickle`` (tensors travel
+  by value: see ``_send``). The address is in Linux's
   abstract socket namespace: no file to remove, and it is gone with its process, also after a SIGKILL.
 - Both sides prove they hold the service's key (an HMAC of the other's random challenge) before anything is
   unpickled; the key is made by ``serve()`` and handed to the actors as a constructor argument.
@@ -61,6 +62,16 @@ def _recv_bytes(conn: Connection, timeout: float) -> bytes:
     if not conn.poll(timeout):
         raise TimeoutError(f"no answer on the control lane within {timeout:.1f}s")
     return conn.recv_bytes(256)
+
+
+def _send(conn: Connection, obj: Any) -> None:
+    # plain pickle, not Connection.send's ForkingPickler: that one copies its dispatch table at every message, and
+    # with torch.multiprocessing loaded it would move a tensor's storage into shared memory instead of its bytes
+    conn.send_bytes(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
+
+
+def _recv(conn: Connection) -> Any:
+    return pickle.loads(conn.recv_bytes())
 
 
 def _prove(conn: Connection, key: bytes, timeout: float) -> None:
@@ -120,14 +131,14 @@ class LaneServer:
         try:
             while True:
                 try:
-                    method, args = conn.recv()
+                    method, args = _recv(conn)
                 except (EOFError, OSError):
                     return  # the client went
                 answer = self._call(method, args)
                 try:
-                    conn.send(answer)
+                    _send(conn, answer)
                 except (pickle.PicklingError, TypeError, AttributeError) as exc:  # an answer pickle cannot take
-                    conn.send((False, RuntimeError(f"{method}'s answer cannot be sent: {type(exc).__name__}: {exc}")))
+                    _send(conn, (False, RuntimeError(f"{method}'s answer cannot be sent: {type(exc).__name__}: {exc}")))
         except OSError:
             return  # the client went before its answer
         finally:
@@ -179,7 +190,7 @@ class LaneCall:
         try:
             answered = conn.poll(max(0.0, timeout))
             if answered:
-                ok, value = conn.recv()
+                ok, value = _recv(conn)
         except (EOFError, OSError) as exc:
             conn.close()
             self._client.broken = True
@@ -231,7 +242,7 @@ class LaneClient:
         try:
             if conn is None:
                 conn = self._connect()
-            conn.send((method, args))
+            _send(conn, (method, args))
         except (OSError, EOFError, TimeoutError, PermissionError) as exc:
             if conn is not None:
                 conn.close()

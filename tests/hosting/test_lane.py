@@ -69,6 +69,18 @@ def test_a_call_runs_the_method_and_returns_its_result(served):
     client.close()
 
 
+def test_tensors_travel_by_value(served):
+    """Plain pickle: a tensor's bytes, not a shared-memory handle (as torch.multiprocessing's reducers would make)."""
+    import torch
+    import torch.multiprocessing  # noqa: F401 - registers torch's reducers with multiprocessing's pickler
+
+    target, server = served
+    coef = torch.tensor(0.5)
+    name, step = LaneClient(server.address, KEY).start("apply", "job", 1, {"coef": coef}).result(5)
+    sent = target.calls[0][2]["coef"]
+    assert torch.equal(sent, coef) and not sent.is_shared()
+
+
 def test_the_methods_exception_reaches_the_caller_with_its_type_and_fields(served):
     _, server = served
     client = LaneClient(server.address, KEY)
