@@ -8,8 +8,8 @@ the same actor methods with the same arguments, another transport. Every other c
 and a lane that broke stay on (or fall back to) Ray.
 
 - Framing is the standard library's (``multiprocessing.connection``), pickling plain ``pickle`` (tensors travel
-  by value: see ``_send``). The address is in Linux's
-  abstract socket namespace: no file to remove, and it is gone with its process, also after a SIGKILL.
+  by value: see ``_send``). The address is in Linux's abstract socket namespace: no file to remove, and it is
+  gone with its process, also after a SIGKILL.
 - Both sides prove they hold the service's key (an HMAC of the other's random challenge) before anything is
   unpickled; the key is made by ``serve()`` and handed to the actors as a constructor argument.
 - A server runs a call at a time per connection, each connection on its own thread; a client keeps a pool of
