@@ -7,9 +7,11 @@ the busy processes of the end-to-end job they took 1.6-2.2 ms each way (2 vCPUs,
 the same actor methods with the same arguments, another transport. Every other call, a peer on another node,
 and a lane that broke stay on (or fall back to) Ray.
 
-- Framing is the standard library's (``multiprocessing.connection``), pickling plain ``pickle`` (tensors travel
-  by value: see ``_send``). The address is in Linux's abstract socket namespace: no file to remove, and it is
-  gone with its process, also after a SIGKILL.
+- Framing is the standard library's (``multiprocessing.connection``). A message is a pickle that may name no
+  global but the service's ``Scalar`` and exception classes (``_LaneUnpickler``): plain values, as the step's
+  control calls carry (``hosting/scalars.py``). A call whose arguments hold anything else is made over Ray. The
+  address is in Linux's abstract socket namespace (this host only): no file to remove, and it is gone with its
+  process, also after a SIGKILL.
 - Both sides prove they hold the service's key (an HMAC of the other's random challenge) before anything is
   unpickled; the key is made by ``serve()`` and handed to the actors as a constructor argument.
 - A server runs a call at a time per connection, each connection on its own thread; a client keeps a pool of
@@ -21,7 +23,9 @@ and a lane that broke stay on (or fall back to) Ray.
 
 from __future__ import annotations
 
+import builtins
 import hmac
+import io
 import logging
 import os
 import pickle
@@ -33,6 +37,9 @@ import uuid
 from collections.abc import Callable, Collection
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
+
+from paramserver.core import errors
+from paramserver.hosting.scalars import Scalar
 
 log = logging.getLogger("paramserver")
 
@@ -64,14 +71,35 @@ def _recv_bytes(conn: Connection, timeout: float) -> bytes:
     return conn.recv_bytes(256)
 
 
-def _send(conn: Connection, obj: Any) -> None:
-    # plain pickle, not Connection.send's ForkingPickler: that one copies its dispatch table at every message, and
-    # with torch.multiprocessing loaded it would move a tensor's storage into shared memory instead of its bytes
-    conn.send_bytes(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
+class _LaneUnpickler(pickle.Unpickler):
+    """Loads plain values (numbers, strings, bytes, None, lists, tuples, dicts, sets), ``Scalar`` and exceptions
+    of the builtins and of ``paramserver.core.errors``; any other global a message names is refused, so a message
+    can call nothing but those classes."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == (Scalar.__module__, Scalar.__name__):
+            return Scalar
+        found = getattr(builtins if module == "builtins" else errors if module == errors.__name__ else None, name, None)
+        if isinstance(found, type) and issubclass(found, BaseException):
+            return found
+        raise pickle.UnpicklingError(f"a control-lane message may not name {module}.{name}")
+
+
+def _loads(data: bytes) -> Any:
+    return _LaneUnpickler(io.BytesIO(data)).load()
+
+
+def _dumps(obj: Any) -> bytes:
+    """``obj`` as a lane message; ``pickle.UnpicklingError`` if it holds what the receiver would refuse (checked
+    by loading it here: the sender finds out, not the peer). Plain pickle, not ``Connection.send``'s pickler,
+    which with torch.multiprocessing loaded moves a tensor's storage into shared memory."""
+    data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    _loads(data)
+    return data
 
 
 def _recv(conn: Connection) -> Any:
-    return pickle.loads(conn.recv_bytes())
+    return _loads(conn.recv_bytes())
 
 
 def _prove(conn: Connection, key: bytes, timeout: float) -> None:
@@ -134,11 +162,10 @@ class LaneServer:
                     method, args = _recv(conn)
                 except (EOFError, OSError):
                     return  # the client went
-                answer = self._call(method, args)
-                try:
-                    _send(conn, answer)
-                except (pickle.PicklingError, TypeError, AttributeError) as exc:  # an answer pickle cannot take
-                    _send(conn, (False, RuntimeError(f"{method}'s answer cannot be sent: {type(exc).__name__}: {exc}")))
+                except pickle.UnpicklingError as exc:  # (a client of this service checks before it sends)
+                    conn.send_bytes(_dumps((False, ValueError(f"refused: {exc}"))))
+                    continue
+                conn.send_bytes(_answer(method, self._call(method, args)))
         except OSError:
             return  # the client went before its answer
         finally:
@@ -173,6 +200,20 @@ class LaneServer:
                         sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass  # closed meanwhile
+
+
+def _answer(method: str, answer: tuple[bool, Any]) -> bytes:
+    """``answer`` as a message; an exception of another kind as a ``RuntimeError`` naming it, a result the lane
+    cannot carry as a ``RuntimeError`` saying so."""
+    try:
+        return _dumps(answer)
+    except (pickle.PicklingError, pickle.UnpicklingError, TypeError, AttributeError) as exc:
+        ok, value = answer
+        if not ok:
+            error = RuntimeError(f"{type(value).__module__}.{type(value).__name__}: {value}")
+        else:
+            error = RuntimeError(f"{method}'s answer cannot be sent: {type(exc).__name__}: {exc}")
+        return _dumps((False, error))
 
 
 class LaneCall:
@@ -237,12 +278,17 @@ class LaneClient:
         """Send ``method(*args)``; None if the lane cannot take it (nothing was sent: make the call another way)."""
         if self.broken:
             return None
+        try:
+            message = _dumps((method, args))
+        except (pickle.PicklingError, pickle.UnpicklingError, TypeError, AttributeError) as exc:
+            log.debug("the control lane does not carry this %s call (%s): over Ray", method, exc)
+            return None
         with self._lock:
             conn = self._idle.pop() if self._idle else None
         try:
             if conn is None:
                 conn = self._connect()
-            _send(conn, (method, args))
+            conn.send_bytes(message)
         except (OSError, EOFError, TimeoutError, PermissionError) as exc:
             if conn is not None:
                 conn.close()

@@ -23,6 +23,10 @@ KEY = b"k" * 32
 NODE = "node-a"
 
 
+class PeerError(Exception):
+    """An exception class the lane does not carry (not a builtin's, not the service's)."""
+
+
 class Target:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
@@ -48,11 +52,14 @@ class Target:
     def unpicklable(self):
         return lambda: None
 
+    def peer_error(self):
+        raise PeerError("the peer's own error")
+
 
 @pytest.fixture
 def served():
     target = Target()
-    server = LaneServer(target, ("apply", "stale", "wait_gate", "sleep", "unpicklable"), KEY, NODE)
+    server = LaneServer(target, ("apply", "stale", "wait_gate", "sleep", "unpicklable", "peer_error"), KEY, NODE)
     yield target, server
     server.close()
 
@@ -69,16 +76,45 @@ def test_a_call_runs_the_method_and_returns_its_result(served):
     client.close()
 
 
-def test_tensors_travel_by_value(served):
-    """Plain pickle: a tensor's bytes, not a shared-memory handle (as torch.multiprocessing's reducers would make)."""
+def test_a_call_whose_arguments_hold_more_than_plain_values_is_not_sent_and_goes_elsewhere(served):
+    """A tensor (or any object but a ``Scalar``) is not carried: ``start`` returns None and nothing reaches the
+    peer (the caller makes the call over Ray); the lane goes on. ``Scalar`` is what the step's calls carry."""
     import torch
-    import torch.multiprocessing  # noqa: F401 - registers torch's reducers with multiprocessing's pickler
+
+    from paramserver.hosting.scalars import Scalar
 
     target, server = served
-    coef = torch.tensor(0.5)
-    name, step = LaneClient(server.address, KEY).start("apply", "job", 1, {"coef": coef}).result(5)
-    sent = target.calls[0][2]["coef"]
-    assert torch.equal(sent, coef) and not sent.is_shared()
+    client = LaneClient(server.address, KEY)
+    assert client.start("apply", "job", 1, {"coef": torch.tensor(0.5)}) is None
+    assert client.start("apply", "job", 1, {"where": LaneAddress(NODE, "x")}) is None
+    assert not client.broken and target.calls == []
+    assert client.start("apply", "job", 1, {"coef": Scalar(0.5, "float32")}).result(5) == ("job", 2)
+    assert target.calls == [("job", 1, {"coef": Scalar(0.5, "float32")})]
+
+
+def test_a_message_naming_any_other_global_is_refused_unloaded(served, tmp_path):
+    """An authenticated peer that sends a pickle naming a function (here one that would write a file) gets a
+    refusal; nothing is called."""
+    import pickle
+
+    target, server = served
+    marker = tmp_path / "ran"
+    conn = LaneClient(server.address, KEY)._connect()  # noqa: SLF001 - a connection past the client's own check
+    try:
+        conn.send_bytes(pickle.dumps(("apply", (open, (str(marker), "w")))))
+        ok, error = pickle.loads(conn.recv_bytes())
+    finally:
+        conn.close()
+    assert not ok and isinstance(error, ValueError) and "may not name io.open" in str(error)
+    assert not marker.exists() and target.calls == []
+
+
+def test_an_exception_of_another_kind_comes_back_as_a_runtime_error_naming_it(served):
+    _, server = served
+    client = LaneClient(server.address, KEY)
+    with pytest.raises(RuntimeError, match=r"test_lane\.PeerError: the peer's own error"):
+        client.start("peer_error").result(5)
+    assert client.start("apply", "job", 0).result(5) == ("job", 1)
 
 
 def test_the_methods_exception_reaches_the_caller_with_its_type_and_fields(served):
