@@ -527,7 +527,9 @@ def test_a_shared_push_that_pulls_answers_once_its_step_closes(wire, job_name):
     assert not any(f.done() for f in waiting)  # the step waits for worker 1's push
     for j in range(job.num_shards):
         plain = push(j, 1, 0).result()
-        assert not plain.HasField("pulled") and plain.version == 0  # a push that does not pull answers at once
+        # a push that does not pull answers at once; the one that completes the step may see it closed already
+        # (its report reaches the coordinator before the reply is sent)
+        assert not plain.HasField("pulled") and plain.version in (0, 1)
     for j, future in enumerate(waiting):
         reply = future.result(timeout=T)
         pulled = job.shard(j).PullShared(pb.PullRequest(job=job_name, shard=j, min_version=1, worker=0), timeout=T)
