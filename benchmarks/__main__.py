@@ -39,22 +39,30 @@ def e2e_rows(e2e: dict, e2e_grpc: dict, e2e_bf16: dict | None, *, local: float, 
     return rows
 
 
-def memory_rows(e2e: dict, tiny: dict) -> list[Row]:
+def memory_rows(e2e: dict, small: dict) -> list[Row]:
     """Memory of the end-to-end run over the default transport, in MB (2**20 bytes).
 
     A shard's state is fp32 weights plus Adam's two moments of its part (the largest shard's). Peak RSS is
-    VmHWM (after the run), over a shard process's RSS before any job (idle). The fixed overhead is what the
-    same job with a tiny model (``tiny``, ``TINY_PARAMS``) adds to idle: code paged in, thread arenas, buffers
-    whose size does not grow with the model. The workers' gradient segments a shard maps to read them in place
-    (W x its gradients) are in its RSS and in the workers' too: ``shard_own_peak_over_fixed_MB`` leaves them
-    out. ``*_end_*`` are read right after the last timed step, while the job holds its shared memory: RssAnon is
-    private memory, RssShmem resident shared memory (the segments the shard and the workers share). A worker's
-    model and gradients are fp32 parameters twice."""
-    state = max(e2e["shard_numel"]) * 4 * 3 / MIB
-    workers_grads = max(e2e["shard_numel"]) * 4 * e2e["num_workers"] / MIB
-    idle = e2e["shard_idle_rss_mb"]
-    fixed = tiny["shard_peak_rss_mb"] - tiny["shard_idle_rss_mb"]
-    over_fixed = e2e["shard_peak_rss_mb"] - idle - fixed
+    VmHWM (after the run), over a shard process's RSS before any job (idle). A shard's peak over idle is a fixed
+    overhead plus a part that grows with its state; ``small`` is the same job with a smaller model
+    (``SMALL_PARAMS``), and the line through the two runs gives both: its slope is the goal row's ratio (peak
+    over the fixed overhead, against the state) and its intercept the fixed overhead (code paged in, the
+    threads' heap arenas with their block-sized temporaries, buffers whose size does not grow with the model).
+    The same peak against the state and one mean gradient (what exact clipping needs held at once) shows what
+    else is left. ``*_end_*`` are read right after the last timed step, while the job holds its shared memory:
+    RssAnon is private memory, RssShmem resident shared memory (the weights the workers read). A worker's model
+    and gradients are fp32 parameters twice."""
+
+    def state_mb(run: dict) -> float:
+        return max(run["shard_numel"]) * 4 * 3 / MIB
+
+    def over_idle(run: dict) -> float:
+        return run["shard_peak_rss_mb"] - run["shard_idle_rss_mb"]
+
+    state, idle = state_mb(e2e), e2e["shard_idle_rss_mb"]
+    slope = (over_idle(e2e) - over_idle(small)) / (state - state_mb(small))
+    fixed = over_idle(small) - slope * state_mb(small)
+    over_fixed = over_idle(e2e) - fixed
     end = max(e2e["shards_end"], key=lambda s: s["RssAnon"] + s["RssShmem"])
     idle_anon = max(s["RssAnon"] for s in e2e["shards_idle"])
     model_and_grads = e2e["num_params"] * 4 * 2 / MIB
@@ -62,10 +70,10 @@ def memory_rows(e2e: dict, tiny: dict) -> list[Row]:
     return [
         Row("shard_idle_rss_MB", idle, "MB"),
         Row("shard_peak_rss_MB", e2e["shard_peak_rss_mb"], "MB", "shard_state_plus_idle_MB", state + idle),
-        Row("shard_peak_rss_over_idle_MB", e2e["shard_peak_rss_mb"] - idle, "MB", "shard_state_MB", state),
+        Row("shard_peak_rss_over_idle_MB", over_idle(e2e), "MB", "shard_state_MB", state),
         Row("shard_fixed_overhead_MB", fixed, "MB"),
         Row("shard_peak_rss_over_fixed_MB", over_fixed, "MB", "shard_state_MB", state),
-        Row("shard_own_peak_over_fixed_MB", over_fixed - workers_grads, "MB", "shard_state_MB", state),
+        Row("shard_peak_rss_over_fixed_MB", over_fixed, "MB", "shard_state_and_mean_MB", state * 4 / 3),
         Row("shard_rss_anon_end_over_idle_MB", end["RssAnon"] - idle_anon, "MB", "shard_state_MB", state),
         Row("shard_rss_shmem_end_MB", end["RssShmem"], "MB", "shard_state_MB", state),
         Row("worker_peak_rss_MB", e2e["worker_peak_rss_mb"], "MB", "model_and_grads_MB", model_and_grads),
@@ -75,7 +83,9 @@ def memory_rows(e2e: dict, tiny: dict) -> list[Row]:
     ]
 
 
-TINY_PARAMS = 50_000  # the model of the run that measures a shard's fixed overhead (memory_rows)
+# The smaller model of the memory figures (memory_rows): about 0.7M parameters on its larger shard, three of
+# the blocks a shard works in (paramserver.core.blocked), so its run holds every temporary the big one does.
+SMALL_PARAMS = 1_200_000
 
 # Workers on one shard (threads with a client each, a tiny model): the shard server's cost per worker.
 SHARD_WORKERS = (1, 8, 32, 128)
@@ -125,10 +135,10 @@ def run(quick: bool, extras: dict | None = None) -> list[Row]:
         e2e = service.e2e(2, 2, steps, batch_size)  # transport="auto": checked to be shared memory in every worker
         e2e_grpc = service.e2e(2, 2, steps, batch_size, transport="grpc")
         e2e_bf16 = service.e2e(2, 2, steps, batch_size, grad_dtype=torch.bfloat16)
-        tiny = service.e2e(2, 2, 3, batch_size, num_params=TINY_PARAMS)  # the shards' fixed overhead (memory_rows)
+        small = service.e2e(2, 2, 5, batch_size, num_params=SMALL_PARAMS)  # with e2e: the shards' memory line (memory_rows)
     rows += e2e_rows(e2e, e2e_grpc, e2e_bf16, local=local, ddp=ddp, ray_ps=ray_ps)
     # each run's details in the JSON: the transport in use, the bytes per step the shards counted, memory
-    extras["e2e"] = {"auto": e2e, "grpc": e2e_grpc, "auto_bf16_grads": e2e_bf16, "tiny": tiny}
+    extras["e2e"] = {"auto": e2e, "grpc": e2e_grpc, "auto_bf16_grads": e2e_bf16, "small": small}
 
     timed("end to end: GPT-2 (transformers, byte-level), the service and one local process")
     gpt2_steps = 10 if quick else 30
@@ -147,7 +157,7 @@ def run(quick: bool, extras: dict | None = None) -> list[Row]:
         Row("rollback_s", failover.rollback_s(1 if quick else 3), "s", "e2e_step_s", step_s),
     ]
 
-    rows += memory_rows(e2e, tiny)
+    rows += memory_rows(e2e, small)
     timed("workers per shard")
     per_shard = service.shard_steps_per_s(SHARD_WORKERS, 5 if quick else 20)
     rows += [Row(f"shard_steps_per_s_w{w}", v, "steps/s", "shard_steps_per_s_w1", per_shard[1]) for w, v in per_shard.items()]
