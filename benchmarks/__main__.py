@@ -49,9 +49,11 @@ def memory_rows(e2e: dict, small: dict) -> list[Row]:
     over the fixed overhead, against the state) and its intercept the fixed overhead (code paged in, the
     threads' heap arenas with their block-sized temporaries, buffers whose size does not grow with the model).
     The same peak against the state and one mean gradient (what exact clipping needs held at once) shows what
-    else is left. ``*_end_*`` are read right after the last timed step, while the job holds its shared memory:
-    RssAnon is private memory, RssShmem resident shared memory (the weights the workers read). A worker's model
-    and gradients are fp32 parameters twice."""
+    else is left. The workers' gradient segments a shard maps to read them in place (W x its part of the
+    gradients) are in its RSS and in the workers' too: ``shard_own_peak_over_fixed_MB`` leaves them out.
+    ``*_end_*`` are read right after the last timed step, while the job holds its shared memory: RssAnon is
+    private memory, RssShmem resident shared memory (the segments the shard and the workers share). A worker's
+    model and gradients are fp32 parameters twice."""
 
     def state_mb(run: dict) -> float:
         return max(run["shard_numel"]) * 4 * 3 / MIB
@@ -63,6 +65,7 @@ def memory_rows(e2e: dict, small: dict) -> list[Row]:
     slope = (over_idle(e2e) - over_idle(small)) / (state - state_mb(small))
     fixed = over_idle(small) - slope * state_mb(small)
     over_fixed = over_idle(e2e) - fixed
+    own = over_fixed - max(e2e["shard_numel"]) * 4 * e2e["num_workers"] / MIB  # less the workers' gradients it maps
     end = max(e2e["shards_end"], key=lambda s: s["RssAnon"] + s["RssShmem"])
     idle_anon = max(s["RssAnon"] for s in e2e["shards_idle"])
     model_and_grads = e2e["num_params"] * 4 * 2 / MIB
@@ -73,7 +76,8 @@ def memory_rows(e2e: dict, small: dict) -> list[Row]:
         Row("shard_peak_rss_over_idle_MB", over_idle(e2e), "MB", "shard_state_MB", state),
         Row("shard_fixed_overhead_MB", fixed, "MB"),
         Row("shard_peak_rss_over_fixed_MB", over_fixed, "MB", "shard_state_MB", state),
-        Row("shard_peak_rss_over_fixed_MB", over_fixed, "MB", "shard_state_and_mean_MB", state * 4 / 3),
+        Row("shard_own_peak_over_fixed_MB", own, "MB", "shard_state_MB", state),
+        Row("shard_own_peak_over_fixed_MB", own, "MB", "shard_state_and_mean_MB", state * 4 / 3),
         Row("shard_rss_anon_end_over_idle_MB", end["RssAnon"] - idle_anon, "MB", "shard_state_MB", state),
         Row("shard_rss_shmem_end_MB", end["RssShmem"], "MB", "shard_state_MB", state),
         Row("worker_peak_rss_MB", e2e["worker_peak_rss_mb"], "MB", "model_and_grads_MB", model_and_grads),

@@ -13,7 +13,7 @@ from collections.abc import Collection, Sequence
 
 import torch
 
-from paramserver.core.blocked import fold_in_blocks
+from paramserver.core.blocked import mean_in_blocks
 
 
 class GradientAccumulator:
@@ -48,9 +48,10 @@ class GradientAccumulator:
         return any(held is buffers for held in self._early.values())
 
     def _fold(self, buffers: Sequence[torch.Tensor]) -> None:
-        assert len(buffers) == len(self.sums)
-        # The first contribution is copied, not added to zeros, so one worker's mean is its gradient.
-        fold_in_blocks(self.sums, [buffers], onto=self._folded > 0)
+        first = self._folded == 0
+        for total, g in zip(self.sums, buffers, strict=True):
+            # The first contribution is copied, not added to zeros, so one worker's mean is its gradient.
+            total.copy_(g) if first else total.add_(g)
         self._folded += 1
 
     def mean(self, contributors: Collection[int] | None = None, keep: bool = False) -> list[torch.Tensor]:
@@ -73,7 +74,7 @@ class GradientAccumulator:
         assert not keep or (self.deterministic and self._folded == 0), "only a mean of held contributions can be kept"
         if self._folded == 0 and held:
             # all of the mean is here: fold and divide one cache-sized block at a time (the same ops, the same bits)
-            fold_in_blocks(self.sums, [self._early[rank] if keep else self._early.pop(rank) for rank in held], len(who))
+            mean_in_blocks(self.sums, [self._early[rank] if keep else self._early.pop(rank) for rank in held], len(who))
             self._folded = len(held)
         else:
             for rank in held:

@@ -31,64 +31,19 @@ def ranges(numel: int, block_numel: int = BLOCK_NUMEL) -> list[tuple[int, int]]:
     return [(lo, min(numel, lo + block_numel)) for lo in range(0, numel, block_numel)]
 
 
-class ReadThrough(list):
-    """A worker's flat gradients that this process reads by copying blocks out (``read_into``), never in place:
-    the workers' shared-memory gradients, read through their segment's file, so that those pages (the workers'
-    memory, their ``param.grad``) never become resident in the shard (``dataplane.plane.SegmentGradients``).
-    As a list it holds tensors over the same memory, for their shapes and dtypes; the folds here do not read
-    them."""
-
-    def read_into(self, index: int, lo: int, out: torch.Tensor) -> None:
-        """Copy elements ``[lo, lo + out.numel())`` of buffer ``index`` into ``out`` (contiguous, its dtype)."""
-        raise NotImplementedError
-
-
-def fold_in_blocks(
-    sums: Sequence[torch.Tensor], contributions: Sequence[Sequence[torch.Tensor]], divisor: int = 1, onto: bool = False
-) -> None:
-    """``sums[i] = (contributions[0][i] + contributions[1][i] + ...) / divisor`` (``onto``: ``sums[i]`` is the first
-    term), in the order of ``contributions`` and with the ops of a whole-buffer fold (copy, add, ..., div), one
-    block at a time (on a CPU: a GPU has no cache to fit, and each block would be kernel launches of its own)."""
-    assert contributions, "a fold of no contributions"
-    scratch: dict[torch.dtype, torch.Tensor] = {}  # blocks read through (``ReadThrough``) land here, one per dtype
+def mean_in_blocks(sums: Sequence[torch.Tensor], contributions: Sequence[Sequence[torch.Tensor]], divisor: int) -> None:
+    """``sums[i] = (contributions[0][i] + contributions[1][i] + ...) / divisor``, in the order of ``contributions``
+    and with the ops of a whole-buffer fold (copy, add, ..., div), one block at a time (on a CPU: a GPU has no
+    cache to fit, and each block would be kernel launches of its own)."""
+    assert contributions, "a mean over no contributions"
     for i, total in enumerate(sums):
-        assert total.is_cpu or not any(isinstance(c, ReadThrough) for c in contributions), "read-through is for a CPU shard"
         for lo, hi in ranges(total.numel()) if total.is_cpu else [(0, total.numel())]:
-            block, rest = total[lo:hi], contributions
-            if not onto:
-                first, rest = contributions[0], contributions[1:]
-                if isinstance(first, ReadThrough) and first[i].dtype == block.dtype:
-                    first.read_into(i, lo, block)  # straight into the sum: it is the copy
-                else:
-                    block.copy_(block_of(first, i, lo, hi, scratch))
-            for buffers in rest:
-                block.add_(block_of(buffers, i, lo, hi, scratch))
+            block = total[lo:hi]
+            block.copy_(contributions[0][i][lo:hi])
+            for buffers in contributions[1:]:
+                block.add_(buffers[i][lo:hi])
             if divisor > 1:
                 block.div_(divisor)
-
-
-def block_of(
-    buffers: Sequence[torch.Tensor], index: int, lo: int, hi: int, scratch: dict[torch.dtype, torch.Tensor]
-) -> torch.Tensor:
-    """Elements ``[lo, hi)`` of ``buffers[index]``: a view, or (``ReadThrough``) a copy in ``scratch``'s tensor of its dtype."""
-    if not isinstance(buffers, ReadThrough):
-        return buffers[index][lo:hi]
-    dtype = buffers[index].dtype
-    if dtype not in scratch or scratch[dtype].numel() < hi - lo:
-        scratch[dtype] = torch.empty(max(hi - lo, BLOCK_NUMEL), dtype=dtype)
-    out = scratch[dtype][: hi - lo]
-    buffers.read_into(index, lo, out)
-    return out
-
-
-def all_finite(buffers: Sequence[torch.Tensor]) -> bool:
-    """Whether every element of ``buffers`` is finite (read through, block by block, where they are ``ReadThrough``)."""
-    if not isinstance(buffers, ReadThrough):
-        return all(bool(torch.isfinite(buf).all()) for buf in buffers)
-    scratch: dict[torch.dtype, torch.Tensor] = {}
-    return all(
-        bool(torch.isfinite(block_of(buffers, i, lo, hi, scratch)).all()) for i, buf in enumerate(buffers) for lo, hi in ranges(buf.numel())
-    )
 
 
 def leaf_over(view: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from paramserver.core.aggregation import GradientAccumulator
-from paramserver.core.blocked import BlockedStep, all_finite, leaf_over
+from paramserver.core.blocked import BlockedStep, leaf_over
 from paramserver.core.errors import (
     FutureStepError,
     JobFailedError,
@@ -188,8 +188,7 @@ class Shard(ShardCopies, ShardMean):
 
         ``missing`` names the parameters this worker has no gradient for (their places hold zeros); one that no
         worker has a gradient for is left out of the step, as torch.optim skips a parameter whose grad is None.
-        Bad input raises ``ValueError`` and changes nothing. The shard may keep ``grads`` until it folds them; a
-        CPU shard reads a ``ReadThrough`` (``paramserver.core.blocked``) only through its ``read_into``.
+        Bad input raises ``ValueError`` and changes nothing. The shard may keep ``grads`` until it folds them.
         """
         if not isinstance(worker, int) or isinstance(worker, bool) or not 0 <= worker < self.num_workers:
             raise ValueError(f"shard {self.shard_id}: worker must be in [0, {self.num_workers}), got {worker!r}")
@@ -210,15 +209,17 @@ class Shard(ShardCopies, ShardMean):
         if worker in self.accumulator.received:
             return False
         self._check_buffers(grads, f"gradients of worker {worker}")
-        if self.reject_nonfinite and not all_finite(grads):
-            raise NonFiniteGradientError(f"shard {self.shard_id}: gradients of worker {worker} for step {step} hold inf or nan")
+        if self.reject_nonfinite:
+            for buf in grads:
+                if not bool(torch.isfinite(buf).all()):
+                    raise NonFiniteGradientError(
+                        f"shard {self.shard_id}: gradients of worker {worker} for step {step} hold inf or nan"
+                    )
         if not all(isinstance(i, int) and 0 <= i < len(self.plan.params) for i in missing):
             raise ValueError(f"shard {self.shard_id}: missing-gradient list names unknown parameters: {sorted(missing)}")
         if self.accumulator.kept:
             self.accumulator.undo()  # a member joined after the mean was taken ahead: the step waits for it too
-        if self.device.type != "cpu":
-            grads = [g.to(self.device) for g in grads]
-        self.accumulator.add(worker, grads)
+        self.accumulator.add(worker, grads if self.device.type == "cpu" else [g.to(self.device) for g in grads])
         if self.ledger is not None:
             self.ledger.pending(worker, step)
         self._missing[worker] = frozenset(missing)

@@ -17,29 +17,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from paramserver.core.blocked import ReadThrough
 from paramserver.dataplane.segments import Segment, host_identity, layout_offsets
-
-
-class SegmentGradients(ReadThrough):
-    """A worker's gradients in its segment, as a CPU shard reads them: through the segment's file, one block at a
-    time into the shard's own memory (``ReadThrough``). Read through the mapping instead, every page of every
-    worker's gradients would stay resident in the shard (W times its part of the gradients, which are the
-    workers' memory) for a copy that costs 1.3 ms more per 4.7M fp32 of 2 workers' mean (measured: 3.6 ms
-    against 2.2 ms)."""
-
-    def __init__(self, segment: Segment, tensors: Sequence[torch.Tensor], offsets: Sequence[int]) -> None:
-        super().__init__(tensors)
-        self.segment = segment
-        self.offsets = list(offsets)
-
-    def read_into(self, index: int, lo: int, out: torch.Tensor) -> None:
-        assert out.dtype == self[index].dtype and lo + out.numel() <= self[index].numel()
-        self.segment.read_into(self.offsets[index] + lo * out.element_size(), out)
 
 
 @dataclass
@@ -47,18 +29,11 @@ class Attachment:
     """One worker's shared memory on one shard."""
 
     grads: Segment
-    grad_buffers: list[torch.Tensor]  # over the mapping; as a CPU shard reads them: ``readable_grads``
+    grad_buffers: list[torch.Tensor]
     weights: Segment
     weight_buffers: list[torch.Tensor]
     shared_weights: bool  # the job's live weights (read-only for the worker) rather than its own copy
     offsets: list[int]
-    # the gradients as the shard folds them: read through the file where it was kept (a CPU shard's), else the
-    # mapped buffers (a GPU shard copies those to the device by DMA)
-    readable_grads: list[torch.Tensor] = field(init=False)
-
-    def __post_init__(self) -> None:
-        grads = self.grads
-        self.readable_grads = SegmentGradients(grads, self.grad_buffers, self.offsets) if grads.has_file else self.grad_buffers
 
 
 class SharedMemoryPlane:
@@ -80,7 +55,7 @@ class SharedMemoryPlane:
         offsets, size = layout_offsets(sizes)
         with self._lock:
             self._drop(job, worker)
-            grads = Segment.create(size, keep_file=not pin)  # a CPU shard reads them through the file
+            grads = Segment.create(size)
             moved = None
             if live_weights is not None:
                 if job not in self._job_weights:

@@ -24,7 +24,6 @@ import os
 import secrets
 import socket
 import warnings
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -68,32 +67,21 @@ def layout_offsets(sizes: Sequence[tuple[int, torch.dtype]]) -> tuple[list[int],
     return offsets, max(end, 1)
 
 
-class _File:
-    """An open file descriptor, closed with the last reference to it (a segment and its readers share one)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        weakref.finalize(self, os.close, fd)
-
-
 class Segment:
     """One mapped segment. ``create`` makes a new one; ``open`` maps one another process made."""
 
-    def __init__(self, name: str, size: int, buffer: mmap.mmap, readonly: bool, file: _File | None = None) -> None:
+    def __init__(self, name: str, size: int, buffer: mmap.mmap, readonly: bool) -> None:
         self.name = name
         self.size = size
         self._map = buffer
         self.readonly = readonly
-        self._file = file  # kept open for ``read_into`` (``create(keep_file=True)``)
         self._pinned: int | None = None  # the address cudaHostRegister page-locked (``pin``)
 
     @classmethod
-    def create(cls, size: int, keep_file: bool = False) -> Segment:
-        """A new segment of ``size`` bytes (zeros). ``keep_file``: keep its file open, for ``read_into``.
-        ``OSError`` where there is no shared memory."""
+    def create(cls, size: int) -> Segment:
+        """A new segment of ``size`` bytes (zeros). ``OSError`` where there is no shared memory."""
         name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(16)}"
         fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        file = _File(fd) if keep_file else None  # closes fd with its last reference
         try:
             os.ftruncate(fd, size)
             buffer = mmap.mmap(fd, size)
@@ -101,28 +89,8 @@ class Segment:
             _unlink(name)
             raise
         finally:
-            if file is None:
-                os.close(fd)
-        return cls(name, size, buffer, readonly=False, file=file)
-
-    @property
-    def has_file(self) -> bool:
-        """Whether ``read_into`` can read it (made with ``keep_file``)."""
-        return self._file is not None
-
-    def read_into(self, offset: int, out: torch.Tensor) -> None:
-        """Copy the segment's bytes from ``offset`` into ``out`` (contiguous, on the CPU) through its file, not its
-        mapping: the pages read do not become resident in this process, whose memory they are not (a worker's
-        gradients, which its ``param.grad`` are). ``OSError`` if the segment ends first (someone shrank it)."""
-        assert self._file is not None, "made with keep_file=True"
-        assert out.is_contiguous() and out.is_cpu
-        view = memoryview(out.view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
-        done = 0
-        while done < len(view):
-            n = os.preadv(self._file.fd, [view[done:]], offset + done)
-            if n == 0:
-                raise OSError(f"shared memory {self.name} ends before byte {offset + len(view)}: it was shrunk")
-            done += n
+            os.close(fd)
+        return cls(name, size, buffer, readonly=False)
 
     def unlink(self) -> None:
         """Remove the name (mappings stay valid); again, or after the other side did: nothing happens."""

@@ -147,7 +147,7 @@ class ShardHost:
 
     def push_shared(self, job: str, worker: int, step: int, missing: Sequence[int] = (), generation: int | None = None) -> tuple[bool, int]:
         """``push`` of the gradients the worker wrote into its shared memory."""
-        return self.push(job, worker, step, self.attachment(job, worker).readable_grads, missing, generation)
+        return self.push(job, worker, step, self.attachment(job, worker).grad_buffers, missing, generation)
 
     def write_pulled(self, job: str, worker: int) -> tuple[int, int]:
         """After a pull's wait: (version, generation) of the weights the worker now finds in its shared memory.

@@ -157,8 +157,11 @@ def test_the_e2e_and_memory_rows():
     # the line through (11.4 MB, 40 MB) and (45.8 MB, 270 MB): its slope is the goal row's ratio, its intercept the fixed overhead
     slope = (270.0 - 40.0) / (state - small_state)
     assert memory["shard_fixed_overhead_MB"].value == pytest.approx(40.0 - slope * small_state)
-    goal, floor = (r for r in memory_rows(_e2e_result(10.0), small) if r.name == "shard_peak_rss_over_fixed_MB")
+    goal = memory["shard_peak_rss_over_fixed_MB"]
     assert goal.baseline == "shard_state_MB" and goal.baseline_value == pytest.approx(state) and goal.ratio == pytest.approx(slope)
+    # the workers' gradients the shard maps (2 workers x its 4M fp32 elements) are left out of its own memory
+    own, floor = (r for r in memory_rows(_e2e_result(10.0), small) if r.name == "shard_own_peak_over_fixed_MB")
+    assert own.value == pytest.approx(goal.value - 2 * 4_000_000 * 4 / 2**20) and own.baseline == "shard_state_MB"
     assert floor.baseline == "shard_state_and_mean_MB" and floor.baseline_value == pytest.approx(state * 4 / 3)
     assert memory["shard_peak_rss_MB"].baseline == "shard_state_plus_idle_MB"
     assert memory["shard_peak_rss_MB"].baseline_value == pytest.approx(state + 280.0)

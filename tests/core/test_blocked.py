@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import paramserver as ps
-from paramserver.core.blocked import BLOCK_NUMEL, BlockedStep, ReadThrough, all_finite, fold_in_blocks, ranges
+from paramserver.core.blocked import BLOCK_NUMEL, BlockedStep, mean_in_blocks, ranges
 
 BLOCK = 128  # small blocks: every parameter below is cut into several, with a ragged last piece
 
@@ -147,22 +147,8 @@ def test_small_work_and_unsupported_state_run_whole():
     assert not blocked.last_blocked
 
 
-class _Copied(ReadThrough):
-    """A contribution read only through ``read_into``: its tensors (as a list) hold nan, its data is elsewhere."""
-
-    def __init__(self, data: list[torch.Tensor]) -> None:
-        super().__init__(torch.full_like(t, float("nan")) for t in data)
-        self.data = data
-        self.reads = 0
-
-    def read_into(self, index: int, lo: int, out: torch.Tensor) -> None:
-        self.reads += 1
-        out.copy_(self.data[index][lo : lo + out.numel()])
-
-
-@pytest.mark.parametrize("read_through", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_blocked_mean_is_the_whole_fold(dtype, read_through):
+def test_the_blocked_mean_is_the_whole_fold(dtype):
     gen = torch.Generator().manual_seed(3)
     numels = [BLOCK_NUMEL + 1000, 77]
     contributions = [[torch.randn(n, generator=gen).to(dtype) for n in numels] for _ in range(3)]
@@ -173,28 +159,9 @@ def test_the_blocked_mean_is_the_whole_fold(dtype, read_through):
             total.add_(c[i])
         total.div_(3)
     blocked = [torch.empty(n) for n in numels]
-    given = [_Copied(c) for c in contributions] if read_through else contributions
-    fold_in_blocks(blocked, given, 3)
+    mean_in_blocks(blocked, contributions, 3)
     assert all(torch.equal(a, b) for a, b in zip(whole, blocked))
-    if read_through:
-        assert all(c.reads == 3 for c in given)  # block by block: 2 blocks of the first buffer, 1 of the second
     assert ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
-
-
-@pytest.mark.parametrize("read_through", [False, True])
-def test_a_fold_onto_the_sums_adds_to_them(read_through):
-    gen = torch.Generator().manual_seed(4)
-    first, second = torch.randn(BLOCK_NUMEL + 5, generator=gen), torch.randn(BLOCK_NUMEL + 5, generator=gen)
-    sums = [first.clone()]
-    fold_in_blocks(sums, [_Copied([second]) if read_through else [second]], onto=True)
-    assert torch.equal(sums[0], first + second)
-
-
-def test_read_through_gradients_are_checked_for_inf_and_nan_through_their_reads():
-    data = [torch.zeros(BLOCK_NUMEL + 3), torch.ones(4)]
-    assert all_finite(_Copied(data))  # its tensors hold nan: only the reads count
-    data[0][-1] = float("inf")
-    assert not all_finite(_Copied(data)) and not all_finite(data)
 
 
 def test_a_shard_larger_than_a_block_trains_as_torch_optim():

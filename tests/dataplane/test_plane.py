@@ -66,33 +66,6 @@ def test_synchronous_steps_share_the_live_weights_and_train_as_torch_does():
     host.remove_job("j")
 
 
-def test_a_cpu_shard_reads_the_gradients_through_the_file_and_never_maps_them_in():
-    """The workers write through their own mappings; the shard's mapping of their gradients stays untouched (its
-    pages are the workers' memory), and the steps are torch's."""
-    from tests.dataplane.test_segments import _mapping_rss_kib
-
-    model, engine, host = _hosted()
-    shard = host.shard("j")
-    reference = copy.deepcopy(model)
-    reference_opt = torch.optim.Adam(reference.parameters(), lr=0.1)
-    attached = [host.attach_shared_memory("j", w) for w in (0, 1)]
-    sizes = [(t.numel(), t.dtype) for t in attached[0].grad_buffers]
-    workers = [Segment.open(a.grads.name, a.grads.size).tensors(sizes) for a in attached]  # the workers' side
-    for step in range(3):
-        grads = [_grads(model, step, w) for w in (0, 1)]
-        for w in (0, 1):
-            _write(workers[w], grads[w])
-            host.push_shared("j", w, step)
-        assert shard.wait_for_version(step + 1, timeout=10) == step + 1
-        for p, x, y in zip(reference.parameters(), *grads):
-            p.grad = (x + y) / 2
-        reference_opt.step()
-    assert all(_mapping_rss_kib(a.grad_buffers[0].data_ptr()) == 0 for a in attached)
-    expected = torch.cat([p.detach().reshape(-1) for p in reference.parameters()])
-    assert torch.equal(attached[0].weight_buffers[0], expected)
-    host.remove_job("j")
-
-
 def test_asynchronous_steps_copy_the_weights_into_each_workers_own_segment_at_its_pull():
     model, engine, host = _hosted("SGD", mode="async")
     a0 = host.attach_shared_memory("j", 0)

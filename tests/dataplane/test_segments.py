@@ -75,65 +75,6 @@ def test_a_segment_smaller_than_asked_is_refused():
         segment.unlink()
 
 
-def _mapping_rss_kib(address: int) -> int:
-    """Resident KiB of this process's mapping that holds ``address`` (/proc/self/smaps)."""
-    inside = False
-    for line in open("/proc/self/smaps"):
-        head = line.split()[0]
-        if "-" in head and ":" not in head:
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            inside = lo <= address < hi
-        elif inside and head == "Rss:":
-            return int(line.split()[1])
-    raise AssertionError("no such mapping")
-
-
-def test_reading_through_the_file_copies_the_bytes_and_leaves_the_mapping_untouched():
-    numel = 1 << 20  # 4 MiB of fp32
-    segment = Segment.create(numel * 4 + 64, keep_file=True)
-    try:
-        worker = Segment.open(segment.name, segment.size, claim=False)  # the other process's mapping, here
-        data = torch.randn(numel)
-        worker.tensors([(64, torch.uint8), (numel, torch.float32)])[1].copy_(data)
-        out = torch.empty(1000)
-        segment.read_into(64 + 4 * 5000, out)
-        assert torch.equal(out, data[5000:6000])
-        half = torch.empty(3, dtype=torch.bfloat16)
-        segment.read_into(64, half)  # any dtype: the bytes as they are
-        assert torch.equal(half.view(torch.int16), data[:2].view(torch.int16)[:3])
-        mine = segment.tensors([(numel * 4 + 64, torch.uint8)])[0].data_ptr()  # an address, nothing read
-        assert _mapping_rss_kib(mine) == 0  # the pages read are resident in the worker's mapping only
-        fd = os.open(segments.SHM_DIR / segment.name, os.O_RDWR)
-        os.ftruncate(fd, 100)  # someone shrinks it
-        os.close(fd)
-        with pytest.raises(OSError, match="it was shrunk"):
-            segment.read_into(64, out)
-    finally:
-        segment.unlink()
-
-
-def test_the_kept_file_closes_with_the_last_reference():
-    plain = Segment.create(64)
-    plain.unlink()
-    assert not plain.has_file
-    segment = Segment.create(4096, keep_file=True)
-    segment.unlink()
-    reader = segment._file  # what a reader of its gradients holds
-    fd = reader.fd
-    assert segment.name in os.readlink(f"/proc/self/fd/{fd}")
-    del segment
-    assert segment_name_open(fd)  # the reader still holds it
-    del reader
-    assert not segment_name_open(fd)
-
-
-def segment_name_open(fd: int) -> bool:
-    try:
-        return PREFIX in os.readlink(f"/proc/self/fd/{fd}")
-    except FileNotFoundError:
-        return False
-
-
 def test_sweep_removes_the_names_of_a_creator_killed_by_sigkill_and_keeps_live_ones():
     mine = Segment.create(64)
     code = (
