@@ -376,7 +376,7 @@ def ray_lane_book(key: bytes | None) -> LaneBook:
 
     def ready(ref: Any) -> tuple[bool, LaneAddress | None]:
         done, _ = ray.wait([ref], timeout=0)
-        return (True, ray.get(ref)) if done else (False, None)
+        return (True, ray.get(ref, timeout=HANDSHAKE_TIMEOUT_S)) if done else (False, None)  # done: no wait
 
     return LaneBook(key, ray.get_runtime_context().get_node_id(), lambda actor: actor.lane_address.remote(), ready)
 
