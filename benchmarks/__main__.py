@@ -39,6 +39,21 @@ def e2e_rows(e2e: dict, e2e_grpc: dict, e2e_bf16: dict | None, *, local: float, 
     return rows
 
 
+def checkpoint_rows(e2e: dict, checkpointed: dict, every: int, stall_ms: float) -> list[Row]:
+    """What checkpoints cost: the copy a step waits for (``stall_ms``, ``checkpoint.checkpoint_stall_ms``), and
+    the end-to-end job with a checkpoint every ``every`` steps (``checkpointed``, into a temporary directory on
+    this machine's disk) against the same job without. The copy, the background write (serialization, its
+    checksum, the disk) and the Ray calls of a checkpoint all take from the training on these 2 cores; the cost
+    of one checkpoint is the time it added over its ``every`` steps."""
+    step_ms = 1000 / e2e["steps_per_s"]
+    cost_ms = every * (1000 / checkpointed["steps_per_s"] - step_ms)
+    return [
+        Row("checkpoint_stall_ms", stall_ms, "ms", "e2e_step_ms", step_ms),
+        Row("e2e_checkpointed_steps_per_s", checkpointed["steps_per_s"], "steps/s", "e2e_steps_per_s", e2e["steps_per_s"]),
+        Row("checkpoint_cost_ms", cost_ms, "ms", "e2e_step_ms", step_ms),
+    ]
+
+
 def memory_rows(e2e: dict, small: dict) -> list[Row]:
     """Memory of the end-to-end run over the default transport, in MB (2**20 bytes).
 
@@ -105,6 +120,7 @@ def run(quick: bool, extras: dict | None = None) -> list[Row]:
     chunk = 2 * mib
     repeats = 3 if quick else 5
     steps = 5 if quick else 20
+    checkpoint_every = 5 if quick else 10  # the end-to-end job with checkpoints: one or two in its timed steps
     batch_size = 32
     rows: list[Row] = []
 
@@ -137,12 +153,14 @@ def run(quick: bool, extras: dict | None = None) -> list[Row]:
     with ray_session():  # one Ray for the Ray PS and the service's runs
         ray_ps = peers.ray_ps_steps_per_s(2, steps, batch_size)
         e2e = service.e2e(2, 2, steps, batch_size)  # transport="auto": checked to be shared memory in every worker
+        checkpointed = service.e2e(2, 2, steps, batch_size, checkpoint_every=checkpoint_every)
         e2e_grpc = service.e2e(2, 2, steps, batch_size, transport="grpc")
         e2e_bf16 = service.e2e(2, 2, steps, batch_size, grad_dtype=torch.bfloat16)
         small = service.e2e(2, 2, 5, batch_size, num_params=SMALL_PARAMS)  # with e2e: the shards' memory line (memory_rows)
     rows += e2e_rows(e2e, e2e_grpc, e2e_bf16, local=local, ddp=ddp, ray_ps=ray_ps)
     # each run's details in the JSON: the transport in use, the bytes per step the shards counted, memory
-    extras["e2e"] = {"auto": e2e, "grpc": e2e_grpc, "auto_bf16_grads": e2e_bf16, "small": small}
+    extras["e2e"] = {"auto": e2e, "grpc": e2e_grpc, "auto_bf16_grads": e2e_bf16, "small": small, "checkpointed": checkpointed}
+    extras["checkpoint_every"] = checkpoint_every
 
     timed("end to end: GPT-2 (transformers, byte-level), the service and one local process")
     gpt2_steps = 10 if quick else 30
@@ -150,8 +168,7 @@ def run(quick: bool, extras: dict | None = None) -> list[Row]:
                     gpt2.local_steps_per_s(gpt2_steps)))
 
     timed("checkpoint stall")
-    stall_ms = checkpoint.checkpoint_stall_ms(3 if quick else 10)
-    rows.append(Row("checkpoint_stall_ms", stall_ms, "ms", "e2e_step_ms", 1000 / e2e["steps_per_s"]))
+    rows += checkpoint_rows(e2e, checkpointed, checkpoint_every, checkpoint.checkpoint_stall_ms(3 if quick else 10))
 
     # Kill to the next closed step, against a step of the end-to-end run: the ratio is the steps a failover costs.
     timed("failover: standby takeover, rollback to a checkpoint")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -175,7 +176,7 @@ def _bench_worker(
 
 def e2e(
     num_workers: int, num_shards: int, steps: int, batch_size: int, grad_dtype: torch.dtype | None = None, transport: str = "auto",
-    num_params: int | None = None, gpus_per_shard: float = 0.0, control_lane: bool = True,
+    num_params: int | None = None, gpus_per_shard: float = 0.0, control_lane: bool = True, checkpoint_every: int = 0,
 ) -> dict[str, Any]:
     """W worker actors x S shard actors on Ray train the MLP (``num_params``: one of about that size) with Adam
     (clip 1.0) through the service (the shards on a GPU with ``gpus_per_shard``: ``benchmarks.gpu``), each shard's gradients pushed as soon as backward has produced them
@@ -196,8 +197,9 @@ def e2e(
     from workers.launcher import run_workers
 
     threads = max(1, (os.cpu_count() or 1) // num_workers)
-    with ray_session(), paramserver.serve(
-        num_shards, cpus_per_shard=0.01, gpus_per_shard=gpus_per_shard, metrics_port=0, control_lane=control_lane
+    with tempfile.TemporaryDirectory(prefix="paramserver-bench-") as checkpoint_dir, ray_session(), paramserver.serve(
+        num_shards, cpus_per_shard=0.01, gpus_per_shard=gpus_per_shard, metrics_port=0, control_lane=control_lane,
+        **({"checkpoint_dir": checkpoint_dir, "checkpoint_every": checkpoint_every} if checkpoint_every else {}),
     ) as service:
         primaries = [p for p in service.placements() if p["role"] == "primary"]
         pids = [p["pid"] for p in primaries]

@@ -1,13 +1,12 @@
 """The on-disk format: ``ROOT/JOB/step-000000123/`` holds ``coordinator.pt``, one ``shard-00000.pt`` per shard
 (each a ``torch.save`` file; a shard in its own process writes its own) and ``manifest.json``, written last by
-the coordinator (temp file, fsync, atomic rename, fsync of the directories), with the sha256 and size of every
+the coordinator (temp file, fsync, atomic rename, fsync of the directories), with the CRC-32 and size of every
 other file. A checkpoint is valid iff its manifest exists and every file matches it; anything else is a write
 that did not finish, ignored by readers and removed by a later write.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io as _bytes_io
 import json
 import os
@@ -19,7 +18,8 @@ import torch
 
 from paramserver.checkpoint import io as fio
 
-FORMAT = 1
+FORMAT = 2  # 1: files checked by sha256, 2: by CRC-32 (``io.write_from``); both are read
+READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 COORDINATOR = "coordinator.pt"
 PREFIX = "step-"
@@ -44,19 +44,13 @@ def _step_of(name: str) -> int | None:
     return int(name[len(PREFIX) :])
 
 
-def _serialize(obj: Any) -> bytes:
-    buf = _bytes_io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
 def _read_manifest(path: str) -> dict[str, Any] | None:
     try:
         with open(os.path.join(path, MANIFEST), "rb") as f:
             manifest = json.loads(f.read())
     except (OSError, ValueError):
         return None
-    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") in READABLE_FORMATS else None
 
 
 def steps(root: str, job: str) -> list[int]:
@@ -96,7 +90,7 @@ def read(root: str, job: str, step: int) -> tuple[dict[str, Any], list[dict[str,
                 data = f.read()
         except OSError as exc:
             raise ValueError(f"checkpoint {path}: {name} cannot be read ({exc})") from exc
-        if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        if not fio.matches(data, meta):
             raise ValueError(f"checkpoint {path}: {name} does not match its checksum")
         # weights_only: a checkpoint is data, never code
         loaded[name] = torch.load(_bytes_io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -124,12 +118,10 @@ def written(root: str, job: str, step: int) -> bool:
 
 def write_file(path: str, obj: dict[str, Any]) -> dict[str, Any]:
     """Write one file of a checkpoint (a shard's piece, or the coordinator's) to ``path``, its step directory made
-    if need be, fsynced; returns its manifest entry (sha256 and size). Until a manifest lists it, it is a write
+    if need be, fsynced; returns its manifest entry (CRC-32 and size). Until a manifest lists it, it is a write
     that did not finish."""
     fio.makedirs(os.path.dirname(path))
-    data = _serialize(obj)
-    fio.write(path, data)
-    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    return fio.write_from(path, lambda f: torch.save(obj, f))
 
 
 def begin(root: str, job: str, step: int, in_flight: Collection[int] = ()) -> bool:

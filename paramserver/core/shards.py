@@ -77,7 +77,7 @@ class ShardControl(Protocol):
         ...
 
     def snapshot_written(self, path: str, timeout: float) -> dict[str, Any]:
-        """``{"sha256", "bytes"}`` of file ``path`` once this shard's process has written (and fsynced) it after
+        """``{"crc32", "bytes"}`` of file ``path`` once this shard's process has written (and fsynced) it after
         ``save_snapshot``; raises the write's error, or ``TimeoutError`` after ``timeout`` seconds."""
         ...
 

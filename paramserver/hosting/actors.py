@@ -255,7 +255,7 @@ class ShardProcess:
         return dataclasses.replace(write, piece=None, release=None)
 
     def snapshot_written(self, name: str, path: str, timeout: float) -> dict[str, Any]:
-        """The manifest entry (sha256, size) of the file ``save_snapshot`` began, once written and fsynced."""
+        """The manifest entry (CRC-32, size) of the file ``save_snapshot`` began, once written and fsynced."""
         future = self._snapshot_writes.pop((name, path), None)
         if future is None:
             raise LookupError(f"shard {self.shard_id}: no write of {path} under way in this process (it restarted, or took over since)")

@@ -139,6 +139,25 @@ def _e2e_result(steps_per_s: float) -> dict:
     }
 
 
+def test_the_checkpoint_rows():
+    from benchmarks.__main__ import checkpoint_rows
+
+    rows = {r.name: r for r in checkpoint_rows(_e2e_result(20.0), _e2e_result(16.0), 10, stall_ms=2.5)}
+    assert rows["checkpoint_stall_ms"].ratio == pytest.approx(2.5 / 50)
+    assert rows["e2e_checkpointed_steps_per_s"].baseline == "e2e_steps_per_s" and rows["e2e_checkpointed_steps_per_s"].ratio == 0.8
+    # 62.5 ms a step against 50: 12.5 ms more a step, 125 ms for each checkpoint of 10 steps
+    assert rows["checkpoint_cost_ms"].value == pytest.approx(125.0) and rows["checkpoint_cost_ms"].baseline_value == 50.0
+
+
+# A service on Ray with checkpoints on: with the Ray tests, not the fast ones.
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_e2e_job_runs_with_checkpoints(ray_cluster):
+    result = service.e2e(2, 1, 4, 8, num_params=20_000, checkpoint_every=2)
+    assert result["steps_per_s"] > 0 and result["transport"] == "shared_memory"
+
+
 def test_the_e2e_and_memory_rows():
     from benchmarks.__main__ import e2e_rows, memory_rows, table_lines
 

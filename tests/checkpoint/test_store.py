@@ -94,6 +94,49 @@ def test_a_corrupted_file_makes_a_checkpoint_invalid_and_the_older_one_is_used(t
     ckpt.close()
 
 
+def test_a_file_is_written_as_torch_saves_it_with_the_crc_of_its_bytes(tmp_path):
+    import io as bytes_io
+    import zlib
+
+    piece = {"weights": [torch.randn(70_000)], "state": [{"exp_avg": torch.randn(5, 7), "step": torch.tensor(3.0)}]}
+    entry = store.write_file(str(tmp_path / "s" / "shard.pt"), piece)  # its directory made on the way
+    expected = bytes_io.BytesIO()
+    torch.save(piece, expected)
+    written = (tmp_path / "s" / "shard.pt").read_bytes()
+    assert written == expected.getvalue()  # streamed out as torch.save writes it, byte for byte
+    assert entry == {"crc32": zlib.crc32(written), "bytes": len(written)}
+    assert io.matches(written, entry) and not io.matches(written[:-1], entry)
+    assert not io.matches(written[:100] + bytes([written[100] ^ 1]) + written[101:], entry)
+
+
+def test_a_checkpoint_of_format_1_checked_by_sha256_still_reads(tmp_path):
+    import hashlib
+    import json
+
+    engine = _engine()
+    _train(engine, 1)
+    ckpt = Checkpointer(str(tmp_path), keep=3)
+    ckpt.save(engine, "j").result(30)
+    ckpt.close()
+    saved = load_torch_state(str(tmp_path), "j")
+    step_dir = store.step_dir(str(tmp_path), "j", 1)
+    manifest_path = os.path.join(step_dir, store.MANIFEST)
+    manifest = json.loads(open(manifest_path).read())
+    assert manifest["format"] == store.FORMAT == 2
+    manifest["format"] = 1
+    for name in manifest["files"]:
+        data = open(os.path.join(step_dir, name), "rb").read()
+        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    assert_state_equal(load_torch_state(str(tmp_path), "j"), saved)
+    with open(os.path.join(step_dir, store.shard_file(0)), "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xfe")
+    with pytest.raises(ValueError, match="checksum"):
+        load_torch_state(str(tmp_path), "j", step=1)
+
+
 def test_keeps_the_newest_checkpoints(tmp_path):
     engine = _engine()
     ckpt = Checkpointer(str(tmp_path), keep=2)

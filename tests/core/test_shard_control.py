@@ -104,7 +104,7 @@ class FakeShard:
 
     def snapshot_written(self, path: str, timeout: float) -> dict[str, Any]:
         self.calls.append(("snapshot_written", path, timeout))
-        return {"sha256": "", "bytes": 0}
+        return {"crc32": 0, "bytes": 0}
 
     def restore_version(self, version: int) -> None:
         self.calls.append(("restore_version", version))
