@@ -36,14 +36,19 @@ class _ChecksummedFile:
         self.fd = fd
         self.crc32 = 0
         self.size = 0
+        self.error: OSError | None = None  # the first failed write (torch.save reports it as an error of its own)
 
     def write(self, data: bytes | memoryview) -> int:
         view = memoryview(data).cast("B")
         self.crc32 = zlib.crc32(view, self.crc32)
         self.size += len(view)
         written = len(view)
-        while view:
-            view = view[os.write(self.fd, view) :]
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
         return written
 
     def flush(self) -> None:
@@ -58,7 +63,12 @@ def write_from(path: str, produce: Callable[[BinaryIO], object]) -> dict[str, An
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         out = _ChecksummedFile(fd)
-        produce(out)  # type: ignore[arg-type]
+        try:
+            produce(out)  # type: ignore[arg-type]
+        except Exception as exc:
+            if out.error is not None and out.error is not exc:
+                raise out.error from exc  # the disk's error (ENOSPC, EIO), not what torch.save made of it
+            raise
         _hook("fsync", path)
         os.fsync(fd)
     finally:

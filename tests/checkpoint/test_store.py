@@ -77,6 +77,41 @@ def test_a_crash_at_any_file_operation_leaves_the_previous_checkpoint_valid(tmp_
     ckpt.close()
 
 
+def test_a_disk_that_fills_up_in_the_middle_of_a_file_leaves_the_previous_checkpoint_valid(tmp_path, monkeypatch):
+    """A file is written as torch.save streams it out: a write that fails half-way (ENOSPC) leaves half a file,
+    which no manifest lists; the next write removes it."""
+    import errno
+
+    engine = _engine()
+    ckpt = Checkpointer(str(tmp_path), keep=2)
+    _train(engine, 2)
+    assert ckpt.save(engine, "j").result(30) == 2
+    ckpt.close()
+    before = load_torch_state(str(tmp_path), "j")
+    _train(engine, 1)
+    part, writes = ps.checkpoint.take(engine, str(tmp_path), "j")
+    shards = [w.piece for w in writes]
+    real_write, written = os.write, 0
+
+    def fills_up(fd: int, data: memoryview) -> int:
+        nonlocal written
+        if written > 2000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written += real_write(fd, data[:1000])  # a short write: the rest is written by the next call
+        return min(len(data), 1000)
+
+    monkeypatch.setattr(io.os, "write", fills_up)
+    with pytest.raises(OSError, match="No space left"):
+        store.write(str(tmp_path), "j", 3, part, shards, keep=2)
+    monkeypatch.setattr(io.os, "write", real_write)
+    half = os.path.join(store.step_dir(str(tmp_path), "j", 3), store.shard_file(0))
+    assert 2000 < os.path.getsize(half) <= 3000  # half a file, in no manifest
+    assert steps(str(tmp_path), "j") == [2] and store.read_latest(str(tmp_path), "j")[0]["step"] == 2
+    assert_state_equal(load_torch_state(str(tmp_path), "j"), before)
+    store.write(str(tmp_path), "j", 3, part, shards, keep=2)  # the disk has room again
+    assert steps(str(tmp_path), "j") == [2, 3] and store.read_latest(str(tmp_path), "j")[0]["step"] == 3
+
+
 def test_a_corrupted_file_makes_a_checkpoint_invalid_and_the_older_one_is_used(tmp_path):
     engine = _engine()
     ckpt = Checkpointer(str(tmp_path), keep=3)
