@@ -10,6 +10,8 @@ import zlib
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
+READ_CHUNK = 8 << 20  # bytes a checksum reads at a time
+
 # Called with (operation, path) before every operation below; a test sets it to raise at a chosen one.
 before: Callable[[str, str], None] | None = None
 
@@ -76,14 +78,22 @@ def write_from(path: str, produce: Callable[[BinaryIO], object]) -> dict[str, An
     return {"crc32": out.crc32, "bytes": out.size}
 
 
-def matches(data: bytes, entry: dict[str, Any]) -> bool:
-    """Whether ``data`` is the file of manifest ``entry`` (``write_from``'s; a checkpoint of format 1 carries
-    a sha256 instead of the CRC-32)."""
-    if len(data) != entry.get("bytes"):
-        return False
-    if "crc32" in entry:
-        return zlib.crc32(data) == entry["crc32"]
-    return "sha256" in entry and hashlib.sha256(data).hexdigest() == entry["sha256"]
+def file_matches(path: str, entry: dict[str, Any]) -> bool:
+    """Whether file ``path`` is the file of manifest ``entry`` (``write_from``'s; a checkpoint of format 1
+    carries a sha256 instead of the CRC-32), read a chunk at a time: never the whole file in memory."""
+    with open(path, "rb", buffering=0) as f:
+        if os.fstat(f.fileno()).st_size != entry.get("bytes"):
+            return False
+        if "crc32" not in entry and "sha256" not in entry:
+            return False
+        crc32, sha256 = 0, hashlib.sha256() if "crc32" not in entry else None
+        chunk = memoryview(bytearray(READ_CHUNK))
+        while n := f.readinto(chunk):
+            if sha256 is None:
+                crc32 = zlib.crc32(chunk[:n], crc32)
+            else:
+                sha256.update(chunk[:n])
+    return crc32 == entry["crc32"] if sha256 is None else sha256.hexdigest() == entry["sha256"]
 
 
 def write(path: str, data: bytes) -> dict[str, Any]:

@@ -7,7 +7,6 @@ that did not finish, ignored by readers and removed by a later write.
 
 from __future__ import annotations
 
-import io as _bytes_io
 import json
 import os
 import urllib.parse
@@ -85,15 +84,16 @@ def read(root: str, job: str, step: int) -> tuple[dict[str, Any], list[dict[str,
         raise ValueError(f"checkpoint {path} has no manifest: its write did not finish")
     loaded: dict[str, Any] = {}
     for name, meta in manifest["files"].items():
+        file = os.path.join(path, name)
         try:
-            with open(os.path.join(path, name), "rb") as f:
-                data = f.read()
+            intact = fio.file_matches(file, meta)
         except OSError as exc:
             raise ValueError(f"checkpoint {path}: {name} cannot be read ({exc})") from exc
-        if not fio.matches(data, meta):
+        if not intact:
             raise ValueError(f"checkpoint {path}: {name} does not match its checksum")
-        # weights_only: a checkpoint is data, never code
-        loaded[name] = torch.load(_bytes_io.BytesIO(data), map_location="cpu", weights_only=True)
+        # weights_only: a checkpoint is data, never code. mmap: the tensors are the file's pages, mapped
+        # copy-on-write (the file never changes), not a second copy of the file in memory.
+        loaded[name] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     num_shards = manifest["num_shards"]
     return loaded[COORDINATOR], [loaded[shard_file(j)] for j in range(num_shards)]
 

@@ -129,9 +129,11 @@ def test_a_corrupted_file_makes_a_checkpoint_invalid_and_the_older_one_is_used(t
     ckpt.close()
 
 
-def test_a_file_is_written_as_torch_saves_it_with_the_crc_of_its_bytes(tmp_path):
+def test_a_file_is_written_as_torch_saves_it_with_the_crc_of_its_bytes(tmp_path, monkeypatch):
     import io as bytes_io
     import zlib
+
+    monkeypatch.setattr(io, "READ_CHUNK", 4096)  # the check reads the file in many chunks
 
     piece = {"weights": [torch.randn(70_000)], "state": [{"exp_avg": torch.randn(5, 7), "step": torch.tensor(3.0)}]}
     entry = store.write_file(str(tmp_path / "s" / "shard.pt"), piece)  # its directory made on the way
@@ -140,13 +142,17 @@ def test_a_file_is_written_as_torch_saves_it_with_the_crc_of_its_bytes(tmp_path)
     written = (tmp_path / "s" / "shard.pt").read_bytes()
     assert written == expected.getvalue()  # streamed out as torch.save writes it, byte for byte
     assert entry == {"crc32": zlib.crc32(written), "bytes": len(written)}
-    assert io.matches(written, entry) and not io.matches(written[:-1], entry)
-    assert not io.matches(written[:100] + bytes([written[100] ^ 1]) + written[101:], entry)
+    assert io.file_matches(str(tmp_path / "s" / "shard.pt"), entry)
+    for changed in (written[:-1], written[:100] + bytes([written[100] ^ 1]) + written[101:]):
+        (tmp_path / "s" / "changed.pt").write_bytes(changed)
+        assert not io.file_matches(str(tmp_path / "s" / "changed.pt"), entry)
 
 
-def test_a_checkpoint_of_format_1_checked_by_sha256_still_reads(tmp_path):
+def test_a_checkpoint_of_format_1_checked_by_sha256_still_reads(tmp_path, monkeypatch):
     import hashlib
     import json
+
+    monkeypatch.setattr(io, "READ_CHUNK", 4096)
 
     engine = _engine()
     _train(engine, 1)
