@@ -1,5 +1,6 @@
 """Every file operation of a checkpoint write, in one place: a test can fail the k-th one (``before``) to show
-that a crash at any point leaves the previous checkpoint valid."""
+that a crash at any point leaves the previous checkpoint valid. And a file's checksum: taken as it is written
+(``write_from``), checked as it is read (``file_matches``)."""
 
 from __future__ import annotations
 
