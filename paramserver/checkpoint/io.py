@@ -82,19 +82,20 @@ def write_from(path: str, produce: Callable[[BinaryIO], object]) -> dict[str, An
 def file_matches(path: str, entry: dict[str, Any]) -> bool:
     """Whether file ``path`` is the file of manifest ``entry`` (``write_from``'s; a checkpoint of format 1
     carries a sha256 instead of the CRC-32), read a chunk at a time: never the whole file in memory."""
+    by_crc = "crc32" in entry
+    if not by_crc and "sha256" not in entry:
+        return False
+    crc32, sha256 = 0, hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         if os.fstat(f.fileno()).st_size != entry.get("bytes"):
             return False
-        if "crc32" not in entry and "sha256" not in entry:
-            return False
-        crc32, sha256 = 0, hashlib.sha256() if "crc32" not in entry else None
         chunk = memoryview(bytearray(READ_CHUNK))
         while n := f.readinto(chunk):
-            if sha256 is None:
+            if by_crc:
                 crc32 = zlib.crc32(chunk[:n], crc32)
             else:
                 sha256.update(chunk[:n])
-    return crc32 == entry["crc32"] if sha256 is None else sha256.hexdigest() == entry["sha256"]
+    return crc32 == entry["crc32"] if by_crc else sha256.hexdigest() == entry["sha256"]
 
 
 def write(path: str, data: bytes) -> dict[str, Any]:
