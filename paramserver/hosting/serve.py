@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import time
 import uuid
 from typing import Any
@@ -14,6 +13,7 @@ from paramserver.core.config import RayConfig, ServerConfig, split_options
 from paramserver.hosting.actors import MAX_RESTARTS, CoordinatorProcess, ShardProcess
 from paramserver.hosting.lane import new_key
 from paramserver.hosting.replicas import CONTROL_TIMEOUT_S
+from paramserver.service.ports import free_port_base
 
 
 class RayService:
@@ -164,7 +164,7 @@ def serve(num_shards: int = 1, *, config: ServerConfig | None = None, ray_config
         standbys = []
     if config.port == 0:
         # a coordinator that Ray restarts serves on the same address: fix the port now
-        config = dataclasses.replace(config, port=_free_port(config.host))
+        config = dataclasses.replace(config, port=free_port_base(config.host))
     service_id = uuid.uuid4().hex  # this start of the service; the coordinator actor keeps it across its restarts
     # The front door lives on this (the driver's) node, where users and `ray up` expect it.
     coordinator = ray.remote(CoordinatorProcess).options(
@@ -176,9 +176,3 @@ def serve(num_shards: int = 1, *, config: ServerConfig | None = None, ray_config
     deadline = time.monotonic() + placement_timeout
     address = ray.get(coordinator.address.remote(), timeout=max(1.0, deadline - time.monotonic()))
     return RayService(coordinator, [*shards, *standbys], groups, started_ray, address, service_id)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host if host not in ("", "0.0.0.0") else "0.0.0.0", 0))
-        return sock.getsockname()[1]

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 
 import pytest
 
 import paramserver as ps
+from paramserver.service.ports import free_port_base
 from tests.helpers.training import train_and_compare, wait_until
 
 pytestmark = pytest.mark.ray
@@ -18,27 +18,8 @@ pytestmark = pytest.mark.ray
 RAY = {"cpus_per_shard": 0.25, "placement": "SPREAD", "placement_timeout": 60.0}
 
 
-def _free_base(span: int) -> int:
-    """A port with ``span`` free ports from it (probed; good enough on a test machine)."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            base = sock.getsockname()[1]
-        if base + span < 65536 and all(_free(base + i) for i in range(span)):
-            return base
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def test_relayed_workers_train_exactly_on_fixed_shard_ports(ray_cluster):
-    base = _free_base(4)
+    base = free_port_base(span=4)
     service = ps.serve(2, replicas=1, shard_port_base=base, **RAY)
     try:
         ports = {(p["role"], p["shard"]): int(p["address"].rsplit(":", 1)[1]) for p in service.placements() if p["shard"] is not None}

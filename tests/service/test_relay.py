@@ -3,7 +3,6 @@ through it exactly as over direct routes; the shards' errors, deadlines and toke
 
 from __future__ import annotations
 
-import socket
 import time
 
 import grpc
@@ -12,6 +11,7 @@ import torch
 
 from paramserver.core.errors import StaleStepError
 from paramserver.service.local import serve_local
+from paramserver.service.ports import free_port_base
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
 from tests.helpers.training import train_and_compare
 from workers.client import ServiceClient, reachable
@@ -92,14 +92,8 @@ def test_the_relay_needs_the_token_and_a_shard(service):
         channel.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_shards_listen_on_fixed_ports_and_auto_relays_where_they_are_closed():
-    base = _free_port()
+    base = free_port_base(span=2)
     with serve_local(2, shard_port_base=base) as svc:
         assert svc.coordinator.shard_addresses == [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]
         with pytest.raises(OSError):  # a fixed port is not shared with another server (no SO_REUSEPORT)
@@ -108,7 +102,7 @@ def test_shards_listen_on_fixed_ports_and_auto_relays_where_they_are_closed():
         with pytest.raises(ValueError, match="shard_port_base"):
             serve_local(2, shard_port_base=65535)
         # an address nothing listens on (a firewall's view of a shard): "auto" relays that shard, once probed
-        closed = f"127.0.0.1:{_free_port()}"
+        closed = f"127.0.0.1:{free_port_base()}"
         client = ServiceClient(svc.address, "fixed", route="auto")
         try:
             assert [client._route(a) for a in (svc.coordinator.shard_addresses[0], closed)] == ["direct", "relay"]
