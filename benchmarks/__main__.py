@@ -39,16 +39,27 @@ def e2e_rows(e2e: dict, e2e_grpc: dict, e2e_bf16: dict | None, *, local: float, 
     return rows
 
 
-def checkpoint_rows(e2e: dict, checkpointed: dict, every: int, stall_ms: float) -> list[Row]:
-    """What checkpoints cost: the copy a step waits for (``stall_ms``, ``checkpoint.checkpoint_stall_ms``), and
-    the end-to-end job with a checkpoint every ``every`` steps (``checkpointed``, into a temporary directory on
-    this machine's disk) against the same job without. The copy, the background write (serialization, its
-    checksum, the disk) and the Ray calls of a checkpoint all take from the training on these 2 cores; the cost
-    of one checkpoint is the time it added over its ``every`` steps."""
+def checkpoint_rows(e2e: dict, checkpointed: dict, every: int, copy_ms: float) -> list[Row]:
+    """What checkpoints cost the end-to-end job with a checkpoint every ``every`` steps (``checkpointed``, into a
+    temporary directory on this machine's disk) against the same job without (``e2e``).
+
+    The stall is what the job's steps waited for the checkpoints' copies: the closing shard reports' waits for the
+    job's lock (the coordinator's ``queued`` stage, every step of the run, the ones that had no checkpoint to wait
+    for too), per checkpoint. The hold is how long the coordinator held the job for each copy (the shards copy
+    their slices meanwhile); the workers compute the next step during it. ``copy_ms``: the copy of the same state
+    in one process (``checkpoint.checkpoint_copy_ms``), what a step would wait if nothing overlapped it. The
+    background write (serialization, its checksum, the disk) and the Ray calls take from the training on these 2
+    cores: the cost of one checkpoint is the time it added over its ``every`` steps."""
     step_ms = 1000 / e2e["steps_per_s"]
+    checkpoints = checkpointed["checkpoints"]
+    assert checkpoints > 0, "the checkpointed run took no checkpoint"
+    stall_ms = 1000 * checkpointed["stage_seconds"]["queued"] / checkpoints
+    hold_ms = 1000 * checkpointed["checkpoint_hold_s"] / checkpoints
     cost_ms = every * (1000 / checkpointed["steps_per_s"] - step_ms)
     return [
         Row("checkpoint_stall_ms", stall_ms, "ms", "e2e_step_ms", step_ms),
+        Row("checkpoint_hold_ms", hold_ms, "ms", "e2e_step_ms", step_ms),
+        Row("checkpoint_copy_ms", copy_ms, "ms", "e2e_step_ms", step_ms),
         Row("e2e_checkpointed_steps_per_s", checkpointed["steps_per_s"], "steps/s", "e2e_steps_per_s", e2e["steps_per_s"]),
         Row("checkpoint_cost_ms", cost_ms, "ms", "e2e_step_ms", step_ms),
     ]
@@ -167,8 +178,8 @@ def run(quick: bool, extras: dict | None = None) -> list[Row]:
     rows.append(Row("e2e_gpt2_steps_per_s", gpt2.service_steps_per_s(2, 2, gpt2_steps), "steps/s", "local_gpt2_steps_per_s",
                     gpt2.local_steps_per_s(gpt2_steps)))
 
-    timed("checkpoint stall")
-    rows += checkpoint_rows(e2e, checkpointed, checkpoint_every, checkpoint.checkpoint_stall_ms(3 if quick else 10))
+    timed("checkpoints: the copy in one process")
+    rows += checkpoint_rows(e2e, checkpointed, checkpoint_every, checkpoint.checkpoint_copy_ms(3 if quick else 10))
 
     # Kill to the next closed step, against a step of the end-to-end run: the ratio is the steps a failover costs.
     timed("failover: standby takeover, rollback to a checkpoint")

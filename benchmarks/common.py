@@ -113,6 +113,36 @@ def shard_bytes(metrics_addresses: list[str], job: str, timeout: float = 10.0) -
     return totals
 
 
+def histogram_totals(metrics_address: str, family: str, job: str, by: str | None = None, timeout: float = 10.0) -> dict[str, tuple[float, int]]:
+    """The sum and count of Prometheus histogram ``family`` for ``job`` at a metrics endpoint ("host:port"), per
+    value of its label ``by`` (one entry, "", without)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=timeout) as reply:
+        text = reply.read().decode()
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for found in text_string_to_metric_families(text):
+        if found.name != family:
+            continue
+        for sample in found.samples:
+            if sample.labels.get("job") != job:
+                continue
+            key = sample.labels.get(by, "") if by else ""
+            if sample.name.endswith("_sum"):
+                sums[key] = sample.value
+            elif sample.name.endswith("_count"):
+                counts[key] = int(sample.value)
+    return {key: (sums[key], counts.get(key, 0)) for key in sums}
+
+
+def stage_seconds(metrics_address: str, job: str) -> dict[str, tuple[float, int]]:
+    """The coordinator's stage timers of ``job``: stage -> (seconds in all, steps timed)."""
+    return histogram_totals(metrics_address, "paramserver_stage_seconds", job, by="stage")
+
+
 @contextlib.contextmanager
 def ray_session() -> Iterator[None]:
     """One embedded local Ray for what runs inside (on 127.0.0.1, see above); the caller's Ray where there is one."""

@@ -9,7 +9,18 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import batch, make_mlp, mlp_of_size, param_count, peak_rss_mb, proc_status_mb, ray_session, shard_bytes
+from benchmarks.common import (
+    batch,
+    histogram_totals,
+    make_mlp,
+    mlp_of_size,
+    param_count,
+    peak_rss_mb,
+    proc_status_mb,
+    ray_session,
+    shard_bytes,
+    stage_seconds,
+)
 from paramserver import StepEngine
 from paramserver.core.config import ClipConfig, JobConfig
 from paramserver.core.params import normalize_params
@@ -212,6 +223,9 @@ def e2e(
         }
         results = run_workers(_bench_worker, num_workers, config=config, num_cpus_per_worker=0.01, timeout=900)
         shard_peak_mb = [_vm_kib(pid, "VmHWM") / 1024 for pid in pids]
+        [coordinator] = [p for p in service.placements() if p["role"] == "coordinator"]
+        stages = stage_seconds(coordinator["metrics"], "e2e")
+        hold_s, checkpoints = histogram_totals(coordinator["metrics"], "paramserver_checkpoint_copy_seconds", "e2e").get("", (0.0, 0))
     return {
         "steps_per_s": results[0]["steps_per_s"],
         "num_workers": num_workers,
@@ -227,6 +241,12 @@ def e2e(
         "worker_end": results[0]["end"],
         "bytes_per_step": results[0]["bytes_per_step"],
         "num_params": param_count(make_mlp() if num_params is None else mlp_of_size(num_params)),
+        "closed_steps": stages["queued"][1],
+        # seconds in all over every closed step (warm-up too) of the coordinator's stages; "queued": the closing
+        # reports' waits for the job's lock, where a checkpoint's copy holds it
+        "stage_seconds": {stage: total for stage, (total, _) in stages.items()},
+        "checkpoints": checkpoints,  # taken by the service (``checkpoint_every``)
+        "checkpoint_hold_s": hold_s,  # in all: the coordinator's holds of the job for the checkpoints' copies
     }
 
 

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import time
-import urllib.request
 from typing import Any
 
 import torch
 
-from benchmarks.common import batch, cpu_seconds, make_mlp, ray_session
+from benchmarks.common import batch, cpu_seconds, make_mlp, ray_session, stage_seconds
 
 WARMUP = 3
 
@@ -62,12 +60,8 @@ def _cpu(pids: dict[str, int | str]) -> dict[str, float]:
 
 
 def _stage_ms(metrics_address: str, job: str) -> dict[str, float]:
-    """The coordinator's mean time per step of each stage (its Prometheus histogram's sum over count)."""
-    text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10).read().decode()
-    sums, counts = {}, {}
-    for name, stage, value in re.findall(rf'paramserver_stage_seconds_(sum|count)\{{job="{job}",stage="(\w+)"\}} (\S+)', text):
-        (sums if name == "sum" else counts)[stage] = float(value)
-    return {stage: 1e3 * sums[stage] / counts[stage] for stage in sums if counts.get(stage)}
+    """The coordinator's mean time per step of each stage."""
+    return {stage: 1e3 * total / count for stage, (total, count) in stage_seconds(metrics_address, job).items() if count}
 
 
 def step_profile(

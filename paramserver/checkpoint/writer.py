@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from paramserver.checkpoint import state, store
@@ -25,7 +25,9 @@ SHARD_WRITE_TIMEOUT_S = 300.0
 class Checkpointer:
     """Writes checkpoints of any number of jobs under ``root``, keeping each job's newest ``keep``."""
 
-    def __init__(self, root: str, keep: int = 3, shard_timeout: float = SHARD_WRITE_TIMEOUT_S) -> None:
+    def __init__(
+        self, root: str, keep: int = 3, shard_timeout: float = SHARD_WRITE_TIMEOUT_S, on_copy: Callable[[str, float], None] | None = None,
+    ) -> None:
         if keep < 1:
             raise ValueError(f"checkpoint keep must be >= 1, got {keep}")
         self.root = root
@@ -36,6 +38,7 @@ class Checkpointer:
         self._lock = threading.Lock()
         self._in_flight: dict[tuple[str, int], Future[int]] = {}  # (job, step) -> its write, copied and not yet done
         self.last_copy_s = 0.0  # how long the last save held its step (the copy)
+        self.on_copy = on_copy  # told (job, seconds) of every copy a save makes (metrics)
         self._warned_slow: set[str] = set()  # jobs told that their checkpoints come faster than they are written
         self.failures = 0
 
@@ -55,7 +58,9 @@ class Checkpointer:
                 return _settled(error=late)
             start = time.perf_counter()
             part, writes = state.take(coordinator, self.root, job, config=config, members=members)
-            self.last_copy_s = time.perf_counter() - start
+            self.last_copy_s = copy_s = time.perf_counter() - start
+            if self.on_copy is not None:
+                self.on_copy(job, copy_s)
             with self._lock:
                 future = self._in_flight[key] = self._pool.submit(self._write, job, part, writes, coordinator.shards)
         future.add_done_callback(lambda f: self._report(key, f))

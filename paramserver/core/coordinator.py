@@ -51,7 +51,9 @@ class StepResult:
     skipped: bool
     lrs: list[float]
     error: str | None = None  # set when the step was refused (non-finite norm with error_if_nonfinite)
-    seconds: dict[str, float] = field(default_factory=dict)  # time spent in each stage the coordinator runs
+    # time spent in each stage the coordinator runs, and "queued": how long the report that closed the step waited for
+    # the job's lock (held by another call: another report, a checkpoint's copy, a membership change)
+    seconds: dict[str, float] = field(default_factory=dict)
     contributors: tuple[int, ...] = ()  # the workers whose gradients the step averaged
     based_on: int | None = None  # the (oldest) version of the weights those gradients were computed on
     staleness: int | None = None  # the version the update was applied at minus ``based_on``
@@ -189,7 +191,9 @@ class Coordinator(CoordinatorState):
         generation the report is of; a report from before a load (whose pushes the load dropped) is ignored.
         ``reduced``: the mean the shard took ahead (``Shard.reduce_ahead``: its workers and norms); a close over
         those workers uses its norms instead of asking the shard."""
+        arrived = time.perf_counter()
         with self._lock:
+            queued = time.perf_counter() - arrived  # behind another report, a checkpoint's copy, a membership change
             if generation is not None and generation != self.generation:
                 log.debug("shard %d reported step %d of generation %d, now %d: ignored", shard, step, generation, self.generation)
                 return None
@@ -207,18 +211,19 @@ class Coordinator(CoordinatorState):
             self._based_on.update(held)
             if reduced is not None and step == self.step:
                 self._reduced_ahead[shard] = (self.generation, step, tuple(reduced[0]), list(reduced[1]))
-            return self._run(self.policy.on_shard_ready(shard, self.step, frozenset(held), members))
+            return self._run(self.policy.on_shard_ready(shard, self.step, frozenset(held), members), queued)
 
-    def _run(self, close: CloseStep | None) -> StepResult | None:
-        """Close the steps the policy decided, one after another; the last one's result."""
+    def _run(self, close: CloseStep | None, queued: float = 0.0) -> StepResult | None:
+        """Close the steps the policy decided, one after another; the last one's result. ``queued``: how long the
+        call that closes them waited for the lock (the first step's ``queued`` stage)."""
         result = None
         while close is not None:
             if close.step != self.step:
                 raise ValueError(f"the step policy closed step {close.step}, but step {self.step} is open")
-            closed = self._close_step(close)
+            closed = self._close_step(close, queued)
             if closed is None:
                 break
-            result = closed
+            result, queued = closed, 0.0
             close = self.policy.after_close(self.step)
         return result
 
@@ -244,10 +249,11 @@ class Coordinator(CoordinatorState):
 
     # -- the order of the stages ------------------------------------------------------------------------------
 
-    def _close_step(self, close: CloseStep) -> StepResult | None:
+    def _close_step(self, close: CloseStep, queued: float = 0.0) -> StepResult | None:
         step, contributors = close.step, close.contributors
         clip = self.config.clip
         timer = StageTimer()
+        timer.seconds["queued"] = queued  # the step was ready and waited for the job's lock: what a checkpoint's copy stalls
         # the norms of the shards that took this very mean ahead (their reports carried them); the others are asked
         known = {
             j: norms for j, (generation, at, who, norms) in self._reduced_ahead.items()

@@ -9,6 +9,7 @@ from concurrent.futures import Future
 
 from paramserver import checkpoint
 from paramserver.core.coordinator import Coordinator, StepResult
+from paramserver.service import metrics
 from paramserver.service.coordinator_host import CoordinatorHost
 from paramserver.wire.proto.v1 import paramserver_pb2 as pb
 
@@ -20,7 +21,7 @@ class ServiceCheckpoints:
         self.host = host
         self.directory = directory
         self.every = every
-        self.writer = checkpoint.Checkpointer(directory, keep)
+        self.writer = checkpoint.Checkpointer(directory, keep, on_copy=metrics.record_checkpoint_copy)
         host.checkpoints = self
         host.step_hook = self._stepped
 

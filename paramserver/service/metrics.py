@@ -21,6 +21,10 @@ STAGE_SECONDS = Histogram(
     "paramserver_stage_seconds", "Wall time of a step's stages", ["job", "stage"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+CHECKPOINT_COPY_SECONDS = Histogram(
+    "paramserver_checkpoint_copy_seconds", "How long a checkpoint's copy held its job at the step boundary", ["job"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
 GRAD_NORM = Gauge("paramserver_grad_norm", "Total gradient norm of the last step", ["job"])
 LR = Gauge("paramserver_lr", "Learning rate of each param group for the next step", ["job", "group"])
 BYTES_IN = Counter("paramserver_bytes_in", "Payload bytes received by a shard (gradients, initial weights)", ["job", "shard"])
@@ -51,6 +55,10 @@ def record_step(job: str, result: StepResult) -> None:
     if result.skipped:
         log.warning("job %s step %d skipped: total norm %s%s", job, result.step, result.total_norm,
                     f" ({result.error})" if result.error else "")
+
+
+def record_checkpoint_copy(job: str, seconds: float) -> None:
+    CHECKPOINT_COPY_SECONDS.labels(job).observe(seconds)
 
 
 def record_membership(job: str, change: MembershipChange, members: int) -> None:

@@ -47,8 +47,8 @@ def test_the_gpu_update_and_copy_measurements_run():
     assert all(v > 0 for v in copies.values())
 
 
-def test_checkpoint_stall_measurement_runs():
-    assert checkpoint.checkpoint_stall_ms(1) > 0
+def test_checkpoint_copy_measurement_runs():
+    assert checkpoint.checkpoint_copy_ms(1) > 0
 
 
 # About 30 s on 2 cores (a service per measurement, a kill each): with the Ray tests, not the fast ones.
@@ -142,8 +142,11 @@ def _e2e_result(steps_per_s: float) -> dict:
 def test_the_checkpoint_rows():
     from benchmarks.__main__ import checkpoint_rows
 
-    rows = {r.name: r for r in checkpoint_rows(_e2e_result(20.0), _e2e_result(16.0), 10, stall_ms=2.5)}
-    assert rows["checkpoint_stall_ms"].ratio == pytest.approx(2.5 / 50)
+    checkpointed = {**_e2e_result(16.0), "checkpoints": 4, "checkpoint_hold_s": 0.08, "stage_seconds": {"queued": 0.01, "update": 0.5}}
+    rows = {r.name: r for r in checkpoint_rows(_e2e_result(20.0), checkpointed, 10, copy_ms=6.0)}
+    # the steps' waits for the job's lock, 10 ms in all over 4 checkpoints, against a step without checkpoints
+    assert rows["checkpoint_stall_ms"].value == pytest.approx(2.5) and rows["checkpoint_stall_ms"].ratio == pytest.approx(2.5 / 50)
+    assert rows["checkpoint_hold_ms"].value == pytest.approx(20.0) and rows["checkpoint_copy_ms"].ratio == pytest.approx(6.0 / 50)
     assert rows["e2e_checkpointed_steps_per_s"].baseline == "e2e_steps_per_s" and rows["e2e_checkpointed_steps_per_s"].ratio == 0.8
     # 62.5 ms a step against 50: 12.5 ms more a step, 125 ms for each checkpoint of 10 steps
     assert rows["checkpoint_cost_ms"].value == pytest.approx(125.0) and rows["checkpoint_cost_ms"].baseline_value == 50.0
@@ -156,6 +159,10 @@ def test_the_checkpoint_rows():
 def test_the_e2e_job_runs_with_checkpoints(ray_cluster):
     result = service.e2e(2, 1, 4, 8, num_params=20_000, checkpoint_every=2)
     assert result["steps_per_s"] > 0 and result["transport"] == "shared_memory"
+    # 2 warm-up steps, 4 timed ones and one on either side of them (for the byte counters): a checkpoint after
+    # steps 1, 3, 5 and 7, each copy timed by the coordinator
+    assert result["closed_steps"] == 8 and result["checkpoints"] == 4 and result["checkpoint_hold_s"] > 0
+    assert {"queued", "aggregate", "clip", "update", "schedule"} <= set(result["stage_seconds"])
 
 
 def test_the_e2e_and_memory_rows():

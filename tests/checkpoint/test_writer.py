@@ -77,3 +77,21 @@ def test_a_checkpoint_whose_write_before_is_stuck_is_not_taken(tmp_path, monkeyp
     finally:
         release.set()
         ckpt.close()
+
+
+def test_every_copy_is_reported_once_with_its_time(tmp_path):
+    """``on_copy`` (the service's metric of how long a copy held its job): once per copy, not for a save of a
+    step already under way or written."""
+    engine = _engine()
+    copies: list[tuple[str, float]] = []
+    ckpt = Checkpointer(str(tmp_path), keep=2, on_copy=lambda job, seconds: copies.append((job, seconds)))
+    try:
+        _train(engine, 1)
+        first = ckpt.save(engine, "j")
+        assert ckpt.save(engine, "j").result(30) == first.result(30) == 1  # the same step: no second copy
+        _train(engine, 1)
+        assert ckpt.save(engine, "j").result(30) == 2
+        assert [job for job, _ in copies] == ["j", "j"] and all(seconds > 0 for _, seconds in copies)
+        assert copies[-1][1] == ckpt.last_copy_s
+    finally:
+        ckpt.close()

@@ -134,3 +134,37 @@ def test_no_mean_is_taken_ahead_where_the_policy_chooses_the_workers():
         for rank in range(config.num_workers):
             shard.push(rank, 0, _flat_grads(shard))
         assert shard.reduce_ahead() is None, config
+
+
+def test_the_close_records_how_long_the_closing_report_waited_for_the_lock():
+    """``seconds["queued"]``: a shard's report that closes the step while another call holds the job's lock (a
+    checkpoint's copy at the step boundary) waits for it, and the step's result says how long."""
+    import threading
+    import time
+
+    engine = _engine()
+    engine.push(0, 0, _grads(engine, 0, 0))
+    step = engine.push(1, 0, _grads(engine, 0, 1))
+    assert step is not None and 0.0 <= step.seconds["queued"] < 0.1
+    engine.push(0, 1, _grads(engine, 1, 0))
+    # worker 1's push reaches the shards directly, as in the service; its reports come while the lock is held
+    grads = _grads(engine, 1, 1)
+    for j in range(SHARDS):
+        engine.shards.push(j, 1, 1, paramserver.core.sharding.pack(engine.plan, j, grads, engine.shard_device), [])
+    results = []
+
+    def report(j: int) -> None:
+        ready, _, version, holds = engine.shards.shards[j].ready_in()
+        assert ready
+        results.append(engine.shard_ready(j, version, None, holds, engine.shards.shards[j].reduce_ahead()))
+
+    with engine._lock:  # both reports come while it is held: the step is ready, and waits
+        reporters = [threading.Thread(target=report, args=(j,)) for j in range(SHARDS)]
+        for reporter in reporters:
+            reporter.start()
+        time.sleep(0.3)
+    for reporter in reporters:
+        reporter.join(10)
+        assert not reporter.is_alive()
+    closed = [r for r in results if r is not None]
+    assert [r.step for r in closed] == [1] and closed[0].seconds["queued"] >= 0.25

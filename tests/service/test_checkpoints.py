@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from paramserver.__main__ import main
 from paramserver.checkpoint import load_torch_state, steps
@@ -36,10 +37,13 @@ def _reference() -> list[torch.Tensor]:
 def test_a_restarted_service_restores_the_job_onto_other_shards_and_continues_exactly(tmp_path, before, after):
     d = str(tmp_path)
     starts = [-1] * W
+    copies = REGISTRY.get_sample_value("paramserver_checkpoint_copy_seconds_count", {"job": "j"}) or 0.0
     with serve_local(before, checkpoint_dir=d, checkpoint_every=3, checkpoint_keep=2) as service:
         resume_workers(service.address, [make_model() for _ in range(W)], STOP_AT, starts, **WORKER)
         assert starts == [0, 0]
     assert steps(d, "j") == [3, 6]  # written by the time shutdown returns
+    # each copy's hold of the job is in the coordinator's metrics
+    assert REGISTRY.get_sample_value("paramserver_checkpoint_copy_seconds_count", {"job": "j"}) == copies + 2
     with serve_local(after, checkpoint_dir=d) as service:
         client = ServiceClient(service.address, "j", timeout=10)
         try:

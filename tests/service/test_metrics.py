@@ -38,6 +38,7 @@ def test_metrics_count_steps_stages_bytes_norm_lr_and_skips(transport):
     assert sample("paramserver_skipped_steps_total", job=job) == 1
     for stage in ("aggregate", "clip", "update", "schedule"):
         assert sample("paramserver_stage_seconds_count", job=job, stage=stage) >= 3
+    assert sample("paramserver_stage_seconds_count", job=job, stage="queued") == 4  # every closed step, the skipped one too
     nbytes = sum(p.numel() * 4 for p in model.parameters())
     grpc_in, grpc_out = (sum(sample(f"paramserver_bytes_{d}_total", job=job, shard=str(j)) for j in range(2)) for d in ("in", "out"))
     shm_in, shm_out = (
