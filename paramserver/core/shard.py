@@ -26,7 +26,7 @@ from paramserver.core.errors import (
 )
 from paramserver.core.kernels import keep_kernel, kernel_choice
 from paramserver.core.scheduling import build_optimizer, set_hyperparameters
-from paramserver.core.shard_copies import ShardCopies, SnapshotWrite, _locked
+from paramserver.core.shard_copies import ShardCopies, SnapshotWrite, _after_copy, _locked
 from paramserver.core.shard_mean import HeldMean, ShardMean
 from paramserver.core.sharding import ShardingPlan, Slice
 from paramserver.core.staleness import AsyncLedger
@@ -130,6 +130,7 @@ class Shard(ShardCopies, ShardMean):
         # goes on from the records of the job's shards (``Coordinator.resume``). None: nothing sent yet.
         self.record: dict[str, Any] | None = None
         self._spare_snapshot: dict[str, Any] | None = None  # a checkpoint copy whose write is done: the next one's buffers
+        self._copying = False  # a checkpoint copy is under way (without the lock): updates and loads wait for it
         self.failed: str | None = None  # why the open step's close failed (``fail``); None: it did not
 
     # -- push -------------------------------------------------------------------------------------------------
@@ -265,7 +266,7 @@ class Shard(ShardCopies, ShardMean):
 
     # -- update -----------------------------------------------------------------------------------------------
 
-    @_locked
+    @_after_copy
     def apply(
         self, step: int, clip_coef: torch.Tensor | None, hyperparameters: list[dict[str, Any]], record: dict[str, Any] | None = None
     ) -> None:
@@ -294,7 +295,7 @@ class Shard(ShardCopies, ShardMean):
                 view.copy_(tensor.detach())
                 tensor.data = view
 
-    @_locked
+    @_after_copy
     def skip(self, step: int, record: dict[str, Any] | None = None) -> None:
         """Close ``step`` without an update (a non-finite step): weights and optimizer state stay."""
         self._check_initialized()
@@ -420,7 +421,7 @@ class Shard(ShardCopies, ShardMean):
     def weight_copies(self) -> list[torch.Tensor]:
         return [w.clone() for w in self.weights]
 
-    @_locked
+    @_after_copy
     def load_weights(self, buffers: Sequence[torch.Tensor]) -> None:
         self._check_buffers(buffers, "weights", exact_dtype=True)
         for dst, src in zip(self.weights, buffers):
@@ -435,7 +436,7 @@ class Shard(ShardCopies, ShardMean):
         """Optimizer state of each slice, in ``self.slices`` order (live tensors: callers copy)."""
         return [self.optimizer.state.get(t, {}) for t in self.tensors]
 
-    @_locked
+    @_after_copy
     def restore_version(self, version: int) -> None:
         """Start at ``version`` (a job restored from a checkpoint); no push may be in yet."""
         if self.accumulator.received:
@@ -446,7 +447,7 @@ class Shard(ShardCopies, ShardMean):
             self._changed.notify_all()
             self._notify_version_listeners()
 
-    @_locked
+    @_after_copy
     def start_generation(self, step: int, generation: int | None = None) -> None:
         """A state was loaded: drop the open step's partial pushes, open ``step`` and start a new weights
         generation, so that pushes computed on the old weights are refused and waiting pulls return.
@@ -463,7 +464,7 @@ class Shard(ShardCopies, ShardMean):
             self._changed.notify_all()
             self._notify_version_listeners()
 
-    @_locked
+    @_after_copy
     def load_optimizer_state(self, slice_states: Sequence[dict[str, Any]], param_groups: list[dict[str, Any]]) -> None:
         """Load per-slice optimizer state and group hyperparameters through torch's own loader (which casts
         state to each parameter's device and dtype as torch does)."""

@@ -25,6 +25,24 @@ def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
     return locked
 
 
+# How long a change of the weights or the optimizer state waits for a checkpoint copy under way (a copy of
+# memory: milliseconds; the bound is there so that nothing waits forever).
+COPY_WAIT_S = 300.0
+
+
+def _after_copy(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``_locked``, and once no checkpoint copy is under way: for the methods that change what a copy reads (the
+    weights, the optimizer state, the version). Pushes, reduces and pulls do not wait for a copy."""
+
+    @functools.wraps(method)
+    def locked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            self._wait_for_copy()
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 @dataclass(frozen=True)
 class SnapshotWrite:
     """A shard's piece of a checkpoint, copied at a step boundary, on its way to its file ``path``. ``piece``: the
@@ -46,6 +64,9 @@ class ShardCopies:
     def snapshot(self) -> dict[str, Any]:
         """Copies, on the CPU, of the weights and of every slice's optimizer state: this shard's piece of a
         checkpoint. The copy is all a step waits for; writing it happens elsewhere."""
+        return self._copy_new()
+
+    def _copy_new(self) -> dict[str, Any]:
         return {
             "version": self.version,
             "weights": [w.detach().to("cpu", copy=True) for w in self.weights],
@@ -55,13 +76,29 @@ class ShardCopies:
     def save_snapshot(self, path: str) -> SnapshotWrite:
         """This shard's piece of a checkpoint, copied now, for the caller to write to ``path`` and then
         ``release()``. The copy goes into the buffers of the last one once its write released them: copying into
-        memory already touched takes a fraction of the time of new memory, and the copy is what the step waits for."""
+        memory already touched takes a fraction of the time of new memory.
+
+        The copy runs without the shard's lock: the next step's pushes (and its mean, taken ahead) go on
+        meanwhile, and only what changes the copied state (an update, a load: ``_after_copy``) waits for it."""
         with self._lock:
+            self._wait_for_copy()  # one copy at a time: the spare buffers are one copy's
             spare, self._spare_snapshot = self._spare_snapshot, None
+            self._copying = True
+        try:
             piece = self._copy_into(spare) if spare is not None else None
             if piece is None:
-                piece = self.snapshot()
+                piece = self._copy_new()
+        finally:
+            with self._changed:
+                self._copying = False
+                self._changed.notify_all()
         return SnapshotWrite(path, piece["version"], piece, functools.partial(self._keep_spare, piece))
+
+    def _wait_for_copy(self) -> None:
+        """(The lock held.) Wait until no checkpoint copy reads the weights and the optimizer state; the wait
+        lets go of the lock, as every wait on ``_changed`` does."""
+        if self._copying and not self._changed.wait_for(lambda: not self._copying, COPY_WAIT_S):
+            raise RuntimeError(f"shard {self.shard_id}: a checkpoint copy is still under way after {COPY_WAIT_S:.0f}s")
 
     def _copy_into(self, spare: dict[str, Any]) -> dict[str, Any] | None:
         """``snapshot()`` into ``spare``'s tensors; None when their number, shapes or dtypes no longer match."""
@@ -101,7 +138,7 @@ class ShardCopies:
             "members": sorted(self.members),
         }
 
-    @_locked
+    @_after_copy
     def adopt(self, replica: dict[str, Any]) -> None:
         """Become a copy of the shard whose ``replica_state()`` this is: weights, optimizer state, version and
         generation, the open step empty (a standby receives no pushes)."""
@@ -124,7 +161,7 @@ class ShardCopies:
             self._notify_version_listeners()
 
 
-    @_locked
+    @_after_copy
     def place_weights(self, buffers: list[torch.Tensor]) -> None:
         """Move the flat weights into ``buffers`` (same sizes and dtypes, on the shard's device): shared memory
         that workers on this host read without a copy. The values are copied over and every optimizer parameter

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from paramserver.checkpoint import Checkpointer, io, steps
 from paramserver.core.shard import Shard
@@ -15,15 +16,15 @@ from tests.checkpoint.test_store import _engine, _train
 
 
 def _count_fresh_copies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Every ``Shard.snapshot`` (a copy into new memory, not into the buffers a finished write gave back)."""
+    """Every copy into new memory (``Shard._copy_new``), not into the buffers a finished write gave back."""
     made: list[int] = []
-    fresh = Shard.snapshot
+    fresh = Shard._copy_new
 
     def counted(self: Shard) -> dict:
         made.append(self.shard_id)
         return fresh(self)
 
-    monkeypatch.setattr(Shard, "snapshot", counted)
+    monkeypatch.setattr(Shard, "_copy_new", counted)
     return made
 
 
@@ -95,3 +96,45 @@ def test_every_copy_is_reported_once_with_its_time(tmp_path):
         assert copies[-1][1] == ckpt.last_copy_s
     finally:
         ckpt.close()
+
+
+def test_pushes_go_on_during_a_copy_and_the_update_waits_for_it(monkeypatch):
+    """The copy runs without the shard's lock: the next step's pushes (and the mean taken ahead) are not held by
+    it; an update, which changes what the copy reads, waits until it is done, so the copy is of one version."""
+    engine = _engine()
+    _train(engine, 1)
+    shard = engine.shards.shards[0]
+    before = [w.clone() for w in shard.weights]
+    copying, finish = threading.Event(), threading.Event()
+    fresh = Shard._copy_new
+
+    def slow_copy(self: Shard) -> dict:
+        copying.set()
+        assert finish.wait(30), "the test did not let the copy finish"
+        return fresh(self)
+
+    monkeypatch.setattr(Shard, "_copy_new", slow_copy)
+    writes: list = []
+    copier = threading.Thread(target=lambda: writes.append(shard.save_snapshot("unused")))
+    copier.start()
+    try:
+        assert copying.wait(10)
+        grads = _flat_grads(engine, 0)
+        assert shard.push(0, 1, grads) and shard.push(1, 1, grads)  # both pushes of the next step, the copy under way
+        shard.reduce(1, 2.0, None)  # the step's mean and norms, too
+        updated = threading.Event()
+        updater = threading.Thread(target=lambda: (shard.apply(1, None, engine.schedule.hyperparameters()), updated.set()))
+        updater.start()
+        assert not updated.wait(0.3), "the update ran during the copy"
+    finally:
+        finish.set()
+        copier.join(10)
+    updater.join(10)
+    assert updated.is_set() and shard.version == 2
+    (write,) = writes
+    assert write.version == 1 and all(torch.equal(a, b) for a, b in zip(write.piece["weights"], before))
+    assert not all(torch.equal(a, b) for a, b in zip(shard.weights, before))  # and the update came after it
+
+
+def _flat_grads(engine, shard_id: int) -> list[torch.Tensor]:
+    return [torch.ones(layout.numel, dtype=layout.dtype) for layout in engine.plan.buffers(shard_id)]
