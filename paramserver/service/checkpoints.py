@@ -1,6 +1,6 @@
 """The service's checkpoints: every job restored from ``checkpoint_dir`` at start, a checkpoint every
-``checkpoint_every`` steps (at the step boundary: the step waits for the copy, a background thread writes)
-and on demand (the Checkpoint call)."""
+``checkpoint_every`` steps (at the step boundary, once the step's weights are published: the job is held for the
+copy while the workers compute the next step, and background threads write) and on demand (the Checkpoint call)."""
 
 from __future__ import annotations
 
