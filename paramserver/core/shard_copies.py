@@ -5,9 +5,10 @@ concern: plain Python and torch."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,14 @@ class ShardCopies:
                 self._copying = False
                 self._changed.notify_all()
         return SnapshotWrite(path, piece["version"], piece, functools.partial(self._keep_spare, piece))
+
+    @contextlib.contextmanager
+    def changing(self) -> Iterator[None]:
+        """The shard's lock, taken once no checkpoint copy is under way: for a caller that changes the copied
+        state over several calls (no copy starts before the lock is let go)."""
+        with self._lock:
+            self._wait_for_copy()
+            yield
 
     def _wait_for_copy(self) -> None:
         """(The lock held.) Wait until no checkpoint copy reads the weights and the optimizer state; the wait

@@ -129,7 +129,7 @@ class ShardHost:
             raise ValueError(f"shard {self.shard_id}: worker must be in [0, {shard.num_workers}), got {worker!r}")
         sizes = [(layout.numel, layout.dtype) for layout in shard.layouts]
         live = shard.device.type == "cpu" and shard.ledger is None and shard.quorum is None
-        with shard._lock:  # the shard's lock first, then the plane's (as on a membership change)
+        with shard.changing():  # the shard's lock first, then the plane's (as on a membership change); no copy under way
             attachment, moved = self.shared_memory.attach(job, worker, sizes, shard.weights if live else None,
                                                           pin=shard.device.type == "cuda")
             if moved is not None:
