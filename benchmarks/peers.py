@@ -52,13 +52,6 @@ def _check_sizes(nbytes: int, chunk_bytes: int, repeats: int) -> None:
         raise ValueError(f"nbytes, chunk_bytes and repeats must be > 0, got {nbytes}, {chunk_bytes}, {repeats}")
 
 
-def _free_loopback_port() -> int:
-    """A port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
 def _threads_per_worker(num_workers: int) -> int:
     """The torch intra-op threads each of ``num_workers`` co-located peers gets (they share the cores)."""
     return max(1, (os.cpu_count() or 1) // num_workers)
@@ -324,9 +317,11 @@ def ddp_gloo_steps_per_s(num_workers: int, steps: int, batch_size: int, *, timeo
         raise ValueError(f"num_workers, steps and batch_size must be > 0, got {num_workers}, {steps}, {batch_size}")
     import torch.multiprocessing as tmp
 
+    from paramserver.service.ports import free_port_base  # here: the ranks import this module, and need none of it
+
     ctx = tmp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_loopback_port()
+    port = free_port_base(LOOPBACK)  # below the ephemeral range: no outgoing connection takes it before rank 0 binds it
     procs = [
         ctx.Process(target=_ddp_worker, args=(rank, num_workers, port, steps, batch_size, results, timeout_s), daemon=True, name=f"ddp-rank{rank}")
         for rank in range(num_workers)
