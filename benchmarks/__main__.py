@@ -18,6 +18,7 @@ import torch
 from benchmarks import checkpoint, failover, gpt2, gpu, peers, scaling, service, straggler
 from benchmarks.common import ray_session
 from benchmarks.rows import Row, table_lines, write_json
+from paramserver.core.config import DEFAULT_CHUNK_BYTES
 
 MIB = 2**20
 
@@ -128,7 +129,7 @@ def run(quick: bool, extras: dict | None = None) -> list[Row]:
     extras = {} if extras is None else extras
     mib = 2**20
     nbytes = (16 if quick else 64) * mib
-    chunk = 2 * mib
+    chunk = DEFAULT_CHUNK_BYTES  # the wire's default: the service's rows and their raw baselines alike
     repeats = 3 if quick else 5
     steps = 5 if quick else 20
     checkpoint_every = 5 if quick else 10  # the end-to-end job with checkpoints: one or two in its timed steps

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import mlp_hidden, mlp_params, ray_session
+from paramserver.core.config import DEFAULT_CHUNK_BYTES
 
 WORKERS = (1, 2, 4, 8)
 SHARDS = (1, 2, 4)
@@ -206,7 +207,7 @@ def link_gbps(quick: bool) -> dict[str, float]:
     """The per-link figure B: the service's gRPC push and pull (``service.push_pull_gbps``), the slower of them."""
     from benchmarks import service
 
-    push, pull = service.push_pull_gbps((16 if quick else 64) * 2**20, 2 * 2**20, 3 if quick else 5)
+    push, pull = service.push_pull_gbps((16 if quick else 64) * 2**20, DEFAULT_CHUNK_BYTES, 3 if quick else 5)
     return {"push_GBps": push, "pull_GBps": pull, "link_GBps": min(push, pull)}
 
 

@@ -25,7 +25,7 @@ NonFinitePolicy = Literal["skip", "error"]
 # Tensors above this size are cut into contiguous pieces across shards, for elementwise optimizers only.
 DEFAULT_SPLIT_THRESHOLD_BYTES = 32 * 2**20
 # The wire's chunk size (measured: see BENCHMARKS.md) and message limit.
-DEFAULT_CHUNK_BYTES = 2 * 2**20
+DEFAULT_CHUNK_BYTES = 1 * 2**20
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
 GRAD_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 

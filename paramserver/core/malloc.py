@@ -4,7 +4,7 @@ glibc serves an allocation above its mmap threshold with its own mmap, returned 
 raises that threshold (up to 32 MiB) each time such a block is freed; from then on the data path's
 megabyte-sized chunks and buffers come from the heap arenas of many threads, fragment them, and the
 process's RSS creeps up step after step. Measured on the 2-worker x 2-shard benchmark job: a shard's peak
-RSS 1004 MB with the dynamic threshold, about 530 MB with it fixed at 4 MiB (chunks, 2 MiB, still come
+RSS 1004 MB with the dynamic threshold, about 530 MB with it fixed at 4 MiB (chunks, 1-2 MiB, still come
 from the heap and are reused; whole buffers are mapped and unmapped).
 """
 
