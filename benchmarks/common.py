@@ -8,6 +8,7 @@ import os
 import resource
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,19 +89,23 @@ def proc_status_mb(pid: int | str = "self", fields: tuple[str, ...] = ("VmRSS", 
     return found
 
 
-def shard_bytes(metrics_addresses: list[str], job: str, timeout: float = 10.0) -> dict[str, float]:
-    """The payload bytes the shards' Prometheus counters have counted for ``job``, summed over the shards at
-    ``metrics_addresses`` ("host:port"): ``grpc_in``, ``grpc_out`` (paramserver_bytes_in/out) and ``shm_in``,
-    ``shm_out`` (paramserver_shared_memory_bytes by direction)."""
+def _metric_families(metrics_address: str, timeout: float) -> list[Any]:
+    """The metric families a Prometheus endpoint ("host:port") exposes now."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=timeout) as reply:
+        return list(text_string_to_metric_families(reply.read().decode()))
+
+
+def shard_bytes(metrics_addresses: list[str], job: str, timeout: float = 10.0) -> dict[str, float]:
+    """The payload bytes the shards' Prometheus counters have counted for ``job``, summed over the shards at
+    ``metrics_addresses`` ("host:port"): ``grpc_in``, ``grpc_out`` (paramserver_bytes_in/out) and ``shm_in``,
+    ``shm_out`` (paramserver_shared_memory_bytes by direction)."""
     totals = {"grpc_in": 0.0, "grpc_out": 0.0, "shm_in": 0.0, "shm_out": 0.0}
     for address in metrics_addresses:
-        with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout) as reply:
-            text = reply.read().decode()
-        for family in text_string_to_metric_families(text):
+        for family in _metric_families(address, timeout):
             for sample in family.samples:
                 if not sample.name.endswith("_total") or sample.labels.get("job") != job:
                     continue
@@ -116,15 +121,9 @@ def shard_bytes(metrics_addresses: list[str], job: str, timeout: float = 10.0) -
 def histogram_totals(metrics_address: str, family: str, job: str, by: str | None = None, timeout: float = 10.0) -> dict[str, tuple[float, int]]:
     """The sum and count of Prometheus histogram ``family`` for ``job`` at a metrics endpoint ("host:port"), per
     value of its label ``by`` (one entry, "", without)."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=timeout) as reply:
-        text = reply.read().decode()
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
-    for found in text_string_to_metric_families(text):
+    for found in _metric_families(metrics_address, timeout):
         if found.name != family:
             continue
         for sample in found.samples:
