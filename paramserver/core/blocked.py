@@ -16,14 +16,29 @@ steps are elementwise apart from the step count, which each block keeps a copy o
 
 from __future__ import annotations
 
+import os
+import threading
 from collections import defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 BLOCK_NUMEL = 1 << 18  # 1 MiB of fp32 per tensor: a block's tensors and temporaries fit in a 2 MiB L2
+# threads that take a step's mean: two cores' memory traffic is about what a CPU shard's mean can use
+MEAN_THREADS = max(1, min(2, len(os.sched_getaffinity(0))))
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()  # the shards of one process (serve_local) share the pool
+
+
+def _mean_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=max(1, MEAN_THREADS - 1), thread_name_prefix="paramserver-mean")
+        return _pool
 
 
 def ranges(numel: int, block_numel: int = BLOCK_NUMEL) -> list[tuple[int, int]]:
@@ -34,16 +49,28 @@ def ranges(numel: int, block_numel: int = BLOCK_NUMEL) -> list[tuple[int, int]]:
 def mean_in_blocks(sums: Sequence[torch.Tensor], contributions: Sequence[Sequence[torch.Tensor]], divisor: int) -> None:
     """``sums[i] = (contributions[0][i] + contributions[1][i] + ...) / divisor``, in the order of ``contributions``
     and with the ops of a whole-buffer fold (copy, add, ..., div), one block at a time (on a CPU: a GPU has no
-    cache to fit, and each block would be kernel launches of its own)."""
+    cache to fit, and each block would be kernel launches of its own). On a CPU the blocks are spread over
+    ``MEAN_THREADS`` threads (torch's ops let go of the GIL): the mean is bound by memory traffic, and the last
+    shard's mean of a step runs while the workers wait, with cores to spare. Each block's ops are the same
+    whichever thread runs them, so the bits are too."""
     assert contributions, "a mean over no contributions"
-    for i, total in enumerate(sums):
-        for lo, hi in ranges(total.numel()) if total.is_cpu else [(0, total.numel())]:
-            block = total[lo:hi]
+    blocks = [(i, lo, hi) for i, total in enumerate(sums) for lo, hi in (ranges(total.numel()) if total.is_cpu else [(0, total.numel())])]
+
+    def fold(part: Sequence[tuple[int, int, int]]) -> None:
+        for i, lo, hi in part:
+            block = sums[i][lo:hi]
             block.copy_(contributions[0][i][lo:hi])
             for buffers in contributions[1:]:
                 block.add_(buffers[i][lo:hi])
             if divisor > 1:
                 block.div_(divisor)
+
+    threads = max(1, min(MEAN_THREADS, len(blocks))) if all(total.is_cpu for total in sums) else 1
+    parts = [blocks[k * len(blocks) // threads : (k + 1) * len(blocks) // threads] for k in range(threads)]
+    others = [_mean_pool().submit(fold, part) for part in parts[1:]]
+    fold(parts[0])
+    for other in others:
+        other.result()
 
 
 def leaf_over(view: torch.Tensor) -> torch.Tensor:

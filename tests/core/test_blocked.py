@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import paramserver as ps
+from paramserver.core import blocked as blocked_module
 from paramserver.core.blocked import BLOCK_NUMEL, BlockedStep, mean_in_blocks, ranges
 
 BLOCK = 128  # small blocks: every parameter below is cut into several, with a ragged last piece
@@ -147,10 +148,14 @@ def test_small_work_and_unsupported_state_run_whole():
     assert not blocked.last_blocked
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_blocked_mean_is_the_whole_fold(dtype):
+def test_the_blocked_mean_is_the_whole_fold(dtype, threads, monkeypatch):
+    """Whichever thread folds a block, and however the blocks are split among threads (3 threads, 4 blocks)."""
+    monkeypatch.setattr(blocked_module, "MEAN_THREADS", threads)
+    monkeypatch.setattr(blocked_module, "_pool", None)
     gen = torch.Generator().manual_seed(3)
-    numels = [BLOCK_NUMEL + 1000, 77]
+    numels = [2 * BLOCK_NUMEL + 1000, 77]
     contributions = [[torch.randn(n, generator=gen).to(dtype) for n in numels] for _ in range(3)]
     whole = [torch.zeros(n) for n in numels]
     for i, total in enumerate(whole):
@@ -161,6 +166,7 @@ def test_the_blocked_mean_is_the_whole_fold(dtype):
     blocked = [torch.empty(n) for n in numels]
     mean_in_blocks(blocked, contributions, 3)
     assert all(torch.equal(a, b) for a, b in zip(whole, blocked))
+    mean_in_blocks([], [[]], 3)  # no tensors: nothing to fold
     assert ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
 
 
