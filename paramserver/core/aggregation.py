@@ -9,7 +9,7 @@ contributions are added as they arrive and no worker's buffer is kept.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
@@ -26,6 +26,7 @@ class GradientAccumulator:
         self.received: set[int] = set()
         self._folded = 0  # how many contributions are in the sums
         self._early: dict[int, Sequence[torch.Tensor]] = {}  # deterministic mode: each contribution, until the mean
+        self._release: dict[int, Callable[[Sequence[torch.Tensor]], None]] = {}  # who takes a held contribution back
         self.contributors: tuple[int, ...] | None = None  # set once the sum became the mean of these workers
         # the mean was taken with every contribution kept (``mean(keep=True)``): ``undo`` can take it again
         self.kept = False
@@ -34,14 +35,26 @@ class GradientAccumulator:
         """Whether the contributions of all of ``ranks`` (at least one) are in."""
         return bool(ranks) and set(ranks) <= self.received
 
-    def add(self, worker: int, buffers: Sequence[torch.Tensor]) -> None:
-        """Add one worker's flat gradients; the accumulator may keep ``buffers`` until the step closes."""
+    def add(self, worker: int, buffers: Sequence[torch.Tensor], release: Callable[[Sequence[torch.Tensor]], None] | None = None) -> None:
+        """Add one worker's flat gradients; the accumulator may keep ``buffers`` until the step closes.
+        ``release``: called with ``buffers`` once a kept contribution is folded or dropped, so that the receiver
+        can reuse them (not called for buffers not kept, see ``holds``)."""
         assert worker not in self.received and 0 <= worker < self.num_workers
         self.received.add(worker)
         if self.deterministic:
             self._early[worker] = buffers
+            if release is not None:
+                self._release[worker] = release
         else:
             self._fold(buffers)
+
+    def _let_go(self, ranks: Collection[int]) -> None:
+        """Forget the kept contributions of ``ranks``, handing their buffers back to whoever pushed them."""
+        for rank in list(ranks):
+            buffers = self._early.pop(rank)
+            release = self._release.pop(rank, None)
+            if release is not None:
+                release(buffers)
 
     def holds(self, buffers: Sequence[torch.Tensor]) -> bool:
         """Whether ``buffers`` wait here to be folded in (deterministic mode)."""
@@ -74,16 +87,19 @@ class GradientAccumulator:
         assert not keep or (self.deterministic and self._folded == 0), "only a mean of held contributions can be kept"
         if self._folded == 0 and held:
             # all of the mean is here: fold and divide one cache-sized block at a time (the same ops, the same bits)
-            mean_in_blocks(self.sums, [self._early[rank] if keep else self._early.pop(rank) for rank in held], len(who))
+            mean_in_blocks(self.sums, [self._early[rank] for rank in held], len(who))
             self._folded = len(held)
+            if not keep:
+                self._let_go(held)
         else:
             for rank in held:
-                self._fold(self._early.pop(rank))
+                self._fold(self._early[rank])
+                self._let_go([rank])
             if len(who) > 1:
                 for total in self.sums:
                     total.div_(len(who))
         if not self.carry_over and not keep:
-            self._early.clear()  # what is left was pushed by workers outside this mean
+            self._let_go(self._early)  # what is left was pushed by workers outside this mean
         assert self._folded == len(who)
         self.received = set(who) | set(self._early)
         self.contributors = tuple(sorted(who))
@@ -100,7 +116,7 @@ class GradientAccumulator:
     def reset(self, keep_pending: bool = False) -> None:
         """Start the next step; ``keep_pending``: the pushes not in the last mean stay (asynchronous steps)."""
         if not keep_pending:
-            self._early.clear()
+            self._let_go(self._early)
         self.received = set(self._early)
         self._folded = 0
         self.contributors = None

@@ -180,7 +180,8 @@ class Shard(ShardCopies, ShardMean):
 
     @_locked
     def push(
-        self, worker: int, step: int, grads: Sequence[torch.Tensor], missing: Collection[int] = (), generation: int | None = None
+        self, worker: int, step: int, grads: Sequence[torch.Tensor], missing: Collection[int] = (), generation: int | None = None,
+        release: Callable[[Sequence[torch.Tensor]], None] | None = None,
     ) -> bool:
         """Add ``worker``'s flat gradients for ``step``. Returns False if that push was already applied.
 
@@ -189,7 +190,8 @@ class Shard(ShardCopies, ShardMean):
 
         ``missing`` names the parameters this worker has no gradient for (their places hold zeros); one that no
         worker has a gradient for is left out of the step, as torch.optim skips a parameter whose grad is None.
-        Bad input raises ``ValueError`` and changes nothing. The shard may keep ``grads`` until it folds them.
+        Bad input raises ``ValueError`` and changes nothing. The shard may keep ``grads`` until it folds them;
+        ``release`` is then called with them once it lets go of them (a receiver's pool takes them back).
         """
         if not isinstance(worker, int) or isinstance(worker, bool) or not 0 <= worker < self.num_workers:
             raise ValueError(f"shard {self.shard_id}: worker must be in [0, {self.num_workers}), got {worker!r}")
@@ -220,7 +222,10 @@ class Shard(ShardCopies, ShardMean):
             raise ValueError(f"shard {self.shard_id}: missing-gradient list names unknown parameters: {sorted(missing)}")
         if self.accumulator.kept:
             self.accumulator.undo()  # a member joined after the mean was taken ahead: the step waits for it too
-        self.accumulator.add(worker, grads if self.device.type == "cpu" else [g.to(self.device) for g in grads])
+        if self.device.type == "cpu":
+            self.accumulator.add(worker, grads, release)
+        else:  # the shard keeps its own copies on its device: the buffers pushed are free at once
+            self.accumulator.add(worker, [g.to(self.device) for g in grads])
         if self.ledger is not None:
             self.ledger.pending(worker, step)
         self._missing[worker] = frozenset(missing)

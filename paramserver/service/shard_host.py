@@ -83,16 +83,18 @@ class ShardHost:
             raise JobNotFoundError(f"no job {job!r} on shard {self.shard_id}") from None
 
     def push(
-        self, job: str, worker: int, step: int, grads: Sequence[torch.Tensor], missing: Sequence[int] = (), generation: int | None = None
+        self, job: str, worker: int, step: int, grads: Sequence[torch.Tensor], missing: Sequence[int] = (), generation: int | None = None,
+        release: Callable[[Sequence[torch.Tensor]], None] | None = None,
     ) -> tuple[bool, int]:
         """Add a worker's gradients (computed on the weights of ``generation``; None: not checked); when this
         shard then holds all of them, take the step's mean ahead and report to the coordinator, whose call closes
         the step if this was the last shard. The report goes out in the background: the push answers at once,
         and the workers learn of the close from their pulls (a close that fails makes them fail too). The report
-        names the shard's generation, so one from before a load is ignored. Returns (applied, version after)."""
+        names the shard's generation, so one from before a load is ignored. ``release``: see ``Shard.push``.
+        Returns (applied, version after)."""
         shard = self.shard(job)
         with self._locks[job]:  # held until the report is queued: reports are queued in the order they were read
-            applied = shard.push(worker, step, grads, missing, generation)
+            applied = shard.push(worker, step, grads, missing, generation, release)
             ready, now, version, holds = shard.ready_in()
             if applied and ready:
                 # the mean and its norms travel with the report: the step's close need not ask this shard for them

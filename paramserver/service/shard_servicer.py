@@ -85,14 +85,17 @@ class ShardServicer(pb_grpc.ShardServicer):
 
     def _push(self, head: pb.ChunkHeader, grads: list[torch.Tensor]) -> tuple[bool, int]:
         # on the compute pool: it takes the shard's lock, and the last push of a step runs its update
+        shard = self.host.shard(head.job)
+        pin = shard.device.type == "cuda"
         try:
             generation = head.generation if head.HasField("generation") else None
-            return self.host.push(head.job, head.worker, head.step, grads, list(head.missing_params), generation)
+            # a push kept until the step's close: the shard hands its buffers back once it has folded them
+            return self.host.push(head.job, head.worker, head.step, grads, list(head.missing_params), generation,
+                                  release=lambda buffers: self.pool.give_back(buffers, pin))
         finally:
-            # folded into the sum (or refused): the receive buffers can take the next push
-            shard = self.host.shard(head.job)
+            # folded at once (or refused): the receive buffers can take the next push
             if not shard.holds(grads):
-                self.pool.give_back(grads, shard.device.type == "cuda")
+                self.pool.give_back(grads, pin)
 
     @translate_errors
     async def PushGradients(self, request_iterator: AsyncIterator[codec.Chunk], context: grpc.aio.ServicerContext) -> pb.PushReply:

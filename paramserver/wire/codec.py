@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -289,22 +290,36 @@ def decode_state(chunks: Iterator[pb.StateChunk]) -> tuple[str, str, list[torch.
 
 
 class BufferPool:
-    """Receive buffers kept for reuse: a fresh buffer of tens of MiB costs its page faults on every push."""
+    """Receive buffers kept for reuse: a fresh buffer of tens of MiB costs its page faults on every push.
+
+    Only a buffer this pool lent and that is not back yet is taken back: giving one back twice, or a tensor
+    from elsewhere (a view of a worker's shared memory), leaves the pool as it was, so no buffer is ever lent
+    to two pushes at once."""
 
     def __init__(self) -> None:
         self._free: dict[tuple[int, torch.dtype, bool], list[torch.Tensor]] = {}
+        self._lent: dict[int, weakref.ref[torch.Tensor]] = {}  # id -> the buffer, while a push has it
         self._lock = threading.Lock()
+        self.allocations = 0  # buffers made new (the others were reused)
 
     def take(self, numel: int, dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
         """A buffer of ``numel`` elements; ``pin``: in pinned memory, for a copy to a GPU by DMA."""
         with self._lock:
             free = self._free.get((numel, dtype, pin))
             if free:
-                return free.pop()
-        return torch.empty(numel, dtype=dtype, pin_memory=pin)
+                buf = free.pop()
+            else:
+                buf = torch.empty(numel, dtype=dtype, pin_memory=pin)
+                self.allocations += 1
+            key = id(buf)
+            # a buffer dropped instead of given back leaves no entry behind (the callback runs before its id is free)
+            self._lent[key] = weakref.ref(buf, lambda _, key=key: self._lent.pop(key, None))
+            return buf
 
     def give_back(self, buffers: Sequence[torch.Tensor], pin: bool = False) -> None:
-        """Keep ``buffers`` (taken with this ``pin``) for the next take."""
+        """Keep ``buffers`` (taken with this ``pin``) for the next take; any other tensor is ignored."""
         with self._lock:
             for buf in buffers:
-                self._free.setdefault((buf.numel(), buf.dtype, pin), []).append(buf)
+                lent = self._lent.pop(id(buf), None)
+                if lent is not None and lent() is buf:
+                    self._free.setdefault((buf.numel(), buf.dtype, pin), []).append(buf)
