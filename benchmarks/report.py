@@ -97,6 +97,13 @@ def goal_lines(results: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def rounds_lines(rounds: dict[str, list[float]]) -> list[str]:
+    """The end-to-end figures' alternating rounds (steps/s, in order); the table holds the median of each."""
+    runs = "; ".join(f"{name} {', '.join(_num(v) for v in values)}" for name, values in rounds.items())
+    return [f"The end-to-end figures and their baselines are the median of {max(map(len, rounds.values()))} alternating "
+            f"rounds (steps/s, in the order they ran): {runs}."]
+
+
 def render(data: dict[str, Any]) -> str:
     """The generated part of BENCHMARKS.md: what ran where, the main table, the goals, the scaling grid and the
     multi-host table."""
@@ -111,6 +118,8 @@ def render(data: dict[str, Any]) -> str:
     if data.get("quick"):
         out.append("\n**These figures are from a quick run (small sizes, few steps): to be replaced by a full run.**")
     out += ["", "### All figures", "", *results_lines(data["results"]), "", "### The goals", "", *goal_lines(data["results"])]
+    if "rounds" in data:
+        out += ["", *rounds_lines(data["rounds"])]
     if "scaling" in data:
         s = data["scaling"]
         out += ["", "### Scaling on one host (transport auto: shared memory)", "",

@@ -7,8 +7,10 @@ import datetime
 import json
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,6 +26,33 @@ class Row:
     @property
     def ratio(self) -> float | None:
         return None if not self.baseline_value else self.value / self.baseline_value
+
+
+def alternating_rounds(rounds: int, measurements: dict[str, Callable[[], Any]]) -> dict[str, list[Any]]:
+    """Each measurement once a round, in the given order, ``rounds`` times: the results per name, in round order.
+
+    Interleaved, not one after the other, so that a drift of the machine's speed over the minutes of a run
+    (30% within an hour on these machines) reaches a figure and its baseline alike."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    results: dict[str, list[Any]] = {name: [] for name in measurements}
+    for _ in range(rounds):
+        for name, measure in measurements.items():
+            results[name].append(measure())
+    return results
+
+
+def middle(values: list[float]) -> float:
+    """The median of ``values`` taken as one of them (the lower middle one for an even count)."""
+    return middle_run([{"value": v} for v in values], "value")["value"]
+
+
+def middle_run(runs: list[dict], key: str = "steps_per_s") -> dict:
+    """The run whose ``key`` is the median of the runs' (the lower middle one for an even count): a whole run,
+    so that its other figures (memory, bytes per step) come from the same run as the figure."""
+    if not runs:
+        raise ValueError("no runs to take the middle one of")
+    return sorted(runs, key=lambda run: run[key])[(len(runs) - 1) // 2]
 
 
 def machine() -> dict:

@@ -219,6 +219,7 @@ def _run_json(quick: bool) -> dict:
         "scaling": {"grid": {**asdict(scaling.grid_for(quick))}, "points": points, "seconds": 100.0, "bytes_source": "measured"},
         "link": {"push_GBps": 2.0, "pull_GBps": 1.5, "link_GBps": 1.5},
         "multihost": scaling.multihost_table(1.5, {"1M": 999_562}, ns=(1, 2)),
+        "rounds": {"ray_ps": [5.0, 4.5, 5.5], "e2e": [9.0, 10.0, 11.0]},
     }
 
 
@@ -234,6 +235,7 @@ def test_the_report_renders_every_table(tmp_path):
     assert "skipped: the grid's time budget was spent" in text and "| 1M | 1.00M | 1 | 2 | 30 | 8 | 8 | 8/8 | 8 |" in text
     assert "computed, not measured across machines" in text and "| 1M | 3.998 | 2 | 1 |" in text
     assert "to be replaced" not in report.render(_run_json(quick=False))
+    assert "median of 3 alternating rounds (steps/s, in the order they ran): ray_ps 5, 4.5, 5.5; e2e 9, 10, 11." in text
 
     data = tmp_path / "run.json"
     data.write_text(json.dumps(_run_json(quick=False)))
@@ -245,6 +247,21 @@ def test_the_report_renders_every_table(tmp_path):
     assert "old figures" not in written and "| e2e_steps_per_s | 10 |" in written
     with pytest.raises(ValueError, match="report:begin"):
         report.replace_generated("no markers", "x")
+
+
+def test_alternating_rounds_interleave_and_the_middle_run_is_the_median():
+    from benchmarks.rows import alternating_rounds, middle, middle_run
+
+    order = []
+    results = alternating_rounds(3, {"a": lambda: order.append("a") or len(order), "b": lambda: order.append("b") or len(order)})
+    assert order == ["a", "b"] * 3 and results == {"a": [1, 3, 5], "b": [2, 4, 6]}
+    assert middle([3.0, 1.0, 2.0]) == 2.0 and middle([4.0, 1.0]) == 1.0 and middle([7.0]) == 7.0
+    runs = [{"steps_per_s": 9.0, "peak": "a"}, {"steps_per_s": 11.0, "peak": "b"}, {"steps_per_s": 10.0, "peak": "c"}]
+    assert middle_run(runs) == {"steps_per_s": 10.0, "peak": "c"}  # the whole run, its other figures with it
+    with pytest.raises(ValueError, match="rounds must be at least 1"):
+        alternating_rounds(0, {"a": lambda: 1})
+    with pytest.raises(ValueError, match="no runs"):
+        middle_run([])
 
 
 def test_shard_bytes_reads_the_shards_counters():
