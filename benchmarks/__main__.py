@@ -21,7 +21,7 @@ from benchmarks.rows import Row, alternating_rounds, middle, middle_run, table_l
 from paramserver.core.config import DEFAULT_CHUNK_BYTES
 
 MIB = 2**20
-E2E_ROUNDS = 3  # the end-to-end figures and their baselines: the median of this many alternating runs
+ROUNDS = 3  # the goals' figures and their baselines: the median of this many alternating runs
 
 
 def e2e_rows(e2e: dict, e2e_grpc: dict, e2e_bf16: dict | None, *, local: float, ddp: float, ray_ps: float) -> list[Row]:
@@ -140,12 +140,21 @@ def run(quick: bool, extras: dict | None = None) -> list[Row]:
     def timed(label: str):
         print(f"... {label}", file=sys.stderr, flush=True)
 
-    timed("transfer")
-    socket_gbps = peers.raw_socket_gbps(nbytes, chunk, repeats)
-    grpc_push = peers.raw_grpc_gbps(nbytes, chunk, repeats, "push")
-    grpc_pull = peers.raw_grpc_gbps(nbytes, chunk, repeats, "pull")
-    push, pull = service.push_pull_gbps(nbytes, chunk, repeats)
-    relay_push, relay_pull = service.push_pull_gbps(nbytes, chunk, repeats, route="relay")
+    # The goal figures and their baselines are the median of ROUNDS alternating rounds (each round's figure in
+    # the JSON's "rounds"): one measurement of a few seconds moves by 20% from one minute to the next here.
+    timed(f"transfer ({ROUNDS} rounds)")
+    transfer = alternating_rounds(ROUNDS, {
+        "raw_socket_GBps": lambda: peers.raw_socket_gbps(nbytes, chunk, repeats),
+        "raw_grpc_push_GBps": lambda: peers.raw_grpc_gbps(nbytes, chunk, repeats, "push"),
+        "raw_grpc_pull_GBps": lambda: peers.raw_grpc_gbps(nbytes, chunk, repeats, "pull"),
+        "push_pull_GBps": lambda: service.push_pull_gbps(nbytes, chunk, repeats),
+        "relay_push_pull_GBps": lambda: service.push_pull_gbps(nbytes, chunk, repeats, route="relay"),
+    })
+    rounds = {name: transfer[name] for name in ("raw_socket_GBps", "raw_grpc_push_GBps", "raw_grpc_pull_GBps")}
+    for route in ("", "relay_"):
+        rounds[f"{route}push_GBps"], rounds[f"{route}pull_GBps"] = (list(v) for v in zip(*transfer[f"{route}push_pull_GBps"]))
+    socket_gbps, grpc_push, grpc_pull, push, pull, relay_push, relay_pull = (middle(rounds[name]) for name in (
+        "raw_socket_GBps", "raw_grpc_push_GBps", "raw_grpc_pull_GBps", "push_GBps", "pull_GBps", "relay_push_GBps", "relay_pull_GBps"))
     rows += [
         Row("raw_socket_GBps", socket_gbps, "GB/s"),
         Row("raw_grpc_GBps", grpc_push, "GB/s", "raw_socket_GBps", socket_gbps),
@@ -160,16 +169,14 @@ def run(quick: bool, extras: dict | None = None) -> list[Row]:
     in_service, standalone = service.update_mparams_per_s(2_000_000 if quick else 10_000_000, repeats)
     rows.append(Row("update_Mparams_per_s", in_service, "Mparams/s", "torch_adam_Mparams_per_s", standalone))
 
-    # The headline figures and their baselines: E2E_ROUNDS alternating rounds, the median of each (one run of a
-    # few seconds moves by 20% from one minute to the next on these machines).
-    timed(f"end to end: local, DDP gloo, Ray PS, the service over shared memory ({E2E_ROUNDS} rounds), over gRPC")
-    outside_ray = alternating_rounds(E2E_ROUNDS, {
+    timed(f"end to end: local, DDP gloo, Ray PS, the service over shared memory ({ROUNDS} rounds), over gRPC")
+    outside_ray = alternating_rounds(ROUNDS, {
         "local": lambda: peers.local_steps_per_s(steps, batch_size),
         "ddp": lambda: peers.ddp_gloo_steps_per_s(2, steps, batch_size),
     })
     local, ddp = middle(outside_ray["local"]), middle(outside_ray["ddp"])
     with ray_session():  # one Ray for the Ray PS and the service's runs
-        on_ray = alternating_rounds(E2E_ROUNDS, {
+        on_ray = alternating_rounds(ROUNDS, {
             "ray_ps": lambda: peers.ray_ps_steps_per_s(2, steps, batch_size),
             # transport="auto": checked to be shared memory in every worker
             "e2e": lambda: service.e2e(2, 2, steps, batch_size),
@@ -184,8 +191,9 @@ def run(quick: bool, extras: dict | None = None) -> list[Row]:
     # each run's details in the JSON: the transport in use, the bytes per step the shards counted, memory
     extras["e2e"] = {"auto": e2e, "grpc": e2e_grpc, "auto_bf16_grads": e2e_bf16, "small": small, "checkpointed": checkpointed}
     extras["checkpoint_every"] = checkpoint_every
-    extras["rounds"] = {"local": outside_ray["local"], "ddp_gloo": outside_ray["ddp"], "ray_ps": on_ray["ray_ps"],
-                        "e2e": e2e["rounds_steps_per_s"]}
+    rounds.update(local_steps_per_s=outside_ray["local"], ddp_gloo_steps_per_s=outside_ray["ddp"],
+                  ray_ps_steps_per_s=on_ray["ray_ps"], e2e_steps_per_s=e2e["rounds_steps_per_s"])
+    extras["rounds"] = rounds
 
     timed("end to end: GPT-2 (transformers, byte-level), the service and one local process")
     gpt2_steps = 10 if quick else 30

@@ -98,10 +98,10 @@ def goal_lines(results: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def rounds_lines(rounds: dict[str, list[float]]) -> list[str]:
-    """The end-to-end figures' alternating rounds (steps/s, in order); the table holds the median of each."""
+    """The figures measured in alternating rounds, each round's in order; the table holds the median of each."""
     runs = "; ".join(f"{name} {', '.join(_num(v) for v in values)}" for name, values in rounds.items())
-    return [f"The end-to-end figures and their baselines are the median of {max(map(len, rounds.values()))} alternating "
-            f"rounds (steps/s, in the order they ran): {runs}."]
+    return [f"Measured in {max(map(len, rounds.values()))} alternating rounds, the table holding the median of each "
+            f"(each round's figure, in the order they ran): {runs}."]
 
 
 def render(data: dict[str, Any]) -> str:

@@ -219,7 +219,7 @@ def _run_json(quick: bool) -> dict:
         "scaling": {"grid": {**asdict(scaling.grid_for(quick))}, "points": points, "seconds": 100.0, "bytes_source": "measured"},
         "link": {"push_GBps": 2.0, "pull_GBps": 1.5, "link_GBps": 1.5},
         "multihost": scaling.multihost_table(1.5, {"1M": 999_562}, ns=(1, 2)),
-        "rounds": {"ray_ps": [5.0, 4.5, 5.5], "e2e": [9.0, 10.0, 11.0]},
+        "rounds": {"ray_ps_steps_per_s": [5.0, 4.5, 5.5], "e2e_steps_per_s": [9.0, 10.0, 11.0]},
     }
 
 
@@ -235,7 +235,8 @@ def test_the_report_renders_every_table(tmp_path):
     assert "skipped: the grid's time budget was spent" in text and "| 1M | 1.00M | 1 | 2 | 30 | 8 | 8 | 8/8 | 8 |" in text
     assert "computed, not measured across machines" in text and "| 1M | 3.998 | 2 | 1 |" in text
     assert "to be replaced" not in report.render(_run_json(quick=False))
-    assert "median of 3 alternating rounds (steps/s, in the order they ran): ray_ps 5, 4.5, 5.5; e2e 9, 10, 11." in text
+    assert ("Measured in 3 alternating rounds, the table holding the median of each (each round's figure, in the order they "
+            "ran): ray_ps_steps_per_s 5, 4.5, 5.5; e2e_steps_per_s 9, 10, 11.") in text
 
     data = tmp_path / "run.json"
     data.write_text(json.dumps(_run_json(quick=False)))
