@@ -93,6 +93,22 @@ class ShardingPlan:
         return layouts
 
 
+# A piece of a cut tensor starts and ends on a multiple of this many bytes from the tensor's start (only the last
+# piece ends where the tensor does). torch's CPU kernels run vectors from a tensor's start (an unrolled pair of
+# 64-byte vectors at most) and leave the rest to a scalar tail; fused kernels' scalar tail rounds differently
+# from their vectors (fused Adam: 1 ulp in some elements). Cut on these boundaries, every element of a piece
+# is computed on the path it takes in the whole tensor, so the pieces give the whole tensor's bits.
+CUT_ALIGN_BYTES = 256
+
+
+def cut_points(numel: int, pieces: int, itemsize: int) -> list[int]:
+    """Bounds of about ``pieces`` contiguous pieces of ``numel`` elements, each inner one on a multiple of
+    ``CUT_ALIGN_BYTES``: fewer pieces where the tensor is too small for that many aligned ones."""
+    align = max(1, CUT_ALIGN_BYTES // itemsize)
+    inner = {(2 * numel * i + pieces * align) // (2 * pieces * align) * align for i in range(1, pieces)}  # nearest
+    return [0, *sorted(b for b in inner if 0 < b < numel), numel]
+
+
 def make_plan(
     params: Sequence[ParamInfo], num_shards: int, split_threshold_bytes: int | None, allow_split: bool
 ) -> ShardingPlan:
@@ -103,8 +119,8 @@ def make_plan(
         pieces = 1
         if allow_split and split_threshold_bytes is not None and num_shards > 1 and p.nbytes > split_threshold_bytes:
             pieces = min(num_shards, math.ceil(p.nbytes / split_threshold_bytes), p.numel)
-        bounds = [p.numel * i // pieces for i in range(pieces + 1)]
-        items.extend(Slice(p.index, bounds[i], bounds[i + 1]) for i in range(pieces))
+        bounds = cut_points(p.numel, pieces, p.dtype.itemsize)
+        items.extend(Slice(p.index, lo, hi) for lo, hi in zip(bounds, bounds[1:]))
 
     def nbytes(s: Slice) -> int:
         return s.numel * params[s.param].dtype.itemsize

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from paramserver.core.params import ParamInfo
-from paramserver.core.sharding import make_plan, pack, unpack
+from paramserver.core.sharding import CUT_ALIGN_BYTES, cut_points, make_plan, pack, unpack
 
 
 def infos(shapes, dtype=torch.float32):
@@ -64,6 +64,44 @@ def test_plan_splitting_improves_balance():
     assert split.balance() < 1.1
     assert split.is_split(0) and not split.is_split(1)
     assert "balance" in split.describe()
+
+
+@pytest.mark.parametrize(
+    ("numel", "pieces", "itemsize", "expected"),
+    [
+        (4096, 4, 4, [0, 1024, 2048, 3072, 4096]),  # even: the plain quarters are aligned already
+        (1000, 4, 2, [0, 256, 512, 768, 1000]),  # bf16: 128 elements a boundary, the nearest to 250, 500, 750
+        (102, 3, 4, [0, 64, 102]),  # too small for 3 aligned pieces: 2
+        (63, 2, 4, [0, 63]),  # smaller than one boundary: whole
+        (10**9 + 7, 3, 4, [0, 333333312, 666666688, 10**9 + 7]),  # integer arithmetic at any size
+    ],
+)
+def test_cut_points_fall_on_aligned_boundaries(numel, pieces, itemsize, expected):
+    bounds = cut_points(numel, pieces, itemsize)
+    assert bounds == expected
+    assert all(b * itemsize % CUT_ALIGN_BYTES == 0 for b in bounds[:-1])
+
+
+def test_a_cut_tensor_gives_the_bits_of_the_whole_under_fused_adam():
+    """torch's fused CPU Adam rounds its scalar tail differently from its vectors: a piece cut anywhere would
+    give some elements other bits than the whole tensor does; on the plan's boundaries every element matches."""
+    gen = torch.Generator().manual_seed(0)
+    numel = 3 * 1000 + 7
+    grads = [torch.randn(numel, generator=gen) for _ in range(40)]
+    start = torch.randn(numel, generator=gen)
+
+    def train(lo: int, hi: int) -> torch.Tensor:
+        p = torch.nn.Parameter(start[lo:hi].clone())
+        opt = torch.optim.Adam([p], lr=1e-2, fused=True)
+        for g in grads:
+            p.grad = g[lo:hi].clone()
+            opt.step()
+        return p.detach()
+
+    whole = train(0, numel)
+    bounds = cut_points(numel, 3, 4)
+    pieces = torch.cat([train(lo, hi) for lo, hi in zip(bounds, bounds[1:])])
+    assert torch.equal(pieces, whole)
 
 
 def test_plan_by_bytes_counts_dtypes():

@@ -13,7 +13,6 @@ from paramserver.core.policy import CloseStep, StepPolicy, SyncPolicy
 from paramserver.core.sharding import pack
 from paramserver.core.shards import ShardGroup
 
-
 ALL = frozenset(range(4))
 
 
@@ -91,11 +90,11 @@ class ClosesOver:
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2))
+    return torch.nn.Sequential(torch.nn.Linear(32, 4), torch.nn.Linear(4, 2))
 
 
 def _engine(model: torch.nn.Module, num_workers: int, deterministic: bool = True) -> ps.StepEngine:
-    # a small split threshold cuts the first weight across both shards (SGD is elementwise)
+    # a small split threshold cuts the first weight (128 elements) across both shards (SGD is elementwise)
     config = ps.JobConfig(num_workers=num_workers, deterministic=deterministic, split_threshold_bytes=64)
     return ps.StepEngine(model.named_parameters(), "SGD", lr=1.0, num_shards=2, config=config)
 
