@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection, Sequence
 
 import torch
 
-from paramserver.core.blocked import mean_in_blocks
+from paramserver.core.blocked import divide_, mean_in_blocks
 
 
 class GradientAccumulator:
@@ -95,9 +95,8 @@ class GradientAccumulator:
             for rank in held:
                 self._fold(self._early[rank])
                 self._let_go([rank])
-            if len(who) > 1:
-                for total in self.sums:
-                    total.div_(len(who))
+            for total in self.sums:
+                divide_(total, len(who))
         if not self.carry_over and not keep:
             self._let_go(self._early)  # what is left was pushed by workers outside this mean
         assert self._folded == len(who)

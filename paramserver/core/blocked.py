@@ -48,7 +48,7 @@ def ranges(numel: int, block_numel: int = BLOCK_NUMEL) -> list[tuple[int, int]]:
 
 def mean_in_blocks(sums: Sequence[torch.Tensor], contributions: Sequence[Sequence[torch.Tensor]], divisor: int) -> None:
     """``sums[i] = (contributions[0][i] + contributions[1][i] + ...) / divisor``, in the order of ``contributions``
-    and with the ops of a whole-buffer fold (copy, add, ..., div), one block at a time (on a CPU: a GPU has no
+    and with the arithmetic of a whole-buffer fold (copy, add, ..., div: the same roundings), one block at a time (on a CPU: a GPU has no
     cache to fit, and each block would be kernel launches of its own). On a CPU the blocks are spread over
     ``MEAN_THREADS`` threads (torch's ops let go of the GIL): the mean is bound by memory traffic, and the last
     shard's mean of a step runs while the workers wait, with cores to spare. Each block's ops are the same
@@ -58,12 +58,16 @@ def mean_in_blocks(sums: Sequence[torch.Tensor], contributions: Sequence[Sequenc
 
     def fold(part: Sequence[tuple[int, int, int]]) -> None:
         for i, lo, hi in part:
-            block = sums[i][lo:hi]
-            block.copy_(contributions[0][i][lo:hi])
-            for buffers in contributions[1:]:
+            block, rest = sums[i][lo:hi], contributions[1:]
+            first = contributions[0][i][lo:hi]
+            if rest and first.dtype == block.dtype == rest[0][i].dtype:
+                torch.add(first, rest[0][i][lo:hi], out=block)  # copy, then add: the same sum in one pass fewer
+                rest = rest[1:]
+            else:  # the sum's dtype is not the contributions': copy_ converts, add_ accumulates in the sum's
+                block.copy_(first)
+            for buffers in rest:
                 block.add_(buffers[i][lo:hi])
-            if divisor > 1:
-                block.div_(divisor)
+            divide_(block, divisor)
 
     threads = max(1, min(MEAN_THREADS, len(blocks))) if all(total.is_cpu for total in sums) else 1
     parts = [blocks[k * len(blocks) // threads : (k + 1) * len(blocks) // threads] for k in range(threads)]
@@ -71,6 +75,17 @@ def mean_in_blocks(sums: Sequence[torch.Tensor], contributions: Sequence[Sequenc
     fold(parts[0])
     for other in others:
         other.result()
+
+
+def divide_(tensor: torch.Tensor, divisor: int) -> None:
+    """``tensor /= divisor``, as a product where ``divisor`` is a power of two: ``x * 2**-k`` is ``x / 2**k``
+    exactly (both are the one rounding of the same real number), and a product is the cheaper op."""
+    if divisor == 1:
+        return
+    if divisor & (divisor - 1) == 0:
+        tensor.mul_(1.0 / divisor)
+    else:
+        tensor.div_(divisor)
 
 
 def leaf_over(view: torch.Tensor) -> torch.Tensor:

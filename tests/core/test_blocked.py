@@ -148,23 +148,27 @@ def test_small_work_and_unsupported_state_run_whole():
     assert not blocked.last_blocked
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3, 4])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_blocked_mean_is_the_whole_fold(dtype, threads, monkeypatch):
-    """Whichever thread folds a block, and however the blocks are split among threads (3 threads, 4 blocks)."""
+def test_the_blocked_mean_is_the_whole_fold(dtype, threads, workers, monkeypatch):
+    """Whichever thread folds a block, and however the blocks are split among threads (3 threads, 4 blocks); the
+    first two contributions added in one op and a power-of-two divisor as a product give the fold's bits."""
     monkeypatch.setattr(blocked_module, "MEAN_THREADS", threads)
     monkeypatch.setattr(blocked_module, "_pool", None)
     gen = torch.Generator().manual_seed(3)
     numels = [2 * BLOCK_NUMEL + 1000, 77]
-    contributions = [[torch.randn(n, generator=gen).to(dtype) for n in numels] for _ in range(3)]
+    contributions = [[torch.randn(n, generator=gen).to(dtype) for n in numels] for _ in range(workers)]
+    contributions[0][1][:4] = torch.tensor([1e-45, -3e-45, 2e-38, 3e38])  # denormal and near-overflow elements
     whole = [torch.zeros(n) for n in numels]
     for i, total in enumerate(whole):
         total.copy_(contributions[0][i])
         for c in contributions[1:]:
             total.add_(c[i])
-        total.div_(3)
+        if workers > 1:
+            total.div_(workers)
     blocked = [torch.empty(n) for n in numels]
-    mean_in_blocks(blocked, contributions, 3)
+    mean_in_blocks(blocked, contributions, workers)
     assert all(torch.equal(a, b) for a, b in zip(whole, blocked))
     mean_in_blocks([], [[]], 3)  # no tensors: nothing to fold
     assert ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
