@@ -281,7 +281,9 @@ class Shard(ShardCopies, ShardMean):
         self.check_step(step)
         self._take_held_ahead(step)
         assert self.accumulator.contributors is not None, f"shard {self.shard_id}: apply before reduce (the mean) of step {step}"
-        coef = None if clip_coef is None else clip_coef.to(self.device)
+        # A coefficient of exactly 1 (the norm within max_norm) is a product torch runs and the shard skips: the
+        # norm is finite, so is every gradient, and x * 1 is x. (A non-finite norm gives a coefficient of 0 or NaN.)
+        coef = None if clip_coef is None or bool(clip_coef == 1.0) else clip_coef.to(self.device)
         set_hyperparameters(self.optimizer, hyperparameters)
         keep_kernel(self.optimizer, self.kernel)
         for s, tensor in zip(self.slices, self.tensors):

@@ -57,6 +57,30 @@ def test_parity_clip_grad_norm_every_norm_type_bitwise(norm_type):
     assert_state_equal(engine.state_dict()["optimizer"], ref.optimizer.state_dict())
 
 
+def test_a_coefficient_of_one_skips_the_product_and_keeps_the_bits(monkeypatch):
+    """Where the norm is within max_norm the coefficient is exactly 1 and the shards run no product (torch
+    multiplies by it anyway); where it is above, they scale by it. Both bitwise as torch."""
+    clip = ps.ClipConfig(max_norm=20.0)  # the mean gradients' 2-norm is 23..27, halved on even steps
+    model = make_model()
+    kwargs = {"lr": 0.01}
+    ref = Reference(copy.deepcopy(model).named_parameters(), torch.optim.Adam, kwargs, clip=clip)
+    engine = ps.StepEngine(model.named_parameters(), "Adam", num_shards=2, config=ps.JobConfig(num_workers=3, clip=clip), **kwargs)
+    scales = []
+    for shard in engine.shards.shards:
+        run = shard.stepper.step
+        monkeypatch.setattr(shard.stepper, "step", lambda coef, run=run: (scales.append(coef), run(coef))[1])
+    coefs = []
+    for t in range(STEPS):
+        grads = worker_grads(ref.params, t, 3, seed=3, scale=0.5 if t % 2 == 0 else 1.0)
+        coefs.append(push_step(engine, t, grads).clip_coef)
+        ref.step(grads)
+    assert 0 < coefs.count(1.0) < STEPS, coefs
+    assert [c is None for c in scales] == [c == 1.0 for c in coefs for _ in range(2)]
+    for got, want in zip(engine.parameters(), ref.params):
+        assert torch.equal(got, want.detach())
+    assert_state_equal(engine.state_dict()["optimizer"], ref.optimizer.state_dict())
+
+
 @pytest.mark.parametrize("clip", [ps.ClipConfig(clip_value=0.3), ps.ClipConfig(clip_value=0.3, max_norm=1.0)])
 def test_parity_clip_grad_value(clip):
     engine, ref, norms = run_pair(make_model(), clip)
