@@ -48,7 +48,7 @@ def ranges(numel: int, block_numel: int = BLOCK_NUMEL) -> list[tuple[int, int]]:
 
 def mean_in_blocks(sums: Sequence[torch.Tensor], contributions: Sequence[Sequence[torch.Tensor]], divisor: int) -> None:
     """``sums[i] = (contributions[0][i] + contributions[1][i] + ...) / divisor``, in the order of ``contributions``
-    and with the arithmetic of a whole-buffer fold (copy, add, ..., div: the same roundings), one block at a time (on a CPU: a GPU has no
+    and with the roundings of a whole-buffer fold (copy, add, ..., div), one block at a time (on a CPU: a GPU has no
     cache to fit, and each block would be kernel launches of its own). On a CPU the blocks are spread over
     ``MEAN_THREADS`` threads (torch's ops let go of the GIL): the mean is bound by memory traffic, and the last
     shard's mean of a step runs while the workers wait, with cores to spare. Each block's ops are the same
