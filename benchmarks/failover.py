@@ -4,7 +4,9 @@
 local Ray. At each chosen step both workers have their gradients ready and wait at a barrier; the primary of
 shard 1 is killed there, between steps, and the clock runs until both workers' next ``step()`` has returned.
 
-- ``takeover_s``: ``replicas=1``; the standby takes over and ``step()`` just goes on.
+- ``takeover_s``: ``replicas=1``; the standby takes over and ``step()`` just goes on. Ray restarts the killed
+  process, which becomes the shard's new standby: the coordinator rebuilds it from the primary, holding the job
+  meanwhile; ``rebuild_hold_s`` is the mean of those holds (its metric ``paramserver_standby_rebuild_seconds``).
 - ``rollback_s``: ``replicas=0`` with checkpoints; ``step()`` raises ``RolledBackError``, the workers redo the
   step they are sent back to (forward and backward included), and the clock stops when that step has closed.
 """
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import batch, make_mlp
+from benchmarks.common import batch, histogram_totals, make_mlp
 
 W, SHARD, JOB = 2, 1, "failover"
 WARMUP = 2  # steps before the first kill: the job exists on every process and the first steps' costs are paid
@@ -120,9 +122,11 @@ def _train(service: Any, kills: list[int], prepare: Callable[[int], None], rollb
 
 
 def _measure(repeats: int, rollback: bool, options: Callable[[str], dict[str, Any]],
-             prepare: Callable[[Any, str], Callable[[int], None]]) -> float:
+             prepare: Callable[[Any, str], Callable[[int], None]], after: Callable[[Any], Any] | None = None) -> tuple[float, Any]:
     """Own service and temp dir (and own embedded Ray unless one is connected) for one measurement; all of them
-    gone again on the way out. ``options`` and ``prepare`` get the temp dir."""
+    gone again on the way out. ``options`` and ``prepare`` get the temp dir; ``after(service)``, run once the
+    training ended, reads what else the measurement wants from the service. Returns the median seconds from a
+    kill to the next closed step, and what ``after`` returned."""
     import ray
 
     import paramserver
@@ -141,7 +145,7 @@ def _measure(repeats: int, rollback: bool, options: Callable[[str], dict[str, An
             # shutdown() fails on a process that Ray is still restarting: let the service become whole first
             whole = 1 + 2 * (1 + options(root)["replicas"])
             _wait_for(lambda: len(service.placements()) == whole, "every process of the service back")
-            return statistics.median(seconds)
+            return statistics.median(seconds), None if after is None else after(service)
         finally:
             service.shutdown()
     finally:
@@ -150,13 +154,24 @@ def _measure(repeats: int, rollback: bool, options: Callable[[str], dict[str, An
         shutil.rmtree(root, ignore_errors=True)
 
 
-def takeover_s(repeats: int) -> float:
-    """Median seconds from a primary's SIGKILL to the next closed step, with a standby per shard."""
+def takeover(repeats: int) -> dict[str, float]:
+    """With a standby per shard: ``takeover_s``, the median seconds from a primary's SIGKILL to the next closed
+    step, and ``rebuild_hold_s``, the mean time the coordinator held the job to rebuild a standby (one rebuild
+    per kill, the last one waited for)."""
 
     def prepare(service: Any, _root: str) -> Callable[[int], None]:
         return lambda _step: _wait_for(lambda: _standby_ready(service), "standby holding the job")
 
-    return _measure(repeats, False, lambda _root: {"replicas": 1}, prepare)
+    def rebuild_hold_s(service: Any) -> float:
+        _wait_for(lambda: _standby_ready(service), "the standby rebuilt after the last kill")
+        [coordinator] = [p for p in service.placements() if p["role"] == "coordinator"]
+        total, count = histogram_totals(coordinator["metrics"], "paramserver_standby_rebuild_seconds", JOB).get("", (0.0, 0))
+        if count != repeats:
+            raise RuntimeError(f"{repeats} kills but {count} standby rebuilds counted")
+        return total / count
+
+    seconds, hold_s = _measure(repeats, False, lambda _root: {"replicas": 1, "metrics_port": 0}, prepare, rebuild_hold_s)
+    return {"takeover_s": seconds, "rebuild_hold_s": hold_s}
 
 
 def rollback_s(repeats: int) -> float:
@@ -173,4 +188,4 @@ def rollback_s(repeats: int) -> float:
     def options(root: str) -> dict[str, Any]:
         return {"replicas": 0, "checkpoint_dir": root, "checkpoint_every": CHECKPOINT_EVERY}
 
-    return _measure(repeats, True, options, prepare)
+    return _measure(repeats, True, options, prepare)[0]

@@ -283,8 +283,10 @@ class CoordinatorHost:
             for j, name in self.fleet.out_of_sync():
                 job = self._jobs.get(name)
                 if job is not None and job.lost is None:
-                    with job.coordinator._lock:
-                        self.fleet.rebuild(j, name)
+                    with job.coordinator._lock:  # no update runs during the copy: the job's steps wait meanwhile
+                        started = time.monotonic()
+                        if self.fleet.rebuild(j, name):
+                            metrics.record_standby_rebuild(name, j, time.monotonic() - started)
             return sorted({*found.taken_over, *found.lost})
 
     def _roll_back(self, job: Job, shards: list[int], why: str = "") -> None:

@@ -25,6 +25,10 @@ CHECKPOINT_COPY_SECONDS = Histogram(
     "paramserver_checkpoint_copy_seconds", "How long a checkpoint's copy held its job at the step boundary", ["job"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+STANDBY_REBUILD_SECONDS = Histogram(
+    "paramserver_standby_rebuild_seconds", "How long a standby's rebuild from its primary (the state copied over) held its job",
+    ["job", "shard"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
 GRAD_NORM = Gauge("paramserver_grad_norm", "Total gradient norm of the last step", ["job"])
 LR = Gauge("paramserver_lr", "Learning rate of each param group for the next step", ["job", "group"])
 BYTES_IN = Counter("paramserver_bytes_in", "Payload bytes received by a shard (gradients, initial weights)", ["job", "shard"])
@@ -59,6 +63,10 @@ def record_step(job: str, result: StepResult) -> None:
 
 def record_checkpoint_copy(job: str, seconds: float) -> None:
     CHECKPOINT_COPY_SECONDS.labels(job).observe(seconds)
+
+
+def record_standby_rebuild(job: str, shard: int, seconds: float) -> None:
+    STANDBY_REBUILD_SECONDS.labels(job, str(shard)).observe(seconds)
 
 
 def record_membership(job: str, change: MembershipChange, members: int) -> None:

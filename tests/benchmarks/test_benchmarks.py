@@ -56,7 +56,9 @@ def test_checkpoint_copy_measurement_runs():
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_failover_measurements_run(ray_cluster):
-    assert 0 < failover.takeover_s(1) < failover.WAIT_S
+    takeover = failover.takeover(1)
+    assert 0 < takeover["takeover_s"] < failover.WAIT_S
+    assert 0 < takeover["rebuild_hold_s"] < failover.WAIT_S
     assert 0 < failover.rollback_s(1) < failover.WAIT_S
 
 

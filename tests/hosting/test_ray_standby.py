@@ -10,10 +10,12 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 import paramserver as ps
 from paramserver.checkpoint import load_torch_state, steps
@@ -47,6 +49,21 @@ def _standby_ready(service: ps.RayService, shard: int, job: str, not_pid: int | 
     return any(
         p["role"] == "standby" and p["shard"] == shard and job in p["jobs"] and p["pid"] != not_pid for p in service.placements()
     )
+
+
+def _standby_rebuilds(service: ps.RayService, job: str) -> tuple[float, float]:
+    """(count, seconds in all) of the standby rebuilds of ``job``, from the coordinator's metrics endpoint."""
+    address = _process(service, "coordinator")["metrics"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    totals = {"count": 0.0, "sum": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name == "paramserver_standby_rebuild_seconds":
+            for sample in family.samples:
+                kind = sample.name.rsplit("_", 1)[-1]
+                if sample.labels.get("job") == job and kind in totals:
+                    totals[kind] += sample.value
+    return totals["count"], totals["sum"]
 
 
 def _train(address: str, job: str, before_step: Callable[[int, int], None] | None = None, *, total: int = TOTAL,
@@ -102,7 +119,7 @@ def _between_steps(at: dict[int, Callable[[], None]]) -> Callable[[int, int], No
 
 @pytest.fixture
 def replicated(ray_cluster):
-    service = ps.serve(2, replicas=1, **RAY)
+    service = ps.serve(2, replicas=1, metrics_port=0, **RAY)
     try:
         yield service
     finally:
@@ -145,6 +162,9 @@ def test_a_killed_standby_is_rebuilt_and_training_goes_on(replicated):
     models = _train(replicated.address, job, _between_steps({2: lambda: killed.append(_kill(replicated, "standby", 0))}))
     _assert_like_torch(models)
     wait_until(lambda: _standby_ready(replicated, 0, job, not_pid=killed[0]), "the rebuilt standby of shard 0", WAIT_S, poll=0.1)
+    # the coordinator timed the one rebuild, the time it held the job for the copy
+    wait_until(lambda: _standby_rebuilds(replicated, job)[0] == 1, "the rebuild in the coordinator's metrics", WAIT_S, poll=0.1)
+    assert 0 < _standby_rebuilds(replicated, job)[1] < WAIT_S
 
 
 def test_a_hung_standby_holds_no_step_and_is_rebuilt_once_it_answers_again(ray_cluster):
