@@ -156,8 +156,8 @@ def _measure(repeats: int, rollback: bool, options: Callable[[str], dict[str, An
 
 def takeover(repeats: int) -> dict[str, float]:
     """With a standby per shard: ``takeover_s``, the median seconds from a primary's SIGKILL to the next closed
-    step, and ``rebuild_hold_s``, the mean time the coordinator held the job to rebuild a standby (one rebuild
-    per kill, the last one waited for)."""
+    step, and ``rebuild_hold_s``, the mean time the coordinator held the job to rebuild a standby (at least one
+    rebuild per kill, the last one waited for)."""
 
     def prepare(service: Any, _root: str) -> Callable[[int], None]:
         return lambda _step: _wait_for(lambda: _standby_ready(service), "standby holding the job")
@@ -166,7 +166,7 @@ def takeover(repeats: int) -> dict[str, float]:
         _wait_for(lambda: _standby_ready(service), "the standby rebuilt after the last kill")
         [coordinator] = [p for p in service.placements() if p["role"] == "coordinator"]
         total, count = histogram_totals(coordinator["metrics"], "paramserver_standby_rebuild_seconds", JOB).get("", (0.0, 0))
-        if count != repeats:
+        if count < repeats:  # one a kill; a standby that fell behind meanwhile is rebuilt once more
             raise RuntimeError(f"{repeats} kills but {count} standby rebuilds counted")
         return total / count
 

@@ -162,9 +162,11 @@ def test_a_killed_standby_is_rebuilt_and_training_goes_on(replicated):
     models = _train(replicated.address, job, _between_steps({2: lambda: killed.append(_kill(replicated, "standby", 0))}))
     _assert_like_torch(models)
     wait_until(lambda: _standby_ready(replicated, 0, job, not_pid=killed[0]), "the rebuilt standby of shard 0", WAIT_S, poll=0.1)
-    # the coordinator timed the one rebuild, the time it held the job for the copy
-    wait_until(lambda: _standby_rebuilds(replicated, job)[0] == 1, "the rebuild in the coordinator's metrics", WAIT_S, poll=0.1)
-    assert 0 < _standby_rebuilds(replicated, job)[1] < WAIT_S
+    # the coordinator timed the rebuild, the time it held the job for the copy (a standby that falls behind on a
+    # slow machine is rebuilt once more: at least one)
+    wait_until(lambda: _standby_rebuilds(replicated, job)[0] >= 1, "the rebuild in the coordinator's metrics", WAIT_S, poll=0.1)
+    count, seconds = _standby_rebuilds(replicated, job)
+    assert 0 < seconds < count * WAIT_S
 
 
 def test_a_hung_standby_holds_no_step_and_is_rebuilt_once_it_answers_again(ray_cluster):
