@@ -165,7 +165,8 @@ def takeover(repeats: int) -> dict[str, float]:
     def rebuild_hold_s(service: Any) -> float:
         _wait_for(lambda: _standby_ready(service), "the standby rebuilt after the last kill")
         [coordinator] = [p for p in service.placements() if p["role"] == "coordinator"]
-        total, count = histogram_totals(coordinator["metrics"], "paramserver_standby_rebuild_seconds", JOB).get("", (0.0, 0))
+        per_shard = histogram_totals(coordinator["metrics"], "paramserver_standby_rebuild_seconds", JOB, by="shard").values()
+        total, count = sum(t for t, _ in per_shard), sum(c for _, c in per_shard)
         if count < repeats:  # one a kill; a standby that fell behind meanwhile is rebuilt once more
             raise RuntimeError(f"{repeats} kills but {count} standby rebuilds counted")
         return total / count

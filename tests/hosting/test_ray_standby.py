@@ -10,14 +10,13 @@ import os
 import signal
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 import paramserver as ps
+from benchmarks.common import histogram_totals
 from paramserver.checkpoint import load_torch_state, steps
 from paramserver.dataplane.segments import PREFIX, leftover_names
 from tests.helpers.reference import Reference, make_model, run_threads, worker_grads
@@ -51,19 +50,11 @@ def _standby_ready(service: ps.RayService, shard: int, job: str, not_pid: int | 
     )
 
 
-def _standby_rebuilds(service: ps.RayService, job: str) -> tuple[float, float]:
+def _standby_rebuilds(service: ps.RayService, job: str) -> tuple[int, float]:
     """(count, seconds in all) of the standby rebuilds of ``job``, from the coordinator's metrics endpoint."""
     address = _process(service, "coordinator")["metrics"]
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as answer:
-        text = answer.read().decode()
-    totals = {"count": 0.0, "sum": 0.0}
-    for family in text_string_to_metric_families(text):
-        if family.name == "paramserver_standby_rebuild_seconds":
-            for sample in family.samples:
-                kind = sample.name.rsplit("_", 1)[-1]
-                if sample.labels.get("job") == job and kind in totals:
-                    totals[kind] += sample.value
-    return totals["count"], totals["sum"]
+    per_shard = histogram_totals(address, "paramserver_standby_rebuild_seconds", job, by="shard").values()
+    return sum(c for _, c in per_shard), sum(t for t, _ in per_shard)
 
 
 def _train(address: str, job: str, before_step: Callable[[int, int], None] | None = None, *, total: int = TOTAL,
